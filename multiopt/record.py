@@ -26,8 +26,8 @@ CONFIG_COLUMNS: tuple[str, ...] = (
 
 # Memory metrics in bytes, compared exactly on deterministic probes.
 MEMORY_COLUMNS: tuple[str, ...] = (
-    "n_params", "param_bytes", "grad_bytes", "opt_state_bytes", "opt_state_expected",
-    "mem_base", "mem_after_zero_grad", "peak_zero_grad", "mem_after_forward", "peak_forward",
+    "n_params", "param_bytes", "grad_bytes", "opt_state_bytes", "opt_state_scalar_bytes",
+    "opt_state_alloc_bytes", "opt_state_expected", "mem_base", "mem_step_start", "mem_after_zero_grad", "peak_zero_grad", "mem_after_forward", "peak_forward",
     "mem_after_backward", "peak_backward", "mem_after_step", "peak_step", "step_temp_bytes",
     "peak_total",
 )
@@ -55,6 +55,7 @@ class Record:
     device: str = "cpu"
     device_name: str = ""
     probe: str = "tracked"
+    preset: str | None = None
     # config
     model: str = "mlp"
     width: int = 0
@@ -67,17 +68,22 @@ class Record:
     impl: str = "default"
     zero_grad_at: str = "end"
     seed: int = 0
-    # sizes
+    # sizes (param/grad/state in allocated semantics unless said otherwise)
     n_params: int | None = None
     param_bytes: int | None = None
     grad_bytes: int | None = None
+    # exact bytes of the unique storages in every optimizer's state (requested semantics),
+    # of which per-tensor scalars (step, mu_product, ...); alloc = rounded to 512 per storage
     opt_state_bytes: int | None = None
+    opt_state_scalar_bytes: int | None = None
+    opt_state_alloc_bytes: int | None = None
     opt_state_expected: int | None = None
     # JSON list, one object per optimizer: name, rule, optimizer, n_params, n_tensors,
-    # state_bytes, state_scalar_bytes, expected, step_temp_bytes
+    # state_bytes, state_scalar_bytes, state_alloc_bytes, expected, step_temp_bytes
     opt_state_by_optimizer: str = "[]"
     # memory per phase
     mem_base: int | None = None
+    mem_step_start: int | None = None
     mem_after_zero_grad: int | None = None
     peak_zero_grad: int | None = None
     mem_after_forward: int | None = None
