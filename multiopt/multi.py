@@ -1,0 +1,257 @@
+"""MultiOptimizer: several optimizers, each owning part of the parameters, acting as one.
+
+It is a `torch.optim.Optimizer`, so LR schedulers, GradScaler and step hooks accept it;
+`param_groups` are the children's own dicts, so one scheduler drives every child.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import optimizers as registry
+from .errors import UsageError
+from .spec import Rule, assign, format_rules, rules_from
+
+IMPLS = ("default", "foreach", "fused", "forloop")
+
+
+def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Keywords that select an implementation, where the optimizer has that choice and the
+    user did not already choose. `fused` on an optimizer without a fused kernel keeps torch's
+    default; the record says which implementation each optimizer really used."""
+    if impl not in IMPLS:
+        raise UsageError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if impl == "default" or "foreach" in given or "fused" in given:
+        return {}
+    accepted = spec.accepted_keywords() or set()
+    if impl == "fused" and "fused" in accepted:
+        return {"fused": True}
+    if impl == "foreach" and "foreach" in accepted:
+        return {"foreach": True}
+    if impl == "forloop" and "foreach" in accepted:
+        return {"foreach": False}
+    return {}
+
+
+def impl_of(optimizer: torch.optim.Optimizer) -> str:
+    """The implementation an optimizer's step will use (torch picks foreach by default only on CUDA)."""
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if group.get("fused"):
+        return "fused"
+    foreach = group.get("foreach")
+    if foreach is None and "foreach" in group:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        foreach = bool(params) and all(p.is_cuda for p in params)
+    if foreach:
+        return "foreach"
+    return "forloop"
+
+
+class MultiOptimizer(torch.optim.Optimizer):
+    """Several optimizers as one: `step()`, `zero_grad()`, `param_groups`, `state_dict()`.
+
+    Build it from rules with `MultiOptimizer.from_spec(model, rules)`, or wrap optimizers
+    built by hand: `MultiOptimizer({"sgd": opt1, "adam": opt2}, model=model)` (the model is
+    only used to name parameters in messages and in `describe()`).
+    """
+
+    def __init__(
+        self,
+        optimizers: Mapping[str, torch.optim.Optimizer] | Sequence[torch.optim.Optimizer],
+        *,
+        model: nn.Module | None = None,
+        rules: Sequence[Rule] | None = None,
+    ) -> None:
+        # Deliberately not calling Optimizer.__init__: it would copy the parameters into new
+        # param_groups, and a scheduler writing there would never reach the children.
+        if isinstance(optimizers, Mapping):
+            children = OrderedDict((str(k), v) for k, v in optimizers.items())
+        else:
+            children = OrderedDict()
+            for opt in optimizers:
+                base = registry.name_of(opt)
+                key, n = base, 1
+                while key in children:
+                    n += 1
+                    key = f"{base}#{n}"
+                children[key] = opt
+        if not children:
+            raise UsageError("MultiOptimizer needs at least one optimizer")
+        for key, opt in children.items():
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise UsageError(f"{key!r} is a {type(opt).__name__}, not a torch.optim.Optimizer")
+        self._children = children
+        self.rules: tuple[Rule, ...] | None = tuple(rules) if rules is not None else None
+        self._names = _param_names(model)
+        self._check_disjoint()
+        self.defaults: dict[str, Any] = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._zero_grad_profile_name = "Optimizer.zero_grad#MultiOptimizer.zero_grad"
+        self._patch_step_function()
+
+    # --- construction from rules -------------------------------------------------------
+
+    @classmethod
+    def from_spec(
+        cls,
+        model: nn.Module,
+        rules: str | Iterable[Mapping[str, Any]] | Iterable[Rule],
+        *,
+        impl: str = "default",
+    ) -> "MultiOptimizer":
+        """One optimizer per rule over the parameters it claims (first match wins)."""
+        parsed = rules_from(rules)
+        specs = [registry.resolve(r.optimizer) for r in parsed]
+        for rule, spec in zip(parsed, specs):
+            spec.check_keywords(rule.options, where=f"rule '{rule}'")
+        groups = assign(model.named_parameters(), parsed)
+        children: OrderedDict[str, torch.optim.Optimizer] = OrderedDict()
+        for i, (rule, spec, group) in enumerate(zip(parsed, specs, groups)):
+            if spec.matrix_only:
+                _check_matrix_only(rule, spec, group, parsed[i + 1 :])
+            kwargs = {**rule.options, **impl_kwargs(spec, impl, rule.options)}
+            try:
+                opt = spec.cls([p for _, p in group], **kwargs)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise UsageError(f"rule '{rule}': {spec.name} refused its settings or parameters: {e}") from None
+            children[rule.label] = opt
+        return cls(children, model=model, rules=parsed)
+
+    # --- acting as one optimizer ----------------------------------------------------------
+
+    @property
+    def optimizers(self) -> "OrderedDict[str, torch.optim.Optimizer]":
+        """The children by name (the rule label, `layer1=sgd`, when built from rules)."""
+        return self._children
+
+    def __getitem__(self, key: str) -> torch.optim.Optimizer:
+        return self._children[key]
+
+    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self._children.values())
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return [g for opt in self._children.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        merged: dict[torch.Tensor, Any] = {}
+        for opt in self._children.values():
+            merged.update(opt.state)
+        return merged
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise UsageError("MultiOptimizer.step takes no closure (closure optimizers such as LBFGS are refused)")
+        for opt in self._children.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self._children.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise UsageError("add parameter groups to one of MultiOptimizer.optimizers[...], not to the MultiOptimizer")
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "rules": format_rules(self.rules) if self.rules is not None else None,
+            "optimizers": {k: opt.state_dict() for k, opt in self._children.items()},
+            "params": {k: self._names_of(opt) for k, opt in self._children.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load every child's state; refuse, saying what differs, a dict from other rules."""
+        if not isinstance(state_dict, dict) or "optimizers" not in state_dict:
+            raise UsageError("not a MultiOptimizer state dict (no 'optimizers' key)")
+        mine, theirs = list(self._children), list(state_dict["optimizers"])
+        if mine != theirs:
+            raise UsageError(
+                f"state dict is for optimizers {theirs}, this MultiOptimizer has {mine}"
+                + (f" (saved rules: {state_dict.get('rules')!r}; current: {format_rules(self.rules)!r})" if self.rules else "")
+            )
+        saved_params = state_dict.get("params") or {}
+        for key, opt in self._children.items():
+            names = self._names_of(opt)
+            saved = saved_params.get(key)
+            if saved is not None and list(saved) != names:
+                missing = [n for n in names if n not in saved]
+                extra = [n for n in saved if n not in names]
+                raise UsageError(
+                    f"optimizer {key!r} owned other parameters when saved: "
+                    f"now also {missing or 'nothing'}, saved also {extra or 'nothing'}"
+                )
+        for key, opt in self._children.items():
+            opt.load_state_dict(state_dict["optimizers"][key])
+
+    # --- describing -----------------------------------------------------------------------
+
+    def assignment(self) -> "OrderedDict[str, list[str]]":
+        """Which parameter (by name) went to which optimizer."""
+        return OrderedDict((k, self._names_of(opt)) for k, opt in self._children.items())
+
+    def describe(self) -> str:
+        lines = []
+        for key, opt in self._children.items():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            numel = sum(p.numel() for p in params)
+            names = self._names_of(opt)
+            shown = ", ".join(names[:6]) + (f", ... (+{len(names) - 6})" if len(names) > 6 else "")
+            lines.append(f"{key}: {type(opt).__name__}, {len(params)} tensors, {numel:,} elements: {shown}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("  " + line for line in self.describe().splitlines())
+        return f"MultiOptimizer(\n{inner}\n)"
+
+    def _names_of(self, opt: torch.optim.Optimizer) -> list[str]:
+        return [self._names.get(id(p), f"<{tuple(p.shape)}>") for g in opt.param_groups for p in g["params"]]
+
+    def _check_disjoint(self) -> None:
+        owner: dict[int, str] = {}
+        for key, opt in self._children.items():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) in owner and owner[id(p)] != key:
+                        name = self._names.get(id(p), f"of shape {tuple(p.shape)}")
+                        raise UsageError(
+                            f"parameter {name} is in both {owner[id(p)]!r} and {key!r}; "
+                            "each parameter must belong to exactly one optimizer (torch would silently keep two states)"
+                        )
+                    owner[id(p)] = key
+
+
+def _param_names(model: nn.Module | None) -> dict[int, str]:
+    if model is None:
+        return {}
+    return {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+
+
+def _check_matrix_only(rule: Rule, spec: registry.OptimizerSpec, group: list, later: Sequence[Rule]) -> None:
+    for name, p in group:
+        if p.ndim != 2:
+            takers = [r for r in later if r.matches(name, p) and not registry.resolve(r.optimizer).matrix_only]
+            hint = (
+                f"rule '{takers[0]}' would take it if '{rule.selector}' did not claim it; narrow the selector (e.g. @matrix)"
+                if takers
+                else f"add a rule before '{rule}' for it, e.g. '{name}=adamw'"
+            )
+            raise UsageError(
+                f"{spec.name} (rule '{rule}') only takes 2-D parameters, but claims {name} of shape {tuple(p.shape)}; {hint}"
+            )
