@@ -1,0 +1,78 @@
+"""Benchmark models and their synthetic batches.
+
+Layers are named `layer1`, `layer2`, ... in every model, so one rule string
+(`layer1=sgd; rest=adam`) means the same thing on each.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class SimpleNet(nn.Module):
+    """The classic two-layer net: Linear(10, 20), ReLU, Linear(20, 1)."""
+
+    in_features = 10
+    out_features = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.layer2 = nn.Linear(20, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.relu(self.layer1(x)))
+
+
+class MLP(nn.Module):
+    """`depth` Linear(width, width) layers with ReLU between: depth * (width^2 + width) parameters."""
+
+    def __init__(self, width: int, depth: int = 3, *, bias: bool = True) -> None:
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise UsageError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+        self.in_features = self.out_features = width
+        self.depth = depth
+        for i in range(1, depth + 1):
+            self.add_module(f"layer{i}", nn.Linear(width, width, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, self.depth + 1):
+            x = getattr(self, f"layer{i}")(x)
+            if i < self.depth:
+                x = torch.relu(x)
+        return x
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "simple": lambda width=0, depth=0: SimpleNet(),
+    "mlp": lambda width=64, depth=3: MLP(width, depth),
+}
+
+
+def build(name: str, width: int = 64, depth: int = 3) -> nn.Module:
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name](width=width, depth=depth)
+
+
+def make_batch(
+    model: nn.Module,
+    batch: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """A synthetic regression batch (inputs, targets) shaped for `model`."""
+    x = torch.randn(batch, model.in_features, dtype=dtype, device=device, generator=generator)
+    y = torch.randn(batch, model.out_features, dtype=dtype, device=device, generator=generator)
+    return x, y

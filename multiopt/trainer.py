@@ -1,0 +1,217 @@
+"""Trainer: one training step = zero_grad, forward, backward, (unscale, clip), step.
+
+It knows nothing about measuring; instruments watch it through phase hooks
+(`register_phase_hook`), called before and after each phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import UsageError
+from .multi import MultiOptimizer
+
+PHASES = ("zero_grad", "forward", "backward", "step")
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PhaseHook = Callable[[str, str], None]  # (phase, "before" | "after")
+
+
+class Trainer:
+    """Train `model` with one optimizer, a MultiOptimizer, or a list of optimizers.
+
+    amp: None, "fp16" (autocast + one GradScaler for every optimizer) or "bf16" (autocast).
+    grad_accum: micro-batches per optimizer step; each `train_step` call is one micro-batch.
+    zero_grad_at: "end" frees gradients right after the step; "start" keeps them until the
+    next iteration begins, which changes the peak (gradients live through the forward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor] | None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
+        amp: str | None = None,
+        grad_accum: int = 1,
+        clip_norm: float | None = None,
+        schedulers: Sequence[Any] = (),
+        zero_grad_at: str = "end",
+    ) -> None:
+        if amp in ("none", ""):
+            amp = None
+        if amp is not None and amp not in AMP_DTYPES:
+            raise UsageError(f"amp must be None, 'fp16' or 'bf16', got {amp!r}")
+        if zero_grad_at not in ("end", "start"):
+            raise UsageError(f"zero_grad_at must be 'end' or 'start', got {zero_grad_at!r}")
+        if grad_accum < 1:
+            raise UsageError(f"grad_accum must be >= 1, got {grad_accum}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = MultiOptimizer(list(optimizer), model=model)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.amp = amp
+        self.grad_accum = grad_accum
+        self.clip_norm = clip_norm
+        self.schedulers = list(schedulers)
+        self.zero_grad_at = zero_grad_at
+        first = next(model.parameters(), None)
+        self.device_type = first.device.type if first is not None else "cpu"
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+        self._hooks: OrderedDict[int, PhaseHook] = OrderedDict()
+        self._micro = 0
+        self.steps = 0
+
+    @property
+    def children(self) -> list[torch.optim.Optimizer]:
+        if isinstance(self.optimizer, MultiOptimizer):
+            return list(self.optimizer.optimizers.values())
+        return [self.optimizer]
+
+    def register_phase_hook(self, hook: PhaseHook) -> RemovableHandle:
+        """`hook(phase, when)` runs before and after each phase; remove it with the handle."""
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        for hook in list(self._hooks.values()):
+            hook(name, "before")
+        yield
+        for hook in list(self._hooks.values()):
+            hook(name, "after")
+
+    def train_step(self, batch: Any) -> torch.Tensor:
+        """One micro-batch; steps the optimizers on every `grad_accum`-th call. Returns the
+        (unscaled, detached) loss."""
+        if self.zero_grad_at == "start" and self._micro == 0:
+            with self._phase("zero_grad"):
+                self.optimizer.zero_grad(set_to_none=True)
+        with self._phase("forward"):
+            with self._autocast():
+                loss = self._loss(batch)
+        with self._phase("backward"):
+            scaled = loss / self.grad_accum if self.grad_accum > 1 else loss
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+            del scaled
+        self._micro += 1
+        if self._micro == self.grad_accum:
+            self._micro = 0
+            with self._phase("step"):
+                self._step()
+            self.steps += 1
+            if self.zero_grad_at == "end":
+                with self._phase("zero_grad"):
+                    self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and self.loss_fn is not None:
+            return self.loss_fn(self.model(batch[0]), batch[1])
+        out = self.model(batch)
+        return self.loss_fn(out) if self.loss_fn is not None else out
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
+
+    def _step(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            # One scaler for every optimizer, as PyTorch documents for several optimizers:
+            # unscale each, clip once over all, step each (an optimizer whose gradients hold
+            # inf/nan is skipped), then update() once, so every optimizer in this iteration is
+            # unscaled by the same factor.
+            if self.clip_norm is not None:
+                for opt in self.children:
+                    self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+            for opt in self.children:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+            self.optimizer.step()
+        for sched in self.schedulers:
+            sched.step()
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "micro": self._micro,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state.get("schedulers", [])) != len(self.schedulers):
+            raise UsageError(
+                f"checkpoint has {len(state.get('schedulers', []))} schedulers, this trainer has {len(self.schedulers)}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for sched, sd in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(sd)
+        if (state.get("scaler") is None) != (self.scaler is None):
+            raise UsageError("checkpoint and trainer disagree on amp='fp16' (GradScaler state)")
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self._micro = int(state.get("micro", 0))
+        self.steps = int(state.get("steps", 0))
+
+    def save(self, path: str | Path) -> None:
+        """Model, every optimizer, schedulers and scaler in one file."""
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: str | Path) -> None:
+        """Load a checkpoint written by `save` (weights_only=True: no code is unpickled)."""
+        try:
+            state = torch.load(path, weights_only=True, map_location=self.device_type)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such checkpoint") from None
+        self.load_state_dict(state)
+
+
+def train_cli(args: Any) -> int:
+    """`multiopt train`: the classic program; trains on synthetic data, prints loss and memory."""
+    from . import models
+    from .probes import make_probe
+    from .units import fmt_bytes
+
+    torch.manual_seed(args.seed)
+    probe = make_probe("auto")
+    with probe:
+        model = probe.build_model(lambda: models.build(args.model, args.width, args.depth))
+        optimizer = MultiOptimizer.from_spec(model, args.rules)
+        print(optimizer.describe())
+        trainer = Trainer(model, torch.nn.functional.mse_loss, optimizer, amp=args.amp)
+        gen = torch.Generator(device=probe.device).manual_seed(args.seed)
+        x, y = models.make_batch(model, args.batch, device=probe.device, generator=gen)
+        for step in range(1, args.steps + 1):
+            probe.reset_peak()
+            loss = trainer.train_step((x, y)).item()
+            if not math.isfinite(loss):
+                print(f"step {step}: loss is {loss}; training diverged (lower the learning rate)")
+                return 1
+            print(
+                f"step {step:>4}  loss {loss:.6f}  allocated {fmt_bytes(probe.allocated())}"
+                f"  peak {fmt_bytes(probe.peak())}  ({probe.name} probe)"
+            )
+    return 0
