@@ -1,0 +1,407 @@
+"""Records -> a pandas DataFrame with derived columns.
+
+`load(*paths)` reads run directories (``results.jsonl`` + optional ``env.json``), JSONL
+files and pytest-benchmark JSON files (``--benchmark-json``) into one DataFrame, one row per
+record. Columns: every `Record` field (in schema order), ``source`` (the file a row came
+from), and the derived columns below, which are computed here and never stored.
+
+Typing: an int field stays ``int64`` when no row has None there; a column with a None
+(a failed config never measured it) becomes ``float64`` with NaN, so arithmetic and
+comparisons never meet ``pd.NA``. Time fields are ``float64``; text fields are strings.
+
+Derived columns (float64; NaN where an input is missing):
+
+- ``state_bytes_per_param`` = (opt_state_bytes - opt_state_scalar_bytes) / n_params:
+  the per-element state cost (Adam float32 -> 8.0, SGD -> 0.0, SGD momentum -> 4.0).
+- ``state_weight_ratio`` = opt_state_bytes / param_bytes.
+- ``state_overhead_vs_sgd`` = opt_state_bytes - twin's, ``peak_overhead_vs_sgd`` =
+  peak_total - twin's, ``peak_ratio_vs_sgd`` = peak_total / twin's, where the twin is the
+  record of the same source with the same config key except combo/rules and combo ==
+  "sgd" (an ok one preferred). NaN without a twin.
+- phases, in execution order: forward, backward, step, zero_grad when zero_grad_at ==
+  "end"; zero_grad, forward, backward, step when "start". ``mem_before`` of a phase = the
+  mem_after of the previous phase (``mem_step_start`` for the first).
+  ``delta_<phase>`` = mem_after_<phase> - mem_before; ``transient_<phase>`` =
+  peak_<phase> - mem_before; ``activation_bytes`` = delta_forward.
+- peak breakdown (see `_peak_breakdown`): ``peak_phase`` (str), ``peak_params``,
+  ``peak_grads``, ``peak_state``, ``peak_activations``, ``peak_temporaries``; the five
+  sum to peak_total exactly for an ok record whose known parts fit under the peak.
+
+`df.attrs["env"]` is a list of dicts, one per source: the run directory's env.json (or the
+pytest-benchmark machine/commit info), plus ``source``.
+
+`by_optimizer(df)` explodes the JSON column ``opt_state_by_optimizer``: one row per
+(record, optimizer).
+
+Every function here is pure: no global state, no I/O except reading the given files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+from .record import CONFIG_COLUMNS, FIELDS, Record, check_schema, read_jsonl
+
+__all__ = [
+    "load",
+    "records_to_frame",
+    "by_optimizer",
+    "add_derived",
+    "PHASES",
+    "phase_order",
+    "INT_FIELDS",
+    "FLOAT_FIELDS",
+    "DERIVED_COLUMNS",
+    "BY_OPTIMIZER_FIELDS",
+    "TWIN_KEY",
+]
+
+PHASES: tuple[str, ...] = ("zero_grad", "forward", "backward", "step")
+
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Record)}
+INT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t.split("|")[0].strip() == "int")
+FLOAT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t.split("|")[0].strip() == "float")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Record)}
+
+# Config key of the plain-SGD twin: every config column except the optimizer choice.
+TWIN_KEY: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c not in ("combo", "rules"))
+
+PEAK_PARTS: tuple[str, ...] = ("peak_params", "peak_grads", "peak_state", "peak_activations", "peak_temporaries")
+
+DERIVED_COLUMNS: tuple[str, ...] = (
+    "state_bytes_per_param",
+    "state_weight_ratio",
+    "state_overhead_vs_sgd",
+    "peak_overhead_vs_sgd",
+    "peak_ratio_vs_sgd",
+    *(f"delta_{p}" for p in PHASES),
+    *(f"transient_{p}" for p in PHASES),
+    "activation_bytes",
+    "peak_phase",
+    *PEAK_PARTS,
+)
+
+BY_OPTIMIZER_FIELDS: tuple[str, ...] = (
+    "name", "rule", "optimizer", "n_params", "n_tensors", "state_bytes",
+    "state_scalar_bytes", "state_alloc_bytes", "expected", "step_temp_bytes",
+)
+
+
+def phase_order(zero_grad_at: str) -> tuple[str, ...]:
+    """Execution order of the four phases for a zero_grad placement ("start" or "end")."""
+    if zero_grad_at == "start":
+        return ("zero_grad", "forward", "backward", "step")
+    return ("forward", "backward", "step", "zero_grad")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(*paths: str | Path) -> pd.DataFrame:
+    """Load run directories, JSONL files and pytest-benchmark JSON files into one DataFrame.
+
+    Raises UsageError (one line naming the file) for a missing path, a file with no
+    records, corrupt JSON or a record of the wrong schema.
+    """
+    if not paths:
+        raise UsageError("no results given: name a run directory, a results .jsonl or a pytest-benchmark .json")
+    rows: list[dict[str, Any]] = []
+    envs: list[dict[str, Any]] = []
+    for p in paths:
+        src_rows, env = _read_source(Path(p))
+        rows.extend(src_rows)
+        envs.append(env)
+    return records_to_frame(rows, env=envs)
+
+
+def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if path.is_dir():
+        results = path / "results.jsonl"
+        if not results.is_file():
+            raise UsageError(f"{path}: run directory has no results.jsonl")
+        rows = read_jsonl(results)
+        source = results
+        env = _read_env(path / "env.json")
+    elif not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    elif path.suffix.lower() == ".json":
+        rows, env = _read_benchmark_json(path)
+        source = path
+    else:
+        rows = read_jsonl(path)
+        source = path
+        env = _read_env(path.parent / "env.json") if path.name == "results.jsonl" else {}
+    if not rows:
+        raise UsageError(f"{source}: no records (empty file); did the sweep run?")
+    for r in rows:
+        r["source"] = str(source)
+    env = {**env, "source": str(source)}
+    return rows, env
+
+
+def _read_env(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(env, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(env).__name__}")
+    return env
+
+
+def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if not text.strip():
+        raise UsageError(f"{path}: no records (empty file)")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); is this a pytest-benchmark --benchmark-json file?") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+        raise UsageError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
+    rows = []
+    for i, b in enumerate(doc["benchmarks"]):
+        name = b.get("fullname") or b.get("name") or f"#{i}" if isinstance(b, dict) else f"#{i}"
+        where = f"{path}: benchmark {name}"
+        if not isinstance(b, dict) or not isinstance(b.get("extra_info"), dict) or not b["extra_info"]:
+            raise UsageError(f"{where}: no extra_info record; was it written by multiopt's bench suite?")
+        row = dict(b["extra_info"])
+        check_schema(row, where)
+        stats = b.get("stats")
+        if isinstance(stats, dict) and stats.get("median") is not None:
+            try:
+                for key in ("median", "iqr", "min", "mean"):
+                    v = stats.get(key)
+                    row[f"step_ms_{key}"] = None if v is None else float(v) * 1000.0
+                if stats.get("rounds") is not None:
+                    row["steps_timed"] = int(stats["rounds"])
+            except (TypeError, ValueError):
+                raise UsageError(f"{where}: stats are not numbers") from None
+        rows.append(row)
+    machine = doc.get("machine_info") or {}
+    commit = doc.get("commit_info") or {}
+    cpu = machine.get("cpu") or {}
+    env = {
+        "created_at": doc.get("datetime"),
+        "cpu": cpu.get("brand_raw") or machine.get("processor") or None,
+        "python": machine.get("python_version"),
+        "host": machine.get("node"),
+        "git_sha": commit.get("id"),
+        "git_dirty": commit.get("dirty"),
+        "pytest_benchmark": doc.get("version"),
+    }
+    return rows, {k: v for k, v in env.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- frame
+
+
+def records_to_frame(rows: Iterable[dict[str, Any]], env: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """Record dicts -> typed DataFrame with derived columns (what `load` returns).
+
+    Fields a row lacks take the Record default; fields the schema does not know are dropped.
+    """
+    rows = list(rows)
+    cols = list(FIELDS) + ["source"]
+    data = {c: [r.get(c, _DEFAULTS.get(c)) for r in rows] for c in cols}
+    df = pd.DataFrame(data, columns=cols)
+    for c in INT_FIELDS + FLOAT_FIELDS:
+        try:
+            num = pd.to_numeric(df[c], errors="raise")
+        except (TypeError, ValueError):
+            bad = next((r for r in rows if _not_number(r.get(c))), {})
+            raise UsageError(
+                f"{bad.get('source', '?')}: field {c!r} holds {bad.get(c)!r}, not a number; wrong schema?"
+            ) from None
+        if c in INT_FIELDS and len(num) and num.notna().all():
+            df[c] = num.astype("int64")
+        else:
+            df[c] = num.astype("float64")
+    df = add_derived(df)
+    df.attrs["env"] = list(env or [])
+    return df
+
+
+def _not_number(v: Any) -> bool:
+    if v is None:
+        return False
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+        return False
+    except (TypeError, ValueError):
+        return True
+
+
+def _f(df: pd.DataFrame, col: str) -> pd.Series:
+    return df[col].astype("float64")
+
+
+def _div(a: pd.Series, b: pd.Series) -> pd.Series:
+    b = b.where(b != 0)
+    return a / b
+
+
+def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy of `df` (Record columns) with the derived columns added."""
+    df = df.copy()
+    df["state_bytes_per_param"] = _div(_f(df, "opt_state_bytes") - _f(df, "opt_state_scalar_bytes"), _f(df, "n_params"))
+    df["state_weight_ratio"] = _div(_f(df, "opt_state_bytes"), _f(df, "param_bytes"))
+    _add_twin(df)
+    _add_phases(df)
+    _peak_breakdown(df)
+    return df
+
+
+def _add_twin(df: pd.DataFrame) -> None:
+    """Overheads against the plain-SGD twin: same source and TWIN_KEY, combo == 'sgd'."""
+    key = ["source", *TWIN_KEY]
+    sgd = df[df["combo"] == "sgd"].copy()
+    # several sgd candidates for one key (a re-run): prefer an ok one, then the latest
+    sgd["_ok"] = (sgd["status"] == "ok").astype(int)
+    sgd["_pos"] = np.arange(len(sgd))
+    sgd = sgd.sort_values(["_ok", "_pos"], kind="stable").drop_duplicates(key, keep="last")
+    twin = sgd[key + ["opt_state_bytes", "peak_total"]].rename(
+        columns={"opt_state_bytes": "_twin_state", "peak_total": "_twin_peak"}
+    )
+    left = df[key].copy()
+    left["_row"] = np.arange(len(df))
+    m = left.merge(twin, on=key, how="left", sort=False).sort_values("_row")
+    twin_state = pd.Series(m["_twin_state"].to_numpy(dtype="float64"), index=df.index)
+    twin_peak = pd.Series(m["_twin_peak"].to_numpy(dtype="float64"), index=df.index)
+    df["state_overhead_vs_sgd"] = _f(df, "opt_state_bytes") - twin_state
+    df["peak_overhead_vs_sgd"] = _f(df, "peak_total") - twin_peak
+    df["peak_ratio_vs_sgd"] = _div(_f(df, "peak_total"), twin_peak)
+
+
+def _add_phases(df: pd.DataFrame) -> None:
+    start = df["zero_grad_at"] == "start"
+    for p in PHASES:
+        df[f"delta_{p}"] = np.nan
+        df[f"transient_{p}"] = np.nan
+    for is_start, idx in ((True, df.index[start]), (False, df.index[~start])):
+        if len(idx) == 0:
+            continue
+        sub = df.loc[idx]
+        before = _f(sub, "mem_step_start")
+        for p in phase_order("start" if is_start else "end"):
+            after = _f(sub, f"mem_after_{p}")
+            df.loc[idx, f"delta_{p}"] = after - before
+            df.loc[idx, f"transient_{p}"] = _f(sub, f"peak_{p}") - before
+            before = after
+    df["activation_bytes"] = df["delta_forward"]
+
+
+def _peak_breakdown(df: pd.DataFrame) -> None:
+    """Decompose peak_total into what was live when the step reached it.
+
+    The decomposed peak is ``peak_total``, reached in ``peak_phase``: the first phase, in
+    execution order, whose ``peak_<phase>`` equals peak_total. Its parts:
+
+    - ``peak_params`` = param_bytes, ``peak_state`` = opt_state_alloc_bytes: live all step
+      (the state exists after warm-up).
+    - ``peak_grads`` = grad_bytes when the peak is in backward or step (the grads are being
+      built, or are complete); in forward or zero_grad only when zero_grad did not free
+      them (delta_zero_grad > -grad_bytes, i.e. zero_grad(set_to_none=False)), else 0.
+    - ``peak_activations`` = activation_bytes (what forward left live for backward) when
+      the peak is in forward or backward, else 0 (backward freed the graph).
+    - ``peak_temporaries`` = peak_total minus the four above, floored at 0: the phase's
+      transient buffers (autograd temporaries, foreach/fused step intermediates), the
+      input batch, and mem_base (what was live before the model was built).
+
+    In backward the grads grow while the activations shrink, so counting both in full
+    over-states them and the temporaries absorb the difference (floored at 0); the
+    breakdown is exact at a step peak, where every part is fully live.
+    """
+    order_start = phase_order("start")
+    order_end = phase_order("end")
+    phase = []
+    for zg, *peaks in df[["zero_grad_at", "peak_total", *(f"peak_{p}" for p in PHASES)]].itertuples(index=False):
+        total, by_phase = peaks[0], dict(zip(PHASES, peaks[1:]))
+        order = order_start if zg == "start" else order_end
+        chosen = None
+        if not _isnan(total):
+            vals = [(p, by_phase[p]) for p in order if not _isnan(by_phase[p])]
+            chosen = next((p for p, v in vals if v == total), None)
+            if chosen is None and vals:
+                chosen = max(vals, key=lambda pv: pv[1])[0]
+        phase.append(chosen)
+    df["peak_phase"] = pd.Series(phase, index=df.index, dtype="object")
+    ph = df["peak_phase"]
+    params = _f(df, "param_bytes")
+    state = _f(df, "opt_state_alloc_bytes")
+    grads_all = _f(df, "grad_bytes")
+    grads_kept = _f(df, "delta_zero_grad") > -grads_all
+    grads = grads_all.where(ph.isin(["backward", "step"]) | grads_kept, 0.0)
+    acts = _f(df, "activation_bytes").where(ph.isin(["forward", "backward"]), 0.0)
+    known = ph.notna()
+    df["peak_params"] = params.where(known)
+    df["peak_grads"] = grads.where(known)
+    df["peak_state"] = state.where(known)
+    df["peak_activations"] = acts.where(known)
+    rest = _f(df, "peak_total") - params - grads - state - acts
+    df["peak_temporaries"] = rest.clip(lower=0.0).where(known)
+
+
+def _isnan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+# --------------------------------------------------------------------------- per optimizer
+
+
+def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (record, optimizer) from the JSON column ``opt_state_by_optimizer``.
+
+    Columns: ``record`` (the index label of the record in `df`), the config columns,
+    ``status``, ``run_id``, ``source``, then each optimizer's fields (name, rule,
+    optimizer, n_params, n_tensors, state_bytes, state_scalar_bytes, state_alloc_bytes,
+    expected, step_temp_bytes) and ``state_bytes_per_param`` =
+    (state_bytes - state_scalar_bytes) / n_params. A record with no optimizer entries
+    (a failed config) has no rows.
+    """
+    keep = [c for c in (*CONFIG_COLUMNS, "status", "run_id", "source") if c in df.columns]
+    out: list[dict[str, Any]] = []
+    for label, row in df.iterrows():
+        raw = row.get("opt_state_by_optimizer")
+        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or raw == "":
+            continue
+        try:
+            items = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not valid JSON ({e.msg})"
+            ) from None
+        if not isinstance(items, list):
+            raise UsageError(f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not a JSON list")
+        for item in items:
+            rec = {"record": label}
+            rec.update({c: row[c] for c in keep})
+            for f in BY_OPTIMIZER_FIELDS:
+                rec[f] = item.get(f) if isinstance(item, dict) else None
+            out.append(rec)
+    cols = ["record", *keep, *BY_OPTIMIZER_FIELDS]
+    res = pd.DataFrame(out, columns=cols)
+    for c in ("n_params", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes", "expected", "step_temp_bytes"):
+        num = pd.to_numeric(res[c], errors="coerce")
+        res[c] = num.astype("int64") if len(num) and num.notna().all() else num.astype("float64")
+    res["state_bytes_per_param"] = _div(_f(res, "state_bytes") - _f(res, "state_scalar_bytes"), _f(res, "n_params"))
+    return res
