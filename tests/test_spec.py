@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from multiopt.errors import UsageError
+from multiopt.spec import Rule, assign, format_rules, from_dicts, parse, rules_from
+
+
+def test_parses_the_three_documented_forms():
+    r = parse("layer1=sgd(lr=0.01, momentum=0.9); layer2=adam(lr=1e-3)")
+    assert r == (
+        Rule("layer1", "sgd", (("lr", 0.01), ("momentum", 0.9))),
+        Rule("layer2", "adam", (("lr", 1e-3),)),
+    )
+    r = parse("@matrix=muon(lr=0.02); rest=adamw(lr=3e-4, weight_decay=0.1)")
+    assert [x.selector for x in r] == ["@matrix", "rest"]
+    assert r[1].options == {"lr": 3e-4, "weight_decay": 0.1}
+    r = parse("*.bias=sgd(lr=0.1); rest=adam")
+    assert r[1] == Rule("rest", "adam")
+
+
+def test_literal_values_of_every_kind():
+    (r,) = parse("x=Adam(betas=(0.9, 0.95), eps=-1e-8, amsgrad=True, foreach=None, n=3, tag='a;b=c')")
+    assert r.optimizer == "adam"  # names are case-insensitive
+    assert r.options == {"betas": (0.9, 0.95), "eps": -1e-8, "amsgrad": True, "foreach": None, "n": 3, "tag": "a;b=c"}
+    assert isinstance(r.options["n"], int)
+
+
+def test_round_trips_through_format():
+    text = "layer1=sgd(lr=0.01, nesterov=True, momentum=0.9); *.bias=adam(betas=(0.8, 0.9)); rest=pkg.mod:Lion(lr=1e-4)"
+    assert parse(format_rules(parse(text))) == parse(text)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("x=adam(__import__('os').system('true'))", "keywords as name=value"),
+        ("x=adam(lr=os.getcwd())", "must be a literal"),
+        ("x=adam(lr=1", "unbalanced"),
+        ("adam", "selector=optimizer"),
+        ("@tensor=sgd", "@tensor"),
+        ("rest=sgd; layer1=adam", "'rest' must be the last"),
+        ("x=adam(lr=1, lr=2)", "given twice"),
+        ("", "no rules"),
+    ],
+)
+def test_bad_rule_strings_name_the_problem(text, needle):
+    with pytest.raises(UsageError, match=None) as e:
+        parse(text)
+    assert needle in str(e.value)
+
+
+def test_dicts_give_the_same_rules_as_strings():
+    text = "layer1=sgd(lr=0.01, momentum=0.9); rest=adam(betas=(0.9, 0.95))"
+    dicts = [
+        {"select": "layer1", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9},
+        {"select": "rest", "optimizer": "adam", "kwargs": {"betas": [0.9, 0.95]}},
+    ]
+    assert from_dicts(dicts) == parse(text)
+    assert rules_from(dicts) == rules_from(text) == rules_from(list(parse(text)))
+    with pytest.raises(UsageError, match="needs 'select' and 'optimizer'"):
+        from_dicts([{"optimizer": "sgd"}])
+
+
+def _model():
+    m = nn.Module()
+    m.emb = nn.Embedding(10, 4)
+    m.layer1 = nn.Linear(4, 4)
+    m.layer2 = nn.Linear(4, 2)
+    m.norm = nn.LayerNorm(2)
+    return m
+
+
+def _names(groups):
+    return [[n for n, _ in g] for g in groups]
+
+
+def test_selectors_and_first_match_wins():
+    m = _model()
+    groups = assign(m.named_parameters(), parse("*.bias=sgd; @matrix=muon; rest=adamw"))
+    assert _names(groups) == [
+        ["layer1.bias", "layer2.bias", "norm.bias"],
+        ["emb.weight", "layer1.weight", "layer2.weight"],
+        ["norm.weight"],
+    ]
+    # layer2's parameters were all taken by earlier rules: the rule claims nothing.
+    with pytest.raises(UsageError, match="rule 'layer2=adam' claims no parameter"):
+        assign(m.named_parameters(), parse("*.bias=sgd; @matrix=muon; layer2=adam; rest=adamw"))
+    groups = assign(m.named_parameters(), parse("layer1=sgd; @vector=adam; rest=adamw"))
+    assert _names(groups) == [
+        ["layer1.weight", "layer1.bias"],
+        ["layer2.bias", "norm.weight", "norm.bias"],
+        ["emb.weight", "layer2.weight"],
+    ]
+
+
+def test_module_path_does_not_match_a_prefix_of_another_name():
+    m = nn.Module()
+    m.layer1 = nn.Linear(2, 2)
+    m.layer10 = nn.Linear(2, 2)
+    groups = assign(m.named_parameters(), parse("layer1=sgd; rest=adam"))
+    assert _names(groups) == [["layer1.weight", "layer1.bias"], ["layer10.weight", "layer10.bias"]]
+
+
+def test_unclaimed_parameters_are_listed_by_name_and_frozen_ones_ignored():
+    m = _model()
+    m.emb.weight.requires_grad_(False)
+    with pytest.raises(UsageError) as e:
+        assign(m.named_parameters(), parse("layer1=sgd"))
+    msg = str(e.value)
+    assert "layer2.weight, layer2.bias, norm.weight, norm.bias" in msg
+    assert "emb.weight" not in msg
