@@ -1,0 +1,58 @@
+"""Memory probes: where every memory number of the suite comes from.
+
+Three backends with one API (`Probe`), all in `torch.cuda.memory_allocated()` semantics:
+
+- ``cuda``: torch.cuda's allocator statistics, on a GPU;
+- ``tracked``: real CPU tensors, each storage counted as it is created and freed;
+- ``fake``: FakeTensorMode tensors, sizes without compute, for configs too big to run.
+
+``make_probe("auto")`` picks cuda when a GPU is available, else tracked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UsageError
+from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .cuda import CudaProbe
+from .fake import FakeProbe
+from .tracked import StorageLedger, TrackedProbe
+
+PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
+
+__all__ = [
+    "ALLOC_GRANULE",
+    "CudaProbe",
+    "FakeProbe",
+    "PROBE_NAMES",
+    "Probe",
+    "StorageLedger",
+    "TrackedProbe",
+    "iter_tensors",
+    "make_probe",
+    "round_alloc",
+]
+
+
+def make_probe(
+    name: str,
+    *,
+    device: torch.device | str | int | None = None,
+    limit_bytes: int | None = None,
+) -> Probe:
+    """The probe called `name` ("auto", "cuda", "tracked" or "fake"), not yet entered.
+
+    `limit_bytes` makes an allocation that would take `allocated()` past it raise
+    `torch.OutOfMemoryError`, as a smaller device would.
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key == "auto":
+        key = "cuda" if torch.cuda.is_available() else "tracked"
+    if key == "cuda":
+        return CudaProbe(device, limit_bytes=limit_bytes)
+    if key == "tracked":
+        return TrackedProbe(device, limit_bytes=limit_bytes)
+    if key == "fake":
+        return FakeProbe(device, limit_bytes=limit_bytes)
+    raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")

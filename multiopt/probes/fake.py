@@ -1,0 +1,110 @@
+"""Fake probe: the tracked probe's accounting over FakeTensorMode tensors.
+
+Fake tensors have shapes, dtypes and storages of the right size but no data, so a step of a
+model far larger than this machine costs milliseconds and the byte counts match what the
+tracked probe would report for real tensors. Only CPU fake tensors: CUDA-device fake
+tensors need a CUDA build of torch.
+
+The tracking mode is entered *above* FakeTensorMode, so every op the model runs reaches the
+ledger first and FakeTensorMode second; fake-mode internals (constant propagation on small
+tensors such as an optimizer's `step`) run below the ledger and are not counted twice.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..errors import UsageError
+from .tracked import LedgerProbe
+
+
+class FakeProbe(LedgerProbe):
+    """Sizes only: estimates per-phase allocated/peak of configs too big to run."""
+
+    name = "fake"
+    computes = False
+
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None) -> None:
+        super().__init__(device, limit_bytes)
+        # Real tensors made outside (e.g. a user's input batch) may meet fake ones.
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    @property
+    def fake_mode(self) -> FakeTensorMode:
+        return self._fake_mode
+
+    def __enter__(self) -> "FakeProbe":
+        self._check_not_active()
+        self._fake_mode.__enter__()
+        try:
+            self._ledger.__enter__()
+        except BaseException:
+            self._fake_mode.__exit__(None, None, None)
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._active:
+            self._active = False
+            try:
+                self._ledger.__exit__(*exc)
+            finally:
+                self._fake_mode.__exit__(*exc)
+
+    @contextmanager
+    def _tracking(self) -> Iterator[None]:
+        if self._active:
+            yield
+        else:
+            with self:
+                yield
+
+    def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Build on the meta device (no memory, no init cost), then give every parameter and
+        buffer fake CPU storage inside the tracked fake mode, so each one is counted."""
+        with torch.device("meta"):
+            model = factory()
+        with self._tracking():
+            _materialize(model, self.device)
+        return model
+
+    def paused(self) -> NoReturn:  # type: ignore[override]
+        raise UsageError(
+            "the fake probe cannot be paused for timing: fake tensors do no compute, so there "
+            "is nothing to time; time with the tracked or cuda probe"
+        )
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device)` done by hand, under the active fake mode.
+
+    `to_empty` cannot be used: the meta->fake conversion of its `empty_like(meta_param)`
+    input leaves a weakref on the meta parameter (FakeTensorConverter's memo), and
+    `Module._apply` must then *swap* the tensors (meta and fake are not shallow-copy
+    compatible), which torch refuses for a tensor with a weakref. Making each new tensor
+    with `torch.empty_strided` needs no input tensor at all. Tied parameters stay tied.
+    """
+    done: dict[int, torch.Tensor] = {}
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        new = done.get(id(t))
+        if new is None:
+            new = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            done[id(t)] = new
+        return new
+
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = fresh(p)  # type: ignore[assignment]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = fresh(b)

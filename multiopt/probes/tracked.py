@@ -1,0 +1,297 @@
+"""Tracked probe: real CPU tensors, every storage counted to the byte as it is born and dies.
+
+A TorchDispatchMode sees every op (forward, backward, and optimizer steps, including the
+list-returning `_foreach_*` and `_fused_*` kernels) and registers each *new* output storage
+once, with a weakref callback on the storage that subtracts it when the storage dies.
+Storages that existed before tracking are counted only when handed to `track()`.
+
+Which outputs are new is read from the op's schema, once per op: outputs annotated as
+aliasing an input (views, in-place and out= ops) are never new allocations, with one
+exception: `aten.lift_fresh`, through which `torch.tensor(...)` / `torch.as_tensor` hand a
+freshly made tensor to the mode. Ops that may grow an output's storage (out= variants,
+`resize_`) update the size of a storage already counted.
+
+Known blind spots (documented, not papered over): `UntypedStorage.resize_` (not an op),
+storages created under `torch._C._DisableTorchDispatch` / `no_dispatch()`, and tensors
+created while the probe is paused or exited.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+
+from ..errors import UsageError
+from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+
+_Tensor = torch.Tensor
+
+# What an op's outputs mean for the ledger, decided once per OpOverload from its schema.
+_FRESH = 0  # outputs may be new storages: register each one not yet seen
+_ALIAS = 1  # outputs alias inputs (views, in-place): nothing allocated
+_RESIZE = 2  # outputs alias inputs but the op may have grown their storage (out=, resize_)
+
+_MASK = ~(ALLOC_GRANULE - 1)
+
+
+def _format_bytes(n: int) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _classify(func: Any) -> int:
+    """Decide, from the schema alone, whether an op's outputs can be new storages."""
+    aten = torch.ops.aten
+    packet = getattr(func, "overloadpacket", None)
+    if packet in (aten.lift_fresh,):
+        return _FRESH  # torch.tensor(): annotated as an alias, but the tensor is brand new
+    if packet in (aten.resize_, aten.resize_as_, aten.set_):
+        return _RESIZE
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return _FRESH
+    returns = schema.returns
+    if not returns:
+        return _ALIAS
+    aliased = [r.alias_info is not None for r in returns]
+    if not all(aliased):
+        # No op mixes fresh and aliased returns in practice; if one does, the storage
+        # dedupe still keeps an aliased output from being counted twice.
+        return _FRESH
+    if any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+        return _RESIZE  # out= variant: the kernel may resize `out`
+    return _ALIAS
+
+
+class StorageLedger(TorchDispatchMode):
+    """The accounting behind the tracked and fake probes: live storages and their bytes.
+
+    Kept deliberately flat: one dict keyed by the id of the storage's Python object (stable
+    for the storage's lifetime, since torch preserves it) holding (weakref, allocated,
+    requested). Every op costs one dict lookup for its kind and one per output tensor.
+    """
+
+    def __init__(self, label: str, limit_bytes: int | None = None) -> None:
+        super().__init__()
+        if limit_bytes is not None and (not isinstance(limit_bytes, int) or limit_bytes < 0):
+            raise UsageError(f"limit_bytes must be a non-negative int of bytes, got {limit_bytes!r}")
+        self.label = label
+        self.limit = limit_bytes
+        self.live: dict[int, tuple[weakref.ref, int, int]] = {}
+        self.allocated = 0
+        self.requested = 0
+        self.peak = 0
+        self._kinds: dict[Any, int] = {}
+
+    # -- the hot path -------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        kind = self._kinds.get(func)
+        if kind is None:
+            kind = self._kinds[func] = _classify(func)
+        if kind == _FRESH:
+            if isinstance(out, _Tensor):
+                self.add(out)
+            elif isinstance(out, (list, tuple)):
+                self._add_all(out)
+        elif kind == _RESIZE:
+            self._resized(out)
+        return out
+
+    def add(self, t: torch.Tensor) -> None:
+        """Count `t`'s storage if not yet counted; raise OutOfMemoryError past the limit."""
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            self._add_all(_components(t))  # sparse and other storage-less layouts
+            return
+        key = id(st)
+        if key in self.live:
+            return
+        req = st.nbytes()
+        alloc = (req + (ALLOC_GRANULE - 1)) & _MASK
+        total = self.allocated + alloc
+        if self.limit is not None and total > self.limit:
+            raise self._oom(alloc)
+        self.live[key] = (weakref.ref(st, partial(self._release, key)), alloc, req)
+        self.allocated = total
+        self.requested += req
+        if total > self.peak:
+            self.peak = total
+
+    def _add_all(self, outs: Any) -> None:
+        for o in outs:
+            if isinstance(o, _Tensor):
+                self.add(o)
+            elif isinstance(o, (list, tuple)):
+                self._add_all(o)
+
+    def _release(self, key: int, _ref: weakref.ref) -> None:
+        # Runs inside the storage's deallocation, before its address can be reused.
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.allocated -= entry[1]
+            self.requested -= entry[2]
+
+    def _resized(self, outs: Any) -> None:
+        if isinstance(outs, _Tensor):
+            outs = (outs,)
+        elif not isinstance(outs, (list, tuple)):
+            return
+        for t in outs:
+            if not isinstance(t, _Tensor):
+                continue
+            st = t.untyped_storage()
+            key = id(st)
+            entry = self.live.get(key)
+            if entry is None:
+                continue  # a storage we were never told about: not ours to count
+            req = st.nbytes()
+            if req == entry[2]:
+                continue
+            alloc = round_alloc(req)
+            total = self.allocated - entry[1] + alloc
+            if self.limit is not None and alloc > entry[1] and total > self.limit:
+                raise self._oom(alloc - entry[1])
+            self.live[key] = (entry[0], alloc, req)
+            self.allocated = total
+            self.requested += req - entry[2]
+            if total > self.peak:
+                self.peak = total
+
+    def _oom(self, alloc: int) -> torch.OutOfMemoryError:
+        assert self.limit is not None
+        free = max(self.limit - self.allocated, 0)
+        return torch.OutOfMemoryError(
+            f"{self.label} probe out of memory. Tried to allocate {_format_bytes(alloc)} ({alloc} bytes). "
+            f"Limit {_format_bytes(self.limit)} ({self.limit} bytes), of which {_format_bytes(self.allocated)} "
+            f"is allocated by tensors and {_format_bytes(free)} is free."
+        )
+
+
+def _components(t: torch.Tensor) -> list[torch.Tensor]:
+    """The dense tensors a sparse tensor is made of (its storage-owning parts)."""
+    layout = t.layout
+    if layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []
+
+
+class LedgerProbe(Probe):
+    """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API."""
+
+    def __init__(self, device: torch.device | str | None, limit_bytes: int | None) -> None:
+        device = torch.device("cpu" if device is None else device)
+        if device.type != "cpu":
+            raise UsageError(
+                f"the {self.name} probe measures CPU tensors; got device {str(device)!r} "
+                "(use the cuda probe for a GPU)"
+            )
+        self.device = device
+        self._ledger = StorageLedger(self.name, limit_bytes)
+        self._active = False
+
+    @property
+    def limit_bytes(self) -> int | None:
+        return self._ledger.limit
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def _check_not_active(self) -> None:
+        if self._active:
+            raise UsageError(
+                f"the {self.name} probe is already active; a probe cannot be entered twice "
+                "(use one `with probe:` block, or make a second probe to nest)"
+            )
+
+    def allocated(self) -> int:
+        return self._ledger.allocated
+
+    def requested(self) -> int:
+        return self._ledger.requested
+
+    def peak(self) -> int:
+        return self._ledger.peak
+
+    def reset_peak(self) -> None:
+        self._ledger.peak = self._ledger.allocated
+
+    def track(self, *objs: Any) -> None:
+        """Count tensors made before tracking. Not subject to `limit_bytes`: they already exist."""
+        ledger = self._ledger
+        limit, ledger.limit = ledger.limit, None
+        try:
+            for t in iter_tensors(*objs):
+                ledger.add(t)
+        finally:
+            ledger.limit = limit
+
+
+class TrackedProbe(LedgerProbe):
+    """Real CPU tensors, counted per storage as CUDA's allocator would (512-byte blocks)."""
+
+    name = "tracked"
+    computes = True
+
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None) -> None:
+        super().__init__(device, limit_bytes)
+
+    def __enter__(self) -> "TrackedProbe":
+        self._check_not_active()
+        self._ledger.__enter__()
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._active:
+            self._active = False
+            self._ledger.__exit__(*exc)
+
+    def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """Run `factory()` with tracking on, so the parameters are counted as they are made."""
+        with self._tracking(), torch.device(self.device):
+            return factory()
+
+    @contextmanager
+    def _tracking(self) -> Iterator[None]:
+        if self._active:
+            yield
+        else:
+            with self:
+                yield
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Take the mode off the stack, so timed code pays nothing for tracking.
+
+        Storages freed while paused are still subtracted; storages created while paused are
+        never counted (call `track()` on what must survive, e.g. the model, afterwards).
+        """
+        if not self._active:
+            raise UsageError("paused() needs an active tracked probe: use it inside `with probe:`")
+        if _get_current_dispatch_mode() is not self._ledger:
+            raise UsageError(
+                "cannot pause the tracked probe: another dispatch mode was entered after it "
+                "and is still active; exit that mode first"
+            )
+        self._active = False
+        self._ledger.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self._ledger.__enter__()
+            self._active = True
