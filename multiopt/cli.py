@@ -34,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=["none", "fp16", "bf16"], default="none")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
+    g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
+    g.add_argument("--current", required=True, nargs="+", help="run dir, results JSONL or pytest-benchmark JSON")
+    g.add_argument("--mem-tol", default=None, help="relative memory tolerance, e.g. 0, 1%% or 0.01 (default: 0 on tracked/fake, 1%% on cuda)")
+    g.add_argument("--time-tol", default="10%", help="relative step-time tolerance (default 10%%)")
+    g.add_argument("--time-k", type=float, default=3.0, help="time band is at least K x baseline IQR/median (default 3)")
+    g.add_argument("--update-baseline", action="store_true", help="after comparing, write the current records as the new baseline")
+    g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
+    g.set_defaults(func=_cmd_gate)
     return p
 
 
@@ -41,6 +51,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_cli
 
     return train_cli(args)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from .gate import parse_fraction, run_gate
+
+    return run_gate(
+        args.baseline, args.current,
+        mem_tol=None if args.mem_tol is None else parse_fraction(args.mem_tol, "--mem-tol"),
+        time_tol=parse_fraction(args.time_tol, "--time-tol"),
+        time_k=args.time_k,
+        update_baseline=args.update_baseline,
+        summary=args.summary,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
