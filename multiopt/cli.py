@@ -35,6 +35,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)
 
+    m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
+    m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
+    m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
+    m.add_argument("--model", default="mlp")
+    m.add_argument("--width", type=int, default=256)
+    m.add_argument("--depth", type=int, default=3)
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    m.add_argument("--amp", default="none", help="none | fp16 | bf16")
+    m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
+    m.add_argument("--probe", default="auto", help="auto | cuda | tracked | fake")
+    m.add_argument("--steps", type=int, default=20, help="timed steps")
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--limit", default=None, help="tracked probe memory limit, e.g. 2GiB (over it: status oom)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print the record as one JSON line")
+    m.set_defaults(func=_cmd_measure)
+
+    r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
+    r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
+    r.add_argument("--widths", help="e.g. 64,256")
+    r.add_argument("--batches", help="e.g. 16,64")
+    r.add_argument("--depths", help="e.g. 2,4")
+    r.add_argument("--combos", help="combo presets, comma separated: sgd,adam,muon+adamw,...")
+    r.add_argument("--rules", action="append", metavar="[NAME::]RULES",
+                   help='your own combo, repeatable: "split::layer1=sgd(lr=0.01); rest=adam"')
+    r.add_argument("--dtypes", help="float32,bfloat16")
+    r.add_argument("--impls", help="default,foreach,fused,forloop")
+    r.add_argument("--models", help="mlp,simple")
+    r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
+    r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
+    r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
+    r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
+                   help="each config in a child process (default)")
+    r.add_argument("--no-isolate", dest="isolate", action="store_false", help="all configs in this process (faster)")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds per config (isolated runs)")
+    r.add_argument("--steps", type=int, default=None, help="timed steps per config (default: the preset's)")
+    r.add_argument("--warmup", type=int, default=3)
+    r.add_argument("--limit", default=None, help="tracked probe memory limit per config, e.g. 8GiB")
+    r.add_argument("--no-report", dest="report", action="store_false", help="do not write report.md")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
     g.add_argument("--current", required=True, nargs="+", help="run dir, results JSONL or pytest-benchmark JSON")
@@ -51,6 +95,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_cli
 
     return train_cli(args)
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import measure_cli
+
+    return measure_cli(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .sweep import run_cli
+
+    return run_cli(args)
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
