@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update-baseline", action="store_true", help="after comparing, write the current records as the new baseline")
     g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
     g.set_defaults(func=_cmd_gate)
+
+    rp = sub.add_parser("report", help="markdown report + plots from run dirs, results JSONL or pytest-benchmark JSON")
+    rp.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run directory, results .jsonl or --benchmark-json file")
+    rp.add_argument("-o", "--out", default=None, help="output markdown, e.g. reports/NAME.md (default: report.md beside the first run)")
+    rp.set_defaults(func=_cmd_report)
     return p
 
 
@@ -120,6 +125,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         update_baseline=args.update_baseline,
         summary=args.summary,
     )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.paths, args.out)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

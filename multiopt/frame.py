@@ -62,6 +62,10 @@ __all__ = [
     "DERIVED_COLUMNS",
     "BY_OPTIMIZER_FIELDS",
     "TWIN_KEY",
+    "PEAK_PARTS",
+    "SERIES_COLUMNS",
+    "series_labels",
+    "source_names",
 ]
 
 PHASES: tuple[str, ...] = ("zero_grad", "forward", "backward", "step")
@@ -363,6 +367,46 @@ def _peak_breakdown(df: pd.DataFrame) -> None:
 
 def _isnan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+# --------------------------------------------------------------------------- naming
+
+# Config columns besides combo/width/batch that can tell two series apart.
+SERIES_COLUMNS: tuple[str, ...] = ("model", "depth", "dtype", "amp", "impl", "zero_grad_at", "seed", "probe", "device")
+
+
+def source_names(df: pd.DataFrame) -> pd.Series:
+    """Short name of each row's source: the run directory's name for a results.jsonl, else
+    the file name; the full path where two sources would share a short name."""
+    if "source" not in df.columns:
+        return pd.Series([""] * len(df), index=df.index, dtype="object")
+    full = df["source"].astype(str)
+    uniq = list(pd.unique(full))
+    short = {s: (Path(s).parent.name if Path(s).name == "results.jsonl" else Path(s).name) or s for s in uniq}
+    if len(set(short.values())) < len(uniq):
+        short = {s: s for s in uniq}
+    return full.map(short)
+
+
+def series_labels(df: pd.DataFrame) -> pd.Series:
+    """A name per row for tables and plot legends: the combo, plus ``col=value`` for every
+    SERIES_COLUMNS column whose value differs from that column's most common value in `df`
+    (``adam (impl=foreach)``), plus ``run=NAME`` when `df` holds several sources."""
+    extras: list[tuple[str, Any]] = []
+    for c in SERIES_COLUMNS:
+        if c in df.columns and df[c].nunique(dropna=False) > 1:
+            counts = df[c].astype(str).value_counts(sort=False)
+            extras.append((c, counts.idxmax()))
+    many_sources = "source" in df.columns and df["source"].nunique() > 1
+    runs = source_names(df) if many_sources else None
+    labels = []
+    for i, (idx, row) in enumerate(df.iterrows()):
+        bits = [f"{c}={row[c]}" for c, mode in extras if str(row[c]) != mode]
+        if runs is not None:
+            bits.append(f"run={runs.loc[idx]}")
+        combo = str(row["combo"])
+        labels.append(f"{combo} ({', '.join(bits)})" if bits else combo)
+    return pd.Series(labels, index=df.index, dtype="object")
 
 
 # --------------------------------------------------------------------------- per optimizer

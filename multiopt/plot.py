@@ -1,0 +1,235 @@
+"""Report plots: PNG files from a `frame.load` DataFrame (matplotlib, Agg canvas, no pyplot).
+
+Each `plot_*(df, path)` draws only ok records, writes a PNG and returns a `Plot`: the path
+plus the data read back from the drawn artists (lines' x/y, bars' heights), in raw units
+(bytes, parameters, ms), so a test can check that a plot shows exactly the report's
+numbers. Series are named by `frame.series_labels` (the combo, plus any config column that
+differs from the run's usual value), the same names the report's tables use.
+
+No global matplotlib state is touched: figures are built on a `FigureCanvasAgg` directly,
+so importing this module never changes the caller's backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from .frame import PEAK_PARTS, series_labels
+from .units import fmt_bytes, fmt_ms
+
+__all__ = [
+    "Plot",
+    "plot_state_vs_params",
+    "plot_peak_vs_batch",
+    "plot_step_time_vs_width",
+    "plot_peak_breakdown",
+    "make_plots",
+    "PLOTS",
+]
+
+PART_LABELS = {
+    "peak_params": "params",
+    "peak_grads": "grads",
+    "peak_state": "optimizer state",
+    "peak_activations": "activations",
+    "peak_temporaries": "temporaries",
+}
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A written plot. `data` maps a series (line) or bar name to what was drawn:
+    lines -> (xs, ys) tuples; stacked bars -> {part: height}."""
+
+    path: Path
+    title: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    out = df[df["status"] == "ok"].copy()
+    out["_label"] = series_labels(df).loc[out.index]
+    return out
+
+
+def _bytes_axis(ax: Any, axis: str = "y") -> None:
+    fmt = FuncFormatter(lambda v, _pos: fmt_bytes(v))
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
+
+
+def _lines_data(fig: Figure, prefix_by_axes: bool = False) -> dict[str, tuple[tuple, tuple]]:
+    data: dict[str, tuple[tuple, tuple]] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            name = line.get_label()
+            if prefix_by_axes and ax.get_title():
+                name = f"{ax.get_title()} / {name}"
+            data[name] = (tuple(float(x) for x in line.get_xdata()), tuple(float(y) for y in line.get_ydata()))
+    return data
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    return path
+
+
+def _empty(fig: Figure, title: str, why: str) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _first_per(ok: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per key: the first ok record (optimizer state does not depend on batch)."""
+    return ok.sort_values(keys + ["batch"], kind="stable").drop_duplicates(keys, keep="first")
+
+
+def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
+    """Optimizer state bytes (requested) against parameter count, one line per series.
+
+    Each (series, width) point is the first ok record by batch: the state does not depend
+    on the batch."""
+    title = "Optimizer state vs parameter count"
+    ok = _ok(df)
+    fig = Figure(figsize=(7, 4.5))
+    if ok.empty or ok["opt_state_bytes"].isna().all():
+        _empty(fig, title, "no ok records")
+        return Plot(_save(fig, path), title, {})
+    ax = fig.add_subplot(1, 1, 1)
+    pts = _first_per(ok, ["_label", "width"])
+    for label in pd.unique(pts["_label"]):
+        sub = pts[pts["_label"] == label].sort_values("n_params")
+        ax.plot(sub["n_params"].to_numpy(float), sub["opt_state_bytes"].to_numpy(float), marker="o", label=label)
+    xs = pts["n_params"].astype(float)
+    if xs.min() > 0 and xs.max() / xs.min() > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("optimizer state")
+    _bytes_axis(ax)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return Plot(_save(fig, path), title, _lines_data(fig))
+
+
+def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
+    """Peak memory (peak_total) against batch: one panel per width ("width=W"), one line per
+    series. Data keys: "width=W / series"."""
+    title = "Peak memory vs batch"
+    ok = _ok(df)
+    fig = Figure(figsize=(7, 4.5))
+    if ok.empty or ok["peak_total"].isna().all():
+        _empty(fig, title, "no ok records")
+        return Plot(_save(fig, path), title, {})
+    widths = sorted(pd.unique(ok["width"]))
+    fig.set_size_inches(max(7, 5 * len(widths)), 4.5)
+    for i, w in enumerate(widths):
+        ax = fig.add_subplot(1, len(widths), i + 1)
+        sub_w = ok[ok["width"] == w]
+        for label in pd.unique(sub_w["_label"]):
+            sub = sub_w[sub_w["_label"] == label].drop_duplicates("batch", keep="last").sort_values("batch")
+            ax.plot(sub["batch"].to_numpy(float), sub["peak_total"].to_numpy(float), marker="o", label=label)
+        ax.set_title(f"width={w}")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("peak allocated")
+        _bytes_axis(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(title)
+    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+
+
+def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
+    """Median step time (ms) against width: one panel per batch ("batch=B"), one line per
+    series. Data keys: "batch=B / series"."""
+    title = "Step time vs width"
+    ok = _ok(df)
+    ok = ok[ok["step_ms_median"].notna()]
+    fig = Figure(figsize=(7, 4.5))
+    if ok.empty:
+        _empty(fig, title, "no timed ok records")
+        return Plot(_save(fig, path), title, {})
+    batches = sorted(pd.unique(ok["batch"]))
+    fig.set_size_inches(max(7, 5 * len(batches)), 4.5)
+    for i, b in enumerate(batches):
+        ax = fig.add_subplot(1, len(batches), i + 1)
+        sub_b = ok[ok["batch"] == b]
+        for label in pd.unique(sub_b["_label"]):
+            sub = sub_b[sub_b["_label"] == label].drop_duplicates("width", keep="last").sort_values("width")
+            ax.plot(sub["width"].to_numpy(float), sub["step_ms_median"].to_numpy(float), marker="o", label=label)
+        ax.set_title(f"batch={b}")
+        ax.set_xlabel("width")
+        ax.set_ylabel("median step time")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(title)
+    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+
+
+def breakdown_bar_label(label: str, width: Any, batch: Any) -> str:
+    return f"{label} w={width} b={batch}"
+
+
+def plot_peak_breakdown(df: pd.DataFrame, path: str | Path) -> Plot:
+    """One stacked bar per ok record ("series w=W b=B"): params, grads, optimizer state,
+    activations and temporaries at the peak (see `frame._peak_breakdown` for which phase's
+    peak and what each part means). Data: {bar: {part column: height}}; the parts of a bar
+    sum to its peak_total."""
+    title = "What the peak is made of"
+    ok = _ok(df)
+    ok = ok[ok["peak_phase"].notna()]
+    fig = Figure(figsize=(7, 4.5))
+    if ok.empty:
+        _empty(fig, title, "no ok records with a measured peak")
+        return Plot(_save(fig, path), title, {})
+    ok = ok.sort_values(["width", "batch"], kind="stable")
+    names = [breakdown_bar_label(l, w, b) for l, w, b in zip(ok["_label"], ok["width"], ok["batch"])]
+    fig.set_size_inches(max(7, 0.55 * len(names) + 2), 5)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(len(names)))
+    bottom = [0.0] * len(names)
+    for part in PEAK_PARTS:
+        heights = ok[part].fillna(0.0).to_numpy(float).tolist()
+        ax.bar(xs, heights, bottom=bottom, label=PART_LABELS[part])
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
+    ax.set_ylabel("bytes at the step's peak")
+    _bytes_axis(ax)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    data: dict[str, dict[str, float]] = {n: {} for n in names}
+    for part, container in zip(PEAK_PARTS, ax.containers):
+        for n, patch in zip(names, container.patches):
+            data[n][part] = float(patch.get_height())
+    return Plot(_save(fig, path), title, data)
+
+
+# name -> function; the report links them in this order under these keys
+PLOTS = {
+    "state_vs_params": plot_state_vs_params,
+    "peak_vs_batch": plot_peak_vs_batch,
+    "step_time_vs_width": plot_step_time_vs_width,
+    "peak_breakdown": plot_peak_breakdown,
+}
+
+
+def make_plots(df: pd.DataFrame, out_dir: str | Path, stem: str = "report") -> dict[str, Plot]:
+    """Write every plot as `<out_dir>/<stem>_<name>.png`; {name: Plot}. Nothing when no ok record."""
+    if len(df) == 0 or not (df["status"] == "ok").any():
+        return {}
+    out_dir = Path(out_dir)
+    return {name: fn(df, out_dir / f"{stem}_{name}.png") for name, fn in PLOTS.items()}
