@@ -1,0 +1,328 @@
+"""Optimizer-state bytes: what an optimizer holds (measured) and what its algorithm says it
+should hold (expected), to the byte.
+
+`measured_state` walks `optimizer.state` and counts unique storages, so aliases are paid
+once and tensors that are really parameters or gradients are not paid at all.
+`expected_state` never looks at `optimizer.state`: it derives the same numbers from each
+parameter's shape, dtype and device and its param_group's options, from a formula per
+registered optimizer, written from torch 2.13's `torch/optim/*.py`. The two agreeing is the
+evidence that the measured number means what the report says it means; disagreeing means
+torch changed its state layout or the measurement is broken.
+
+Both split bytes into per-element state (`elem`: moments, buffers, Adafactor factors) and
+per-tensor scalars (`scalar`: `step`, NAdam's `mu_product`, ASGD's `eta`/`mu`). The rule is
+by shape, the same on both sides: a storage only ever seen through 0-dim tensors is a
+scalar. So the per-element state of a 0-dim parameter (a learnt temperature) counts as
+scalar too: its `exp_avg` and its `step` cannot be told apart by shape.
+
+`device=` restricts either count to storages on one device. It matters on accelerators:
+most torch optimizers keep `step` on the CPU unless `capturable` or `fused` is set, so
+`torch.cuda.memory_allocated()` never sees it (see `expected_state(opt, device="cuda")`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from .optimizers import name_of
+# One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
+from .probes import round_alloc
+
+__all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula"]
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of an optimizer's state. `elem` + `scalar` are exact (`requested` semantics);
+    `alloc` is the same storages each rounded by `round_alloc`; `n_tensors` counts storages."""
+
+    elem: int
+    scalar: int
+    alloc: int
+    n_tensors: int
+
+    @property
+    def total(self) -> int:
+        return self.elem + self.scalar
+
+    def __add__(self, other: "StateBytes") -> "StateBytes":
+        """Sum of two disjoint states (two optimizers of one model)."""
+        if not isinstance(other, StateBytes):
+            return NotImplemented
+        return StateBytes(
+            self.elem + other.elem,
+            self.scalar + other.scalar,
+            self.alloc + other.alloc,
+            self.n_tensors + other.n_tensors,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# measured
+
+
+def _device_matches(dev: torch.device, want: torch.device | None) -> bool:
+    if want is None:
+        return True
+    return dev.type == want.type and (want.index is None or dev.index == want.index)
+
+
+def _as_device(device: str | torch.device | None) -> torch.device | None:
+    return None if device is None else torch.device(device)
+
+
+def _tensors_in(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
+    """Every plain tensor reachable from a state value: torch optimizers keep flat dicts of
+    tensors, third-party ones nest lists/dicts and wrapper subclasses (DTensor) hold inner
+    tensors, whose storages are the real memory."""
+    if isinstance(obj, torch.Tensor):
+        if is_traceable_wrapper_subclass(obj):
+            attrs, _ = obj.__tensor_flatten__()
+            for a in attrs:
+                yield from _tensors_in(getattr(obj, a), seen)
+        else:
+            yield obj
+        return
+    if isinstance(obj, (dict, list, tuple, set, frozenset)):
+        if id(obj) in seen:  # cycles, and containers reachable twice
+            return
+        seen.add(id(obj))
+        items = obj.values() if isinstance(obj, dict) else obj
+        for item in items:
+            yield from _tensors_in(item, seen)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    # The StorageImpl's address: shared by every view of one storage, and unique while the
+    # storage lives (state keeps it alive). Not data_ptr(): that is 0 for every empty, meta
+    # or FakeTensor storage, which would merge storages that are distinct.
+    return t.untyped_storage()._cdata
+
+
+def _not_state_keys(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Storages of the optimizer's own parameters and gradients: a state entry that aliases
+    one costs nothing beyond the weights/grads, which the record counts elsewhere."""
+    keys: set[int] = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for t in _tensors_in(p, set()):
+                keys.add(_storage_key(t))
+            if p.grad is not None:
+                for t in _tensors_in(p.grad, set()):
+                    keys.add(_storage_key(t))
+    return keys
+
+
+def measured_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes:
+    """Unique storages across every tensor in `optimizer.state`, each counted once however
+    many entries (of one parameter or of several) alias it. A storage is `scalar` when every
+    tensor seen on it is 0-dim. `device` keeps only storages on that device."""
+    want = _as_device(device)
+    excluded = _not_state_keys(optimizer)
+    storages: dict[int, tuple[int, torch.device]] = {}
+    only_scalar: dict[int, bool] = {}
+    seen: set[int] = set()
+    for value in optimizer.state.values():
+        for t in _tensors_in(value, seen):
+            key = _storage_key(t)
+            if key in excluded:
+                continue
+            if key not in storages:
+                storages[key] = (t.untyped_storage().nbytes(), t.device)
+                only_scalar[key] = True
+            only_scalar[key] = only_scalar[key] and t.dim() == 0
+    elem = scalar = alloc = n = 0
+    for key, (nbytes, dev) in storages.items():
+        if not _device_matches(dev, want):
+            continue
+        if only_scalar[key]:
+            scalar += nbytes
+        else:
+            elem += nbytes
+        alloc += round_alloc(nbytes)
+        n += 1
+    return StateBytes(elem, scalar, alloc, n)
+
+
+# ---------------------------------------------------------------------------------------
+# expected
+
+
+class _Planned(NamedTuple):
+    """One state tensor the algorithm creates: its shape, dtype and device."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+_Formula = Callable[[torch.Tensor, dict[str, Any]], list[_Planned]]
+
+
+def _like(p: torch.Tensor, n: int = 1) -> list[_Planned]:
+    """n tensors shaped, typed and placed like the parameter (zeros_like / clone of grad)."""
+    return [_Planned(tuple(p.shape), p.dtype, p.device) for _ in range(n)]
+
+
+def _scalars(n: int, device: torch.device, dtype: torch.dtype | None = None) -> list[_Planned]:
+    """n 0-dim tensors; dtype defaults to torch's `_get_scalar_dtype()` (float32, or float64
+    when the default dtype is float64), read now: torch reads it when state is created."""
+    return [_Planned((), dtype or _get_scalar_dtype(), device) for _ in range(n)]
+
+
+def _step_on(p: torch.Tensor, on_param_device: bool) -> torch.device:
+    """Where `step` lives: with the parameter under capturable/fused, else deliberately on the
+    CPU (torch avoids a kernel launch per scalar update)."""
+    return p.device if on_param_device else _CPU
+
+
+def _sgd(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """SGD: nothing when momentum == 0; else one momentum_buffer per element (a clone of the
+    first grad, or empty_like under fused). Nesterov and dampening use the same buffer. No step."""
+    return _like(p) if g["momentum"] != 0 else []
+
+
+def _adam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Adam/AdamW: exp_avg (m) and exp_avg_sq (v), one each per element; amsgrad adds
+    max_exp_avg_sq. step is a 0-dim tensor per parameter: float32 on the parameter's device
+    under fused; `_get_scalar_dtype()` on the parameter's device under capturable; else
+    `_get_scalar_dtype()` on the CPU."""
+    fused = bool(g.get("fused"))
+    dtype = _get_scalar_dtype(is_fused=True) if fused else _get_scalar_dtype()
+    step = _scalars(1, _step_on(p, fused or g["capturable"]), dtype)
+    return step + _like(p, 3 if g["amsgrad"] else 2)
+
+
+def _adamax(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Adamax: exp_avg and exp_inf (infinity-norm second moment) per element; step (0-dim,
+    on the parameter's device under capturable, else CPU)."""
+    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
+
+
+def _nadam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """NAdam: exp_avg and exp_avg_sq per element; step and mu_product (the running product of
+    momentum coefficients), both 0-dim, placed like Adam's step under capturable.
+    decoupled_weight_decay changes the update, not the state."""
+    return _scalars(2, _step_on(p, g["capturable"])) + _like(p, 2)
+
+
+def _radam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """RAdam: exp_avg and exp_avg_sq per element; step (0-dim). decoupled_weight_decay and the
+    rectification term add no state."""
+    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
+
+
+def _adagrad(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Adagrad: sum (accumulated squared grads) per element; step (0-dim: float32 on the
+    parameter's device under fused, else CPU). Created in __init__ for every parameter, so
+    it exists before any step and for parameters that never get a gradient."""
+    fused = bool(g.get("fused"))
+    dtype = _get_scalar_dtype(is_fused=True) if fused else _get_scalar_dtype()
+    return _scalars(1, _step_on(p, fused), dtype) + _like(p)
+
+
+def _adadelta(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Adadelta: square_avg and acc_delta per element; step (0-dim)."""
+    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
+
+
+def _rmsprop(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """RMSprop: square_avg per element; momentum > 0 adds momentum_buffer; centered adds
+    grad_avg; step (0-dim)."""
+    n = 1 + (g["momentum"] > 0) + bool(g["centered"])
+    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, n)
+
+
+def _rprop(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Rprop: prev (last grad's sign source) and step_size per element; step (0-dim)."""
+    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
+
+
+def _asgd(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """ASGD: ax (the running average of the parameter) per element; step, eta and mu, three
+    0-dim tensors, always on the parameter's device (capturable or not)."""
+    return _scalars(3, p.device) + _like(p)
+
+
+def _adafactor(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Adafactor: for ndim >= 2 a factored second moment, row_var (shape with the last dim set
+    to 1) and col_var (shape with the second-to-last dim set to 1), so O(rows + cols) per
+    matrix; for ndim < 2 a full variance like the parameter. step is 0-dim, always on the CPU."""
+    state = _scalars(1, _CPU)
+    if p.dim() > 1:
+        row = list(p.shape)
+        row[-1] = 1
+        col = list(p.shape)
+        col[-2] = 1
+        state += [_Planned(tuple(row), p.dtype, p.device), _Planned(tuple(col), p.dtype, p.device)]
+    else:
+        state += _like(p)
+    return state
+
+
+def _muon(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """Muon (2-D parameters only): one momentum_buffer per element, created even when
+    momentum == 0. No step: the Newton-Schulz update needs no bias correction."""
+    return _like(p)
+
+
+_FORMULAS: dict[str, _Formula] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adam,
+    "adamax": _adamax,
+    "nadam": _nadam,
+    "radam": _radam,
+    "adagrad": _adagrad,
+    "adadelta": _adadelta,
+    "rmsprop": _rmsprop,
+    "rprop": _rprop,
+    "asgd": _asgd,
+    "adafactor": _adafactor,
+    "muon": _muon,
+}
+
+
+def has_formula(name: str) -> bool:
+    """Whether `expected_state` knows the registry name's algorithm."""
+    return name in _FORMULAS
+
+
+def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes | None:
+    """State the optimizer's algorithm creates after at least one step() in which every
+    parameter had a gradient, from each parameter's shape/dtype/device and its group's options
+    only (never `optimizer.state`). None for classes outside the registry (import paths,
+    subclasses), whose state layout is unknown.
+
+    Parameters that never receive a gradient get no state in torch (except Adagrad, which
+    creates it in __init__), so for them measured < expected: that gap is information.
+    """
+    formula = _FORMULAS.get(name_of(optimizer))
+    if formula is None:
+        return None
+    want = _as_device(device)
+    elem = scalar = alloc = n = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for t in formula(p, group):
+                if not _device_matches(t.device, want):
+                    continue
+                if t.shape == ():
+                    scalar += t.nbytes
+                else:
+                    elem += t.nbytes
+                alloc += round_alloc(t.nbytes)
+                n += 1
+    return StateBytes(elem, scalar, alloc, n)
