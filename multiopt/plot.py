@@ -12,6 +12,7 @@ so importing this module never changes the caller's backend.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, Locator
 
 from .frame import PEAK_PARTS, series_labels
 from .units import fmt_bytes, fmt_ms
@@ -59,9 +60,42 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _bytes_axis(ax: Any, axis: str = "y") -> None:
-    fmt = FuncFormatter(lambda v, _pos: fmt_bytes(v))
-    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
+_STYLES = ("-", "--", ":", "-.")
+
+
+def _style(ok: pd.DataFrame, label: str) -> dict[str, Any]:
+    """The same color (and line style past ten series) for a series in every panel and plot."""
+    i = list(pd.unique(ok["_label"])).index(label)
+    return {"color": f"C{i % 10}", "linestyle": _STYLES[(i // 10) % len(_STYLES)], "marker": "o", "label": label}
+
+
+class _BinaryLocator(Locator):
+    """Ticks at multiples of a power of two (times 1, KiB, MiB, GiB), so labels read 64.00 KiB, not 97.66 KiB."""
+
+    def __init__(self, nbins: int = 7) -> None:
+        self.nbins = nbins
+
+    def __call__(self) -> list[float]:
+        lo, hi = self.axis.get_view_interval()
+        return self.tick_values(lo, hi)
+
+    def tick_values(self, vmin: float, vmax: float) -> list[float]:
+        lo, hi = sorted((vmin, vmax))
+        span = hi - lo
+        if not math.isfinite(span) or span <= 0:
+            return [lo]
+        step = 1.0
+        while span / step > self.nbins:
+            step *= 2.0
+        while span / step < self.nbins / 2.5 and step > 1.0:
+            step /= 2.0
+        first = math.ceil(lo / step) * step
+        return [first + i * step for i in range(int((hi - first) // step) + 1)]
+
+
+def _bytes_axis(ax: Any) -> None:
+    ax.yaxis.set_major_locator(_BinaryLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
 
 
 def _lines_data(fig: Figure, prefix_by_axes: bool = False) -> dict[str, tuple[tuple, tuple]]:
@@ -79,7 +113,7 @@ def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=100)
     return path
 
 
@@ -102,7 +136,7 @@ def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
     on the batch."""
     title = "Optimizer state vs parameter count"
     ok = _ok(df)
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty or ok["opt_state_bytes"].isna().all():
         _empty(fig, title, "no ok records")
         return Plot(_save(fig, path), title, {})
@@ -110,7 +144,7 @@ def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
     pts = _first_per(ok, ["_label", "width"])
     for label in pd.unique(pts["_label"]):
         sub = pts[pts["_label"] == label].sort_values("n_params")
-        ax.plot(sub["n_params"].to_numpy(float), sub["opt_state_bytes"].to_numpy(float), marker="o", label=label)
+        ax.plot(sub["n_params"].to_numpy(float), sub["opt_state_bytes"].to_numpy(float), **_style(ok, label))
     xs = pts["n_params"].astype(float)
     if xs.min() > 0 and xs.max() / xs.min() > 20:
         ax.set_xscale("log")
@@ -128,7 +162,7 @@ def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
     series. Data keys: "width=W / series"."""
     title = "Peak memory vs batch"
     ok = _ok(df)
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty or ok["peak_total"].isna().all():
         _empty(fig, title, "no ok records")
         return Plot(_save(fig, path), title, {})
@@ -139,7 +173,7 @@ def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
         sub_w = ok[ok["width"] == w]
         for label in pd.unique(sub_w["_label"]):
             sub = sub_w[sub_w["_label"] == label].drop_duplicates("batch", keep="last").sort_values("batch")
-            ax.plot(sub["batch"].to_numpy(float), sub["peak_total"].to_numpy(float), marker="o", label=label)
+            ax.plot(sub["batch"].to_numpy(float), sub["peak_total"].to_numpy(float), **_style(ok, label))
         ax.set_title(f"width={w}")
         ax.set_xlabel("batch")
         ax.set_ylabel("peak allocated")
@@ -154,9 +188,9 @@ def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
     """Median step time (ms) against width: one panel per batch ("batch=B"), one line per
     series. Data keys: "batch=B / series"."""
     title = "Step time vs width"
-    ok = _ok(df)
-    ok = ok[ok["step_ms_median"].notna()]
-    fig = Figure(figsize=(7, 4.5))
+    full = _ok(df)
+    ok = full[full["step_ms_median"].notna()]
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty:
         _empty(fig, title, "no timed ok records")
         return Plot(_save(fig, path), title, {})
@@ -167,7 +201,7 @@ def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
         sub_b = ok[ok["batch"] == b]
         for label in pd.unique(sub_b["_label"]):
             sub = sub_b[sub_b["_label"] == label].drop_duplicates("width", keep="last").sort_values("width")
-            ax.plot(sub["width"].to_numpy(float), sub["step_ms_median"].to_numpy(float), marker="o", label=label)
+            ax.plot(sub["width"].to_numpy(float), sub["step_ms_median"].to_numpy(float), **_style(full, label))
         ax.set_title(f"batch={b}")
         ax.set_xlabel("width")
         ax.set_ylabel("median step time")
@@ -190,7 +224,7 @@ def plot_peak_breakdown(df: pd.DataFrame, path: str | Path) -> Plot:
     title = "What the peak is made of"
     ok = _ok(df)
     ok = ok[ok["peak_phase"].notna()]
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty:
         _empty(fig, title, "no ok records with a measured peak")
         return Plot(_save(fig, path), title, {})

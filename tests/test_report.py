@@ -1,0 +1,285 @@
+"""report.render / write_report / plots and `multiopt report`, on the hand-built fixtures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from multiopt import frame, plot, report
+from multiopt.cli import main
+from multiopt.units import fmt_bytes, fmt_ms
+
+FIX = Path(__file__).parent / "fixtures"
+RUN = FIX / "run_small"
+BENCH = FIX / "bench_small.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def df() -> pd.DataFrame:
+    return frame.load(RUN)
+
+
+@pytest.fixture(scope="module")
+def md(df) -> str:
+    return report.render(df)
+
+
+def section(md: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", md, flags=re.M | re.S)
+    assert m, f"no section {title!r}"
+    return m.group(1)
+
+
+def _cells(line: str) -> list[str]:
+    inner = line.strip()[1:-1]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def table(md: str, title: str) -> list[dict[str, str]]:
+    lines = [l for l in section(md, title).splitlines() if l.startswith("|")]
+    assert len(lines) >= 2, f"no table in {title!r}"
+    head = _cells(lines[0])
+    assert set(lines[1].replace("|", "").replace(":", "").replace("-", "").strip()) == set()
+    rows = [dict(zip(head, _cells(l))) for l in lines[2:]]
+    assert all(len(_cells(l)) == len(head) for l in lines[2:])
+    return rows
+
+
+def pick(rows, **kv) -> dict[str, str]:
+    got = [r for r in rows if all(r[k] == str(v) for k, v in kv.items())]
+    assert len(got) == 1, (kv, got)
+    return got[0]
+
+
+def rec(df, combo, width, batch, impl="default", zero_grad_at="end") -> pd.Series:
+    m = df[(df.combo == combo) & (df.width == width) & (df.batch == batch) & (df.impl == impl) & (df.zero_grad_at == zero_grad_at)]
+    assert len(m) == 1
+    return m.iloc[0]
+
+
+def test_header(md):
+    head = md.split("\n## ", 1)[0]
+    assert head.startswith("# multiopt report")
+    for want in ("2026-11-26T01:00:00+00:00", "2.13.0+cpu", "Fixture CPU @ 3.00GHz", "0123456789abcdef",
+                 "tracked", "small", "21 (19 ok, 1 oom, 1 diverged)", "none (CPU)"):
+        assert want in head, want
+
+
+def test_headline_values(df, md):
+    rows = table(md, "Headline")
+    adam = pick(rows, combo="adam", batch=8)
+    assert adam["state B/param w=64"] == "8.00"
+    assert adam["state/weights w=128"] == "2.00x"
+    assert adam["state vs SGD w=64"] == "+" + fmt_bytes(8 * 8320 + 16) == "+65.02 KiB"
+    assert adam["peak w=128"] == fmt_bytes(669696) == "654.00 KiB"
+    assert adam["peak vs SGD w=128"] == f"+{fmt_bytes(669696 - 289280)} (2.32x)"
+    assert adam["step w=64"] == fmt_ms(rec(df, "adam", 64, 8).step_ms_median)
+    assert pick(rows, combo="sgd", batch=8)["state vs SGD w=64"] == "0 B"
+    # failures show their status; no sgd twin shows "-"
+    assert pick(rows, combo="adam", batch=32)["peak w=128"] == "oom"
+    assert pick(rows, combo="sgd+adam", batch=32)["step w=64"] == "diverged"
+    assert pick(rows, combo="adam (impl=foreach)", batch=8)["peak vs SGD w=64"] == "-"
+    # every ok record's peak and step are in the table, formatted from the raw numbers
+    labels = frame.series_labels(df)
+    for i, r in df[df.status == "ok"].iterrows():
+        cell = pick(rows, combo=labels[i], batch=r.batch)
+        assert cell[f"peak w={r.width}"] == fmt_bytes(r.peak_total)
+        assert cell[f"state B/param w={r.width}"] == f"{r.state_bytes_per_param:.2f}"
+
+
+def test_per_optimizer(md):
+    rows = table(md, "Per optimizer")
+    mu = pick(rows, combo="muon+adamw", width=64, rule="@matrix=muon")
+    assert (mu["optimizer"], mu["params"], mu["share"], mu["tensors"]) == ("muon", "8,192", "98.5%", "2")
+    assert mu["state"] == fmt_bytes(4 * 8192) and mu["state B/param"] == "4.00"
+    aw = pick(rows, combo="muon+adamw", width=64, rule="rest=adamw")
+    assert aw["state"] == fmt_bytes(8 * 128 + 8) and aw["state allocated"] == fmt_bytes(2 * (2 * 512 + 512))
+    sa = pick(rows, combo="sgd+adam", width=128, rule="layer1=sgd")
+    assert (sa["params"], sa["share"], sa["state"]) == ("16,512", "50.0%", "0 B")
+
+
+def test_phase_table(df, md):
+    rows = table(md, "Phases")
+    r = rec(df, "muon+adamw", 128, 32)
+    cell = pick(rows, combo="muon+adamw", width=128, batch=32)
+    for p in ("zero_grad", "forward", "backward", "step"):
+        assert cell[f"{p} allocated"] == fmt_bytes(r[f"mem_after_{p}"])
+        assert cell[f"{p} peak"] == fmt_bytes(r[f"peak_{p}"])
+    assert cell["activations"] == fmt_bytes(r.activation_bytes)
+    assert cell["peak phase"] == "step"
+    assert "zero_grad_at=start: zero_grad, forward, backward, step" in section(md, "Phases")
+    assert len(rows) == 19
+
+
+def test_batch_scaling(df, md):
+    rows = table(md, "Batch scaling")
+    s = pick(rows, combo="sgd", width=128)
+    assert s["peak b=8"] == fmt_bytes(rec(df, "sgd", 128, 8).peak_total)
+    assert s["peak b=32"] == fmt_bytes(rec(df, "sgd", 128, 32).peak_total)
+    assert s["activations b=32"] == fmt_bytes(rec(df, "sgd", 128, 32).activation_bytes)
+    # adam w=128 b=32 went oom and sgd+adam w=64 b=32 diverged: one batch only, no row
+    assert not [r for r in rows if (r["combo"], r["width"]) in (("adam", "128"), ("sgd+adam", "64"))]
+
+
+def test_expected_vs_measured(df, md):
+    rows = table(md, "Expected vs measured state")
+    assert rows and all(r["check"] == report.CHECK for r in rows)
+    # a state that differs from the formula shows the difference in bytes, and who
+    bad = df.copy()
+    i = rec(df, "sgd+adam", 64, 8).name
+    per = json.loads(bad.at[i, "opt_state_by_optimizer"])
+    per[1]["state_bytes"] += 1024
+    bad.at[i, "opt_state_by_optimizer"] = json.dumps(per)
+    bad.at[i, "opt_state_bytes"] += 1024
+    out = table(report.render(bad), "Expected vs measured state")
+    cell = pick(out, combo="sgd+adam", width=64)
+    assert cell["check"] == "+1024 B (rest=adam +1024 B)"
+    assert cell["measured (B)"] == f"{33288 + 1024:,}"
+
+
+def test_implementations(df, md):
+    rows = table(md, "Implementations")
+    assert [r["impl"] for r in rows] == ["default", "forloop", "foreach", "fused"]
+    fe = pick(rows, impl="foreach")
+    r = rec(df, "adam", 64, 8, impl="foreach")
+    assert fe["step temp (largest optimizer)"] == fmt_bytes(r.step_temp_bytes)
+    assert fe["step transient"] == fmt_bytes(r.transient_step)
+    assert fe["step peak"] == fmt_bytes(r.peak_step)
+    assert pick(rows, impl="fused")["step temp (largest optimizer)"] == "0 B"
+
+
+def test_no_impl_section_with_one_impl(df):
+    md = report.render(frame.records_to_frame(df[df.impl == "default"][list(frame.FIELDS) + ["source"]].to_dict("records")))
+    assert "## Implementations" not in md
+
+
+def test_failures_listed(md):
+    rows = table(md, "Failures")
+    assert len(rows) == 2
+    assert pick(rows, status="oom")["message"].startswith("tracked probe: out of memory")
+    assert pick(rows, status="diverged")["message"] == "loss is nan at warm-up step 2"
+
+
+def test_message_with_pipe_and_newline_keeps_the_table(df):
+    bad = df.copy()
+    i = rec(df, "adam", 128, 32).name
+    bad.at[i, "error"] = "RuntimeError: a | b\nsecond line"
+    rows = table(report.render(bad), "Failures")
+    assert pick(rows, status="oom")["message"] == "RuntimeError: a | b second line"
+
+
+def test_zero_ok_records_one_line(tmp_path):
+    lines = [l for l in (RUN / "results.jsonl").read_text().splitlines() if '"status": "ok"' not in l]
+    p = tmp_path / "failed.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    d = frame.load(p)
+    md = report.render(d)
+    hits = [l for l in md.splitlines() if l.startswith("No ok records")]
+    assert hits == ["No ok records: all 2 configs failed (1 diverged, 1 oom); nothing to tabulate."]
+    assert "## Headline" not in md and "## Failures (2)" in md
+    out = report.write_report([p], tmp_path / "r" / "failed.md")
+    assert "No ok records" in out.read_text() and not list(out.parent.glob("*.png"))
+
+
+def test_render_is_pure_and_plain_markdown(df, md):
+    assert report.render(df) == md
+    assert not re.search(r"<\s*[a-zA-Z]", md), "no HTML"
+    assert "![" not in md  # no plots given, no links
+    linked = report.render(df, {"peak_vs_batch": "x/peak.png"})
+    assert "![peak memory vs batch](x/peak.png)" in section(linked, "Batch scaling")
+
+
+def test_write_report_plots(tmp_path, df):
+    out = report.write_report([RUN], tmp_path / "reports" / "small.md")
+    assert out == tmp_path / "reports" / "small.md"
+    md = out.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == sorted(f"small_{n}.png" for n in plot.PLOTS)
+    for link in links:
+        assert not Path(link).is_absolute()
+        png = out.parent / link
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, link
+    csv = pd.read_csv(out.with_suffix(".csv"))
+    assert list(csv["peak_total"].fillna(-1)) == list(df["peak_total"].fillna(-1))
+    assert "(small.csv)" in md
+
+
+def test_peak_vs_batch_plot_equals_table(tmp_path, df, md):
+    p = plot.plot_peak_vs_batch(df, tmp_path / "peak.png")
+    assert p.path.read_bytes().startswith(PNG_MAGIC)
+    rows = table(md, "Batch scaling")
+    for combo, width in (("sgd", 64), ("adam", 64), ("muon+adamw", 128), ("sgd+adam", 128)):
+        xs, ys = p.data[f"width={width} / {combo}"]
+        assert xs == (8.0, 32.0)
+        assert ys == tuple(float(rec(df, combo, width, b).peak_total) for b in (8, 32))
+        cell = pick(rows, combo=combo, width=width)
+        assert [cell["peak b=8"], cell["peak b=32"]] == [fmt_bytes(y) for y in ys]
+
+
+def test_state_plot_equals_table(tmp_path, df, md):
+    p = plot.plot_state_vs_params(df, tmp_path / "state.png")
+    per = table(md, "Per optimizer")
+    for combo in ("sgd", "adam", "sgd+adam", "muon+adamw"):
+        xs, ys = p.data[combo]
+        assert xs == (8320.0, 33024.0)
+        for w, y in zip((64, 128), ys):
+            assert y == float(rec(df, combo, w, 8).opt_state_bytes)
+            states = [r for r in per if r["combo"] == combo and r["width"] == str(w)]
+            total = sum(float(o) for o in frame.by_optimizer(df[(df.combo == combo) & (df.width == w) & (df.batch == 8)
+                                                              & (df.impl == "default") & (df.zero_grad_at == "end")])["state_bytes"])
+            assert total == y and len(states) >= 1
+
+
+def test_step_time_plot_equals_headline(tmp_path, df, md):
+    p = plot.plot_step_time_vs_width(df, tmp_path / "time.png")
+    rows = table(md, "Headline")
+    xs, ys = p.data["batch=8 / muon+adamw"]
+    assert xs == (64.0, 128.0)
+    cell = pick(rows, combo="muon+adamw", batch=8)
+    assert [cell["step w=64"], cell["step w=128"]] == [fmt_ms(y) for y in ys]
+    assert ys == (rec(df, "muon+adamw", 64, 8).step_ms_median, rec(df, "muon+adamw", 128, 8).step_ms_median)
+
+
+def test_breakdown_plot_equals_table(tmp_path, df, md):
+    p = plot.plot_peak_breakdown(df, tmp_path / "bars.png")
+    rows = table(md, "What the peak is made of")
+    assert len(p.data) == len(rows) == 19
+    cols = {"peak_params": "params", "peak_grads": "grads", "peak_state": "state",
+            "peak_activations": "activations", "peak_temporaries": "temporaries"}
+    for r in rows:
+        bar = p.data[plot.breakdown_bar_label(r["combo"], r["width"], r["batch"])]
+        assert {cols[k]: fmt_bytes(v) for k, v in bar.items()} == {v: r[v] for v in cols.values()}
+        assert fmt_bytes(sum(bar.values())) == r["peak"]
+    adam = p.data[plot.breakdown_bar_label("adam", 128, 8)]
+    assert sum(adam.values()) == rec(df, "adam", 128, 8).peak_total
+
+
+def test_report_from_benchmark_json(tmp_path):
+    out = report.write_report(BENCH, tmp_path / "b.md")
+    rows = table(out.read_text(), "Headline")
+    assert [r["combo"] for r in rows] == ["sgd", "adam", "sgd+adam", "muon+adamw"]
+    assert "One batch size only (8)" in out.read_text()
+
+
+def test_cli_report(tmp_path, capsys):
+    out = tmp_path / "reports" / "cli.md"
+    assert main(["report", str(RUN), "-o", str(out)]) == 0
+    assert out.is_file() and "## Headline" in out.read_text()
+    assert str(out) in capsys.readouterr().out
+    assert report.default_output(RUN) == RUN / "report.md"
+    assert report.default_output(BENCH) == FIX / "report.md"
+
+
+def test_cli_report_missing_file_exits_2(run_cli, tmp_path):
+    missing = tmp_path / "nope" / "results.jsonl"
+    res = run_cli("report", missing)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and err[0].startswith("multiopt report: error:")
+    assert res.stdout == ""
