@@ -418,11 +418,15 @@ def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
     Columns: ``record`` (the index label of the record in `df`), the config columns,
     ``status``, ``run_id``, ``source``, then each optimizer's fields (name, rule,
     optimizer, n_params, n_tensors, state_bytes, state_scalar_bytes, state_alloc_bytes,
-    expected, step_temp_bytes) and ``state_bytes_per_param`` =
-    (state_bytes - state_scalar_bytes) / n_params. A record with no optimizer entries
-    (a failed config) has no rows.
+    expected, step_temp_bytes; None where an entry lacks one), then any other keys the
+    entries carry (``n_param_tensors``, the resolved ``impl``, ...), renamed ``opt_<key>``
+    where they would clash with a record column (``impl`` -> ``opt_impl``), and
+    ``state_bytes_per_param`` = (state_bytes - state_scalar_bytes) / n_params. A record
+    with no optimizer entries (a failed config) has no rows.
     """
     keep = [c for c in (*CONFIG_COLUMNS, "status", "run_id", "source") if c in df.columns]
+    taken = set(keep) | {"record", *BY_OPTIMIZER_FIELDS, "state_bytes_per_param"}
+    extras: dict[str, str] = {}  # JSON key -> column
     out: list[dict[str, Any]] = []
     for label, row in df.iterrows():
         raw = row.get("opt_state_by_optimizer")
@@ -434,17 +438,27 @@ def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
             raise UsageError(
                 f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not valid JSON ({e.msg})"
             ) from None
-        if not isinstance(items, list):
-            raise UsageError(f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not a JSON list")
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise UsageError(
+                f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not a JSON list of objects"
+            )
         for item in items:
             rec = {"record": label}
             rec.update({c: row[c] for c in keep})
             for f in BY_OPTIMIZER_FIELDS:
-                rec[f] = item.get(f) if isinstance(item, dict) else None
+                rec[f] = item.get(f)
+            for k, v in item.items():
+                if k in BY_OPTIMIZER_FIELDS:
+                    continue
+                if k not in extras:
+                    extras[k] = f"opt_{k}" if k in taken else k
+                rec[extras[k]] = v
             out.append(rec)
-    cols = ["record", *keep, *BY_OPTIMIZER_FIELDS]
+    cols = ["record", *keep, *BY_OPTIMIZER_FIELDS, *extras.values()]
     res = pd.DataFrame(out, columns=cols)
-    for c in ("n_params", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes", "expected", "step_temp_bytes"):
+    numeric = ["n_params", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes", "expected",
+               "step_temp_bytes", *(c for c in extras.values() if c.startswith("n_"))]
+    for c in numeric:
         num = pd.to_numeric(res[c], errors="coerce")
         res[c] = num.astype("int64") if len(num) and num.notna().all() else num.astype("float64")
     res["state_bytes_per_param"] = _div(_f(res, "state_bytes") - _f(res, "state_scalar_bytes"), _f(res, "n_params"))

@@ -224,12 +224,12 @@ def _per_optimizer(df: pd.DataFrame, ok: pd.DataFrame) -> str:
         total = totals.loc[o["record"]]
         share = "-" if _nan(total) or not total or _nan(o["n_params"]) else f"{100.0 * o['n_params'] / total:.1f}%"
         rows.append([
-            labels.loc[o["record"]], o["width"], o["name"], o["optimizer"], _int(o["n_params"]), share,
-            _int(o["n_tensors"]), _b(o["state_bytes"]), _num(o["state_bytes_per_param"]),
-            _b(o["state_alloc_bytes"]), _b(o["step_temp_bytes"]),
+            labels.loc[o["record"]], o["width"], o["name"], o["optimizer"], o.get("opt_impl", "") if not _nan(o.get("opt_impl")) else "",
+            _int(o["n_params"]), share, _int(o.get("n_param_tensors")), _b(o["state_bytes"]),
+            _num(o["state_bytes_per_param"]), _int(o["n_tensors"]), _b(o["state_alloc_bytes"]), _b(o["step_temp_bytes"]),
         ])
-    headers = ["combo", "width", "rule", "optimizer", "params", "share", "tensors", "state", "state B/param",
-               "state allocated", "step temp"]
+    headers = ["combo", "width", "rule", "optimizer", "impl", "params", "share", "param tensors", "state",
+               "state B/param", "state tensors", "state allocated", "step temp"]
     note = "Who owns which parameters, and what their state costs (first ok record per combo and width; state does not depend on the batch)."
     return _section("Per optimizer", note + "\n\n" + _table(headers, rows))
 

@@ -146,6 +146,9 @@ def test_by_optimizer(df):
     assert sub["state_bytes"].sum() == r.opt_state_bytes
     assert list(sub["state_bytes_per_param"]) == [4.0, 8.0]
     assert list(sub["state_scalar_bytes"]) == [0, 8]
+    assert list(sub["n_param_tensors"]) == [2, 2] and list(sub["n_tensors"]) == [2, 6]
+    assert list(sub["opt_impl"]) == ["forloop", "forloop"]  # resolved impl; "impl" stays the record's
+    assert list(sub["impl"]) == ["default", "default"]
     assert set(opt["record"]) == set(df.index[df.status == "ok"])
     assert (opt["combo"] == df.loc[opt["record"], "combo"].to_numpy()).all()
 

@@ -95,10 +95,12 @@ def test_headline_values(df, md):
 def test_per_optimizer(md):
     rows = table(md, "Per optimizer")
     mu = pick(rows, combo="muon+adamw", width=64, rule="@matrix=muon")
-    assert (mu["optimizer"], mu["params"], mu["share"], mu["tensors"]) == ("muon", "8,192", "98.5%", "2")
+    assert (mu["optimizer"], mu["impl"], mu["params"], mu["share"]) == ("muon", "forloop", "8,192", "98.5%")
+    assert (mu["param tensors"], mu["state tensors"]) == ("2", "2")
     assert mu["state"] == fmt_bytes(4 * 8192) and mu["state B/param"] == "4.00"
     aw = pick(rows, combo="muon+adamw", width=64, rule="rest=adamw")
     assert aw["state"] == fmt_bytes(8 * 128 + 8) and aw["state allocated"] == fmt_bytes(2 * (2 * 512 + 512))
+    assert (aw["param tensors"], aw["state tensors"]) == ("2", "6")  # exp_avg, exp_avg_sq, step per bias
     sa = pick(rows, combo="sgd+adam", width=128, rule="layer1=sgd")
     assert (sa["params"], sa["share"], sa["state"]) == ("16,512", "50.0%", "0 B")
 
