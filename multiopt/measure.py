@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import models, optimizers as registry
 from .errors import UsageError
@@ -86,7 +85,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     for rule in rules:
         registry.resolve(rule.optimizer).check_keywords(rule.options, where=f"rule '{rule}'")
     with torch.device("meta"):
-        model = models.build(config.model, config.width, config.depth)
+        model = models.resolve(config.model).build(config.width, config.depth)
     from .spec import assign
 
     groups = assign(model.named_parameters(), rules)
@@ -142,18 +141,20 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         probe.sync()
         base = out["mem_base"] = probe.allocated()
 
+        spec = models.resolve(config.model)
+
         def factory() -> torch.nn.Module:
-            return models.build(config.model, config.width, config.depth).to(dtype)
+            return spec.build(config.width, config.depth).to(dtype)
 
         model = probe.build_model(factory)
         probe.sync()
         out["param_bytes"] = probe.allocated() - base
         out["n_params"] = sum(p.numel() for p in model.parameters())
         optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
-        trainer = Trainer(model, F.mse_loss, optimizer, amp=None if config.amp == "none" else config.amp,
+        trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
                           zero_grad_at=config.zero_grad_at)
         gen = torch.Generator(device=probe.device).manual_seed(config.seed)
-        batch = models.make_batch(model, config.batch, dtype=dtype, device=probe.device, generator=gen)
+        batch = spec.make_batch(model, config.batch, dtype=dtype, device=probe.device, generator=gen)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)

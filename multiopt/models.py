@@ -6,9 +6,11 @@ Layers are named `layer1`, `layer2`, ... in every model, so one rule string
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
@@ -52,16 +54,38 @@ class MLP(nn.Module):
         return x
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "simple": lambda width=0, depth=0: SimpleNet(),
-    "mlp": lambda width=64, depth=3: MLP(width, depth),
-}
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the suite builds a model, makes its batches and computes its loss.
+
+    `loss_fn(output, target)` when batches are (inputs, targets); None when the model's
+    output already is the loss."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    batch_fn: Callable[..., Any]
+    loss_fn: Callable[..., torch.Tensor] | None = F.mse_loss
+
+    def build(self, width: int, depth: int) -> nn.Module:
+        return self.factory(width=width, depth=depth)
+
+    def make_batch(self, model: nn.Module, batch: int, *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Any:
+        return self.batch_fn(model, batch, dtype=dtype, device=device, generator=generator)
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def resolve(name: str) -> ModelSpec:
+    """A built-in model by name."""
+    if name not in MODELS:
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def build(name: str, width: int = 64, depth: int = 3) -> nn.Module:
-    if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[name](width=width, depth=depth)
+    return resolve(name).build(width, depth)
 
 
 def make_batch(
@@ -76,3 +100,7 @@ def make_batch(
     x = torch.randn(batch, model.in_features, dtype=dtype, device=device, generator=generator)
     y = torch.randn(batch, model.out_features, dtype=dtype, device=device, generator=generator)
     return x, y
+
+
+MODELS["simple"] = ModelSpec("simple", lambda width=0, depth=0: SimpleNet(), make_batch)
+MODELS["mlp"] = ModelSpec("mlp", lambda width=64, depth=3: MLP(width, depth), make_batch)
