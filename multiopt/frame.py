@@ -136,7 +136,7 @@ def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         env = _read_env(path / "env.json")
     elif not path.exists():
         raise UsageError(f"{path}: no such file or directory")
-    elif path.suffix.lower() == ".json":
+    elif path.suffix.lower() == ".json" and not _looks_like_jsonl(path):
         rows, env = _read_benchmark_json(path)
         source = path
     else:
@@ -149,6 +149,17 @@ def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         r["source"] = str(source)
     env = {**env, "source": str(source)}
     return rows, env
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    """A .json file whose first line is a whole record object: JSONL under another name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        doc = json.loads(first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(doc, dict) and "schema" in doc
 
 
 def _read_env(path: Path) -> dict[str, Any]:
@@ -187,7 +198,8 @@ def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, An
         row = dict(b["extra_info"])
         check_schema(row, where)
         stats = b.get("stats")
-        if isinstance(stats, dict) and stats.get("median") is not None:
+        # a failed config's timing (if any) is not a step time: keep its record's None
+        if row.get("status") == "ok" and isinstance(stats, dict) and stats.get("median") is not None:
             try:
                 for key in ("median", "iqr", "min", "mean"):
                     v = stats.get(key)

@@ -142,7 +142,7 @@ def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
         return Plot(_save(fig, path), title, {})
     ax = fig.add_subplot(1, 1, 1)
     pts = _first_per(ok, ["_label", "width"])
-    for label in pd.unique(pts["_label"]):
+    for label in pd.unique(ok["_label"]):
         sub = pts[pts["_label"] == label].sort_values("n_params")
         ax.plot(sub["n_params"].to_numpy(float), sub["opt_state_bytes"].to_numpy(float), **_style(ok, label))
     xs = pts["n_params"].astype(float)

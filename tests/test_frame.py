@@ -170,6 +170,22 @@ def test_benchmark_json_matches_jsonl(df):
     assert env["cpu"].startswith("Fixture CPU") and env["git_sha"].startswith("0123")
 
 
+def test_benchmark_failed_record_keeps_no_time(tmp_path):
+    doc = json.loads(BENCH.read_text())
+    doc["benchmarks"][0]["extra_info"].update(status="oom", error="out of memory")
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps(doc))
+    b = frame.load(p)
+    assert math.isnan(b.loc[b.status == "oom", "step_ms_median"].iloc[0])
+    assert (b.loc[b.status == "ok", "steps_timed"] == 20).all()
+
+
+def test_jsonl_named_json(tmp_path):
+    p = tmp_path / "results.json"
+    p.write_text((RUN / "results.jsonl").read_text())
+    assert len(frame.load(p)) == 21
+
+
 def test_several_sources(tmp_path, df):
     both = frame.load(RUN, BENCH)
     assert len(both) == 25
