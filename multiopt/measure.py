@@ -144,7 +144,15 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         spec = models.resolve(config.model)
 
         def factory() -> torch.nn.Module:
-            return spec.build(config.width, config.depth).to(dtype)
+            # Parameters are created in the config's dtype, not converted after: a conversion
+            # would briefly hold both copies, and the fake probe builds on meta tensors that
+            # Module.to cannot swap.
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                return spec.build(config.width, config.depth)
+            finally:
+                torch.set_default_dtype(previous)
 
         model = probe.build_model(factory)
         probe.sync()
@@ -225,7 +233,7 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
             out[f"mem_after_{phase}"] = probe.allocated()
             out[f"peak_{phase}"] = max(probe.peak(), running["peak"])
             if phase == "backward":
-                grads = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
+                grads = {g.untyped_storage()._cdata: g.untyped_storage().nbytes()
                          for p in trainer.model.parameters() if (g := p.grad) is not None}
                 out["grad_bytes"] = sum(round_alloc(n) for n in grads.values())
 

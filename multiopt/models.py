@@ -64,7 +64,7 @@ class ModelSpec:
     name: str
     factory: Callable[..., nn.Module]
     batch_fn: Callable[..., Any]
-    loss_fn: Callable[..., torch.Tensor] | None = F.mse_loss
+    loss_fn: Callable[..., torch.Tensor] | None = None
 
     def build(self, width: int, depth: int) -> nn.Module:
         return self.factory(width=width, depth=depth)
@@ -102,5 +102,15 @@ def make_batch(
     return x, y
 
 
-MODELS["simple"] = ModelSpec("simple", lambda width=0, depth=0: SimpleNet(), make_batch)
-MODELS["mlp"] = ModelSpec("mlp", lambda width=64, depth=3: MLP(width, depth), make_batch)
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error whose memory is the same on every backend.
+
+    On CPU, `F.mse_loss(reduction="mean")` returns a 0-dim view of its batch-sized
+    unreduced buffer, so the loss keeps that buffer alive until it dies; the meta kernels
+    the fake probe runs allocate 4 bytes instead. Reducing explicitly gives a fresh 0-dim
+    loss on every backend, so tracked and fake probes agree to the byte."""
+    return F.mse_loss(output, target, reduction="none").mean()
+
+
+MODELS["simple"] = ModelSpec("simple", lambda width=0, depth=0: SimpleNet(), make_batch, mse)
+MODELS["mlp"] = ModelSpec("mlp", lambda width=64, depth=3: MLP(width, depth), make_batch, mse)
