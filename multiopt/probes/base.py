@@ -62,8 +62,12 @@ class Probe(ABC):
         """Max of `allocated()` since the last `reset_peak()`."""
 
     @abstractmethod
+    def peak_requested(self) -> int:
+        """Max of `requested()` since the last `reset_peak()` (exact-byte tools compare to this)."""
+
+    @abstractmethod
     def reset_peak(self) -> None:
-        """Start a new peak window at the current `allocated()`."""
+        """Start a new peak window (both peaks) at the current values."""
 
     def sync(self) -> None:
         """Wait for queued device work (CUDA); a no-op where ops are synchronous."""

@@ -76,6 +76,9 @@ class CudaProbe(Probe):
     def peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device)
 
+    def peak_requested(self) -> int:
+        return int(torch.cuda.memory_stats(self.device).get("requested_bytes.all.peak", 0))
+
     def reset_peak(self) -> None:
         # Resets every peak stat of the device (allocated and reserved alike): CUDA keeps one window.
         torch.cuda.reset_peak_memory_stats(self.device)

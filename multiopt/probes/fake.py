@@ -18,9 +18,10 @@ from typing import Any, Callable, Iterator, NoReturn
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import UsageError
-from .tracked import LedgerProbe
+from .tracked import LedgerProbe, Sizer, StorageLedger
 
 
 class FakeProbe(LedgerProbe):
@@ -33,6 +34,7 @@ class FakeProbe(LedgerProbe):
         super().__init__(device, limit_bytes)
         # Real tensors made outside (e.g. a user's input batch) may meet fake ones.
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._ledger = StorageLedger(self.name, self._ledger.limit, sizers=_real_storage_sizers())
 
     @property
     def fake_mode(self) -> FakeTensorMode:
@@ -47,6 +49,7 @@ class FakeProbe(LedgerProbe):
             self._fake_mode.__exit__(None, None, None)
             raise
         self._active = True
+        self.reset_peak()  # entering starts a peak window, as on CUDA
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -68,7 +71,9 @@ class FakeProbe(LedgerProbe):
     def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
         """Build on the meta device (no memory, no init cost), then give every parameter and
         buffer fake CPU storage inside the tracked fake mode, so each one is counted."""
-        with torch.device("meta"):
+        # Meta tensors hold no memory anywhere: build with every dispatch mode (ours, the
+        # fake mode, anyone's) off, so they are neither counted nor turned into fakes.
+        with _disable_current_modes(), torch.device("meta"):
             model = factory()
         with self._tracking():
             _materialize(model, self.device)
@@ -79,6 +84,29 @@ class FakeProbe(LedgerProbe):
             "the fake probe cannot be paused for timing: fake tensors do no compute, so there "
             "is nothing to time; time with the tracked or cuda probe"
         )
+
+
+def _unreduced_loss_nbytes(args: tuple, kwargs: dict, out: torch.Tensor) -> int:
+    """ATen's mse_loss / smooth_l1_loss / soft_margin_loss (CPU and CUDA) write the
+    elementwise loss into a buffer and reduce it *into that same buffer*: the 0-dim result
+    keeps the whole broadcast(input, target) buffer as its storage, for as long as the
+    loss lives. The meta kernels allocate 4 bytes; real devices hold numel x itemsize."""
+    shape = torch.broadcast_shapes(args[0].shape, args[1].shape)
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    return max(out.untyped_storage().nbytes(), numel * out.element_size())
+
+
+def _real_storage_sizers() -> dict[Any, Sizer]:
+    """Ops whose real kernels return a storage larger than their fake twins (checked by
+    tests/test_probes.py against real tensors, so a torch that changes this fails loudly)."""
+    aten = torch.ops.aten
+    return {
+        aten.mse_loss.default: _unreduced_loss_nbytes,
+        aten.smooth_l1_loss.default: _unreduced_loss_nbytes,
+        aten.soft_margin_loss.default: _unreduced_loss_nbytes,
+    }
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
