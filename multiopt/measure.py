@@ -83,7 +83,13 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
         raise UsageError("the fake probe cannot run fp16 AMP: GradScaler reads real values (found_inf); use --probe tracked")
     rules = rules_from(config.rules)
     for rule in rules:
-        registry.resolve(rule.optimizer).check_keywords(rule.options, where=f"rule '{rule}'")
+        spec = registry.resolve(rule.optimizer)
+        spec.check_keywords(rule.options, where=f"rule '{rule}'")
+        if protocol.probe == "fake" and spec.name in registry.HOST_READS:
+            raise UsageError(
+                f"the fake probe cannot run rule '{rule}': {registry.HOST_READS[spec.name]}, and fake "
+                "tensors have no values; use --probe tracked"
+            )
     with torch.device("meta"):
         model = models.resolve(config.model).build(config.width, config.depth)
     from .spec import assign
@@ -121,9 +127,13 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
     except _Diverged as e:
         fields.update(status="diverged", error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        fields.update(status="error", error=f"{type(e).__name__}: {_one_line(e)}")
+        msg = f"{type(e).__name__}: {_one_line(e)}"
+        if type(e).__name__ == "DataDependentOutputException":
+            msg = f"the fake probe cannot run this config: an optimizer or the model reads tensor values ({msg})"
+        fields.update(status="error", error=msg)
     finally:
-        gc.collect()
+        # The next config's protocol starts with gc.collect(); here only give cached CUDA
+        # blocks back so memory_reserved starts low too.
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
     return Record.from_dict(fields)

@@ -43,6 +43,13 @@ REFUSED: dict[str, str] = {
 # Muon only takes 2-D parameters; the hint tells a user where the rest should go.
 _MATRIX_ONLY = {"muon"}
 
+# Optimizers whose step reads tensor values on the host (`.item()` on step/eta/mu): they
+# cannot run under FakeTensorMode, where tensors have sizes but no values.
+HOST_READS = {
+    "asgd": "ASGD reads eta and mu with .item() every step",
+    "adafactor": "Adafactor reads its step count with .item() every step",
+}
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:

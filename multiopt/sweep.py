@@ -125,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": "fake",
         "grids": (
             Grid(widths=(1024, 2048, 4096, 8192, 16384), batches=(64, 512), depths=(8,),
-                 combos=combos(["sgd", "sgd-momentum", "adam", "adafactor", "muon+adamw", "sgd+adam"])),
+                 combos=combos(["sgd", "sgd-momentum", "adam", "adamw", "muon+adamw", "sgd+adam"])),
         ),
         "steps": 0,
     },

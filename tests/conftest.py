@@ -23,3 +23,15 @@ def run_cli():
         )
 
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _frozen_gc():
+    """Everything imported so far (torch: ~1M objects) lives for the whole session; freezing
+    it makes the protocol's gc.collect() scan only what a test created, as in a sweep worker."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
