@@ -95,6 +95,8 @@ def user_combo(text: str, taken: Iterable[str] = ()) -> tuple[str, str]:
 
 
 ALL = tuple(COMBOS.items())
+# Muon on the transformer's matrices, its embeddings (`emb`, `pos_emb`) on AdamW as Muon's authors advise.
+_MUON_LM = ("muon+adamw-emb", "*emb*=adamw(lr=0.0003); @matrix=muon(lr=0.02); rest=adamw(lr=0.0003)")
 PRESETS: dict[str, dict[str, Any]] = {
     # CI-sized: under 60 s on a 2-core CPU with the tracked probe, isolation on.
     "quick": {
@@ -103,6 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             Grid(widths=(64, 256), batches=(16, 64), combos=ALL, depths=(3,)),
             Grid(widths=(256,), batches=(64,), combos=combos(["sgd-momentum", "adam", "adamw"]),
                  impls=("forloop", "foreach", "fused")),
+            Grid(models=("transformer",), widths=(64,), batches=(8,), depths=(2,),
+                 combos=(*combos(["adam", "sgd+adam"]), _MUON_LM)),
         ),
         "steps": 10,
     },
@@ -117,6 +121,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  dtypes=("bfloat16",)),
             Grid(widths=(1024,), batches=(64,), combos=combos(["adam", "sgd+adam"]), depths=(4,),
                  zero_grad_ats=("start",)),
+            Grid(models=("transformer",), widths=(128, 256), batches=(8, 32), depths=(2,),
+                 combos=(*combos(["adam", "adafactor", "sgd+adam"]), _MUON_LM)),
         ),
         "steps": 20,
     },
@@ -216,10 +222,13 @@ class Runner:
             timed_out = proc.is_alive() and time.monotonic() - t0 >= self.timeout
             proc.kill()
             proc.join()
-            why = (f"timed out after {self.timeout:g} s" if timed_out
-                   else f"worker died with exit code {proc.exitcode} (killed, crashed or out of host memory)")
-            status = "oom" if proc.exitcode == -9 and not timed_out else "error"
-            return measure_failed(config, self.protocol, status, why, **self.meta)
+            if timed_out:
+                why = f"timed out after {self.timeout:g} s"
+            elif proc.exitcode == -9:
+                why = "worker died: killed by SIGKILL (the kernel's OOM killer does this when host memory runs out)"
+            else:
+                why = f"worker died with exit code {proc.exitcode} (a crash in native code?)"
+            return measure_failed(config, self.protocol, "error", why, **self.meta)
         proc.join()
         return Record.from_dict(result)
 
@@ -357,14 +366,15 @@ def run_cli(args: Any) -> int:
     for text in args.rules or []:
         chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
     if chosen or any(grid_over.values()):
-        # Explicit lists override the preset's: the product of what was given, and of the
-        # preset's distinct values for the rest.
-        def pick(attr: str) -> tuple:
-            return tuple(grid_over[attr] or dict.fromkeys(getattr(c, attr) for c in configs))
-
-        combo_list = tuple(chosen) or tuple(dict.fromkeys((c.combo, c.rules) for c in configs))
-        grid = Grid(widths=pick("width"), batches=pick("batch"), depths=pick("depth"), dtypes=pick("dtype"),
-                    impls=pick("impl"), models=pick("model"), combos=combo_list)
+        # Explicit lists override the preset's; what is not given comes from the preset's
+        # main grid (its first), so `--widths 64` means "the main grid at width 64".
+        base: Grid = p["grids"][0]
+        grid = Grid(
+            widths=tuple(grid_over["width"]) or base.widths, batches=tuple(grid_over["batch"]) or base.batches,
+            depths=tuple(grid_over["depth"]) or base.depths, dtypes=tuple(grid_over["dtype"]) or base.dtypes,
+            impls=tuple(grid_over["impl"]) or base.impls, models=tuple(grid_over["model"]) or base.models,
+            combos=tuple(chosen) or base.combos, amps=base.amps, zero_grad_ats=base.zero_grad_ats,
+        )
         configs = dedupe(grid.configs(device))
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"],
                         warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None)
