@@ -53,7 +53,8 @@ class CudaProbe(Probe):
             raise UsageError("the cuda probe is already active; a probe cannot be entered twice")
         if self.limit_bytes is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            self._old_fraction = torch.cuda.get_per_process_memory_fraction(self.device)
+            getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+            self._old_fraction = getter(self.device) if getter is not None else 1.0
             torch.cuda.set_per_process_memory_fraction(min(self.limit_bytes / total, 1.0), self.device)
         self._active = True
         self.reset_peak()
