@@ -1,7 +1,8 @@
 """The regression gate: current records vs a committed baseline -> verdicts and an exit code.
 
 `multiopt gate --baseline BASE --current CUR` compares config by config, on the config key
-(`record.CONFIG_COLUMNS`):
+(`record.CONFIG_COLUMNS` less `rules`: a combo is known by its name, and a change of its
+rules is noted next to the verdicts it causes):
 
 * **status** -- a config `ok` in the baseline but `oom`/`error`/`diverged` now is a
   regression; the reverse is an improvement. Metrics are compared only where both sides
@@ -81,7 +82,7 @@ class Verdict:
     """One compared (config, metric) pair."""
 
     config: str  # short readable name
-    key: tuple  # the full config key (record.CONFIG_COLUMNS order)
+    key: tuple  # the config key (KEY_COLUMNS order)
     metric: str  # a memory metric, "step_ms_median" or "status"
     old: Any
     new: Any
@@ -172,6 +173,12 @@ def _py(value: Any) -> Any:
     return value
 
 
+# A config is identified by its combo's name, not its rule text: a change that alters what a
+# combo does (say amsgrad turned on for "adam") is then a verdict on that config's numbers,
+# with the rule change noted, instead of one config missing and another new.
+KEY_COLUMNS: tuple[str, ...] = tuple(c for c in rec.CONFIG_COLUMNS if c != "rules")
+
+
 def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, dict[str, Any]]:
     missing = [c for c in rec.CONFIG_COLUMNS + ("status",) if c not in df.columns]
     if missing:
@@ -180,7 +187,7 @@ def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, d
     dups = 0
     for row in df.to_dict(orient="records"):
         clean = {k: _py(v) for k, v in row.items()}
-        key = tuple(clean.get(c) for c in rec.CONFIG_COLUMNS)
+        key = tuple(clean.get(c) for c in KEY_COLUMNS)
         if key in out:
             dups += 1
             del out[key]  # keep insertion order of the last occurrence
@@ -193,7 +200,7 @@ def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, d
 def _short_names(keys: Iterable[tuple]) -> dict[tuple, str]:
     """Short, unique, readable names: only the columns that tell these configs apart."""
     keys = list(dict.fromkeys(keys))
-    idx = {c: rec.CONFIG_COLUMNS.index(c) for c in _NAME_COLUMNS if c in rec.CONFIG_COLUMNS}
+    idx = {c: KEY_COLUMNS.index(c) for c in _NAME_COLUMNS if c in KEY_COLUMNS}
     chosen: list[str] = []
     groups = 1
     for col in _NAME_COLUMNS:
@@ -246,9 +253,15 @@ def compare(
     mem_tol: float | None = None,
     time_tol: float = 0.10,
     time_k: float = 3.0,
+    only: str | None = None,
 ) -> GateResult:
-    """Compare current records to baseline records, config by config. Pure: no I/O."""
+    """Compare current records to baseline records, config by config. Pure: no I/O.
+
+    `only="memory"` skips step time (a CPU CI runner's timings say little about a change);
+    `only="time"` skips memory."""
     _check_settings(mem_tol, time_tol, time_k)
+    if only not in (None, "memory", "time"):
+        raise UsageError(f"--only takes 'memory' or 'time', got {only!r}")
     notes: list[str] = []
     base = _rows_by_key(baseline_df, "baseline", notes)
     cur = _rows_by_key(current_df, "current", notes)
@@ -277,8 +290,10 @@ def compare(
                 not_compared.append(NotCompared(cfg, key, "*", f"{bs} in baseline, {cs} now"))
             continue
 
-        tol = _mem_tol_for(key[rec.CONFIG_COLUMNS.index("probe")], mem_tol)
-        for m in MEMORY_METRICS:
+        if b.get("rules") != c.get("rules"):
+            notes.append(f"{cfg}: rules changed from `{b.get('rules')}` to `{c.get('rules')}`")
+        tol = _mem_tol_for(key[KEY_COLUMNS.index("probe")], mem_tol)
+        for m in MEMORY_METRICS if only != "time" else ():
             old, newv = b.get(m), c.get(m)
             if old is None and newv is None:
                 continue  # not measured on this probe/config
@@ -289,6 +304,8 @@ def compare(
             verdicts.append(Verdict(cfg, key, m, old, newv, _rel(old, newv), tol,
                                     _classify(old, newv, tol), "bytes"))
 
+        if only == "memory":
+            continue
         reason = _time_incomparable(b, c)
         if reason == "":
             continue  # untimed on both sides (e.g. the fake probe)
@@ -314,7 +331,9 @@ def compare(
         mem_words = "memory: 0 on tracked/fake probes, 1% on cuda"
     else:
         mem_words = f"memory: {_pct(mem_tol)}"
-    settings = f"{mem_words}; time: max({_pct(time_tol)}, {time_k:g} x IQR/median), same device_name and torch only"
+    time_words = f"time: max({_pct(time_tol)}, {time_k:g} x IQR/median), same device_name and torch only"
+    settings = {"memory": f"{mem_words}; time not compared (--only memory)",
+                "time": f"{time_words}; memory not compared (--only time)"}.get(only or "", f"{mem_words}; {time_words}")
     return GateResult(
         verdicts=tuple(sorted(verdicts, key=order)),
         missing=missing,
@@ -536,6 +555,7 @@ def run_gate(
     time_tol: float = 0.10,
     time_k: float = 3.0,
     update_baseline: bool = False,
+    only: str | None = None,
     summary: str | os.PathLike | None = None,
     stdout: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
@@ -560,7 +580,7 @@ def run_gate(
 
     baseline_df = load_records(baseline)
     current_df = load_records(*currents)
-    result = compare(baseline_df, current_df, mem_tol=mem_tol, time_tol=time_tol, time_k=time_k)
+    result = compare(baseline_df, current_df, mem_tol=mem_tol, time_tol=time_tol, time_k=time_k, only=only)
     result = dataclasses.replace(result, baseline_label=str(baseline), current_label=cur_label)
     text = render(result)
     print(text, file=out, end="")
