@@ -12,8 +12,19 @@ freshly made tensor to the mode. Ops that may grow an output's storage (out= var
 `resize_`) update the size of a storage already counted.
 
 Known blind spots (documented, not papered over): `UntypedStorage.resize_` (not an op),
-storages created under `torch._C._DisableTorchDispatch` / `no_dispatch()`, and tensors
-created while the probe is paused or exited.
+storages created under `torch._C._DisableTorchDispatch` / `no_dispatch()`, tensors created
+while the probe is paused or exited, and temporaries a kernel allocates and frees *inside*
+one op (the mode sees only what an op returns).
+
+Measured against `torch.cuda.memory_allocated` on an H200 (torch 2.11), per-phase allocated
+bytes agree exactly, except:
+- non-fused Adam/AdamW keep their `step` counters on the CPU even for CUDA parameters:
+  CUDA shows 512 bytes per parameter tensor less than this (all-CPU) probe;
+- kernel-internal temporaries raise CUDA's *peak*: e.g. mse_loss holds a second
+  batch x width buffer while it reduces, so peak_forward on CUDA is higher by that much;
+- CUDA's large pool (blocks > 1 MiB) does not split off a tail of <= 1 MiB, so a block
+  can count up to 1 MiB more than its 512-rounded size, depending on allocator history;
+- cuBLAS workspaces (~32 MiB) appear at the first matmul of a process.
 """
 
 from __future__ import annotations
