@@ -242,3 +242,29 @@ def test_bad_uses_are_usage_errors():
     with pytest.raises(UsageError, match="exactly one optimizer"):
         multiopt.profile(model, [opt, shared])
     assert torch.autograd.backward.__module__ == "torch.autograd"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_probe_around_the_transformer():
+    """probe="auto" picks cuda for a model on the GPU. Not compared to measure() to the byte:
+    library workspaces (cuBLAS) made by an earlier config in this process are in
+    memory_allocated for one side only; the structure and the state must hold."""
+    spec = models.resolve("transformer")
+    torch.manual_seed(SEED)
+    model = spec.build(WIDTH, DEPTH).cuda()
+    optimizer = MultiOptimizer.from_spec(model, RULES)
+    with multiopt.profile(model, optimizer) as prof:
+        tokens, targets = spec.make_batch(model, BATCH, device="cuda")
+        for _ in range(3):
+            models.lm_loss(model(tokens), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert prof.probe.name == "cuda"
+    df = prof.to_frame()
+    assert len(df) == 3 and df["stepped"].all()
+    last = df.iloc[-1]
+    assert last["peak_backward"] >= last["mem_after_forward"] >= last["mem_step_start"]
+    assert last["peak_total"] == max(last[f"peak_{p}"] for p in ("forward", "backward", "step", "zero_grad"))
+    for s in prof.state().values():
+        assert s["measured"] == s["expected"]
