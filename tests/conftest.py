@@ -35,3 +35,27 @@ def _frozen_gc():
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+def run_quick(out: Path, *extra: str):
+    """`multiopt run --preset quick` into OUT; returns (CompletedProcess, seconds)."""
+    import subprocess
+    import time
+
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "multiopt", "run", "--preset", "quick", "--out", str(out), "--no-progress", *extra],
+        capture_output=True, text=True, env=e, cwd=ROOT, timeout=600,
+    )
+    return proc, time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """One run of the quick preset (with its report), shared by every test that reads it."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    proc, elapsed = run_quick(out)
+    assert proc.returncode == 0, proc.stderr
+    return out, elapsed, proc

@@ -25,19 +25,6 @@ def _env():
     return e
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick") / "run"
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "multiopt", "run", "--preset", "quick", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
-    )
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr
-    return out, elapsed, proc
-
-
 def test_quick_preset_writes_one_record_per_config_within_a_minute(quick_run):
     out, elapsed, proc = quick_run
     rows = read_jsonl(out / "results.jsonl")
