@@ -218,6 +218,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
             extra = probe.extra()
             out["reserved_after_step"] = extra.get("reserved")
             out["peak_reserved"] = extra.get("peak_reserved")
+        if probe.computes and protocol.steps > 0:  # steps=0: memory only
             with probe.paused():
                 timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1, device=probe.device)
             out.update(

@@ -198,15 +198,16 @@ def train_cli(args: Any) -> int:
     torch.manual_seed(args.seed)
     probe = make_probe("auto")
     with probe:
-        model = probe.build_model(lambda: models.build(args.model, args.width, args.depth))
+        spec = models.resolve(args.model)
+        model = probe.build_model(lambda: spec.build(args.width, args.depth))
         optimizer = MultiOptimizer.from_spec(model, args.rules)
         print(optimizer.describe())
-        trainer = Trainer(model, torch.nn.functional.mse_loss, optimizer, amp=args.amp)
+        trainer = Trainer(model, spec.loss_fn, optimizer, amp=args.amp)
         gen = torch.Generator(device=probe.device).manual_seed(args.seed)
-        x, y = models.make_batch(model, args.batch, device=probe.device, generator=gen)
+        batch = spec.make_batch(model, args.batch, device=probe.device, generator=gen)
         for step in range(1, args.steps + 1):
             probe.reset_peak()
-            loss = trainer.train_step((x, y)).item()
+            loss = trainer.train_step(batch).item()
             if not math.isfinite(loss):
                 print(f"step {step}: loss is {loss}; training diverged (lower the learning rate)")
                 return 1
