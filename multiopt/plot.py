@@ -216,39 +216,58 @@ def breakdown_bar_label(label: str, width: Any, batch: Any) -> str:
     return f"{label} w={width} b={batch}"
 
 
-def plot_peak_breakdown(df: pd.DataFrame, path: str | Path) -> Plot:
-    """One stacked bar per ok record ("series w=W b=B"): params, grads, optimizer state,
-    activations and temporaries at the peak (see `frame._peak_breakdown` for which phase's
-    peak and what each part means). Data: {bar: {part column: height}}; the parts of a bar
-    sum to its peak_total."""
-    title = "What the peak is made of"
+def breakdown_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The records the breakdown shows: per series (combo, impl, ...), its largest ok config
+    (widest, then largest batch) with a measured peak, ordered by model then first appearance.
+    One bar per series keeps the chart readable for a sweep of hundreds of configs."""
     ok = _ok(df)
     ok = ok[ok["peak_phase"].notna()]
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty:
+        return ok
+    order = {label: i for i, label in enumerate(dict.fromkeys(ok["_label"]))}
+    best = ok.sort_values(["width", "batch"], kind="stable").groupby("_label", sort=False).tail(1)
+    models = list(dict.fromkeys(ok["model"]))
+    return best.assign(_order=best["_label"].map(order), _model=best["model"].map(models.index)) \
+        .sort_values(["_model", "_order"], kind="stable").drop(columns=["_order", "_model"])
+
+
+def plot_peak_breakdown(df: pd.DataFrame, path: str | Path) -> Plot:
+    """One stacked bar per series at its largest ok config (`breakdown_rows`): params, grads,
+    optimizer state, activations and temporaries at the peak (see `frame._peak_breakdown` for
+    which phase's peak and what each part means); one panel per model, since their scales
+    differ. Data: {bar: {part column: height}}; the parts of a bar sum to its peak_total."""
+    title = "What the peak is made of"
+    rows = breakdown_rows(df)
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
+    if rows.empty:
         _empty(fig, title, "no ok records with a measured peak")
         return Plot(_save(fig, path), title, {})
-    ok = ok.sort_values(["width", "batch"], kind="stable")
-    names = [breakdown_bar_label(l, w, b) for l, w, b in zip(ok["_label"], ok["width"], ok["batch"])]
-    fig.set_size_inches(max(7, 0.55 * len(names) + 2), 5)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(len(names)))
-    bottom = [0.0] * len(names)
-    for part in PEAK_PARTS:
-        heights = ok[part].fillna(0.0).to_numpy(float).tolist()
-        ax.bar(xs, heights, bottom=bottom, label=PART_LABELS[part])
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    ax.set_xticks(xs)
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
-    ax.set_ylabel("bytes at the step's peak")
-    _bytes_axis(ax)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
-    data: dict[str, dict[str, float]] = {n: {} for n in names}
-    for part, container in zip(PEAK_PARTS, ax.containers):
-        for n, patch in zip(names, container.patches):
-            data[n][part] = float(patch.get_height())
+    models = list(dict.fromkeys(rows["model"]))
+    counts = [int((rows["model"] == m).sum()) for m in models]
+    fig.set_size_inches(max(7, 0.6 * sum(counts) + 2.5 * len(models)), 5.5)
+    axes = fig.subplots(1, len(models), squeeze=False, width_ratios=[max(c, 2) for c in counts])[0]
+    data: dict[str, dict[str, float]] = {}
+    for ax, model in zip(axes, models):
+        sub = rows[rows["model"] == model]
+        names = [breakdown_bar_label(l, w, b) for l, w, b in zip(sub["_label"], sub["width"], sub["batch"])]
+        xs = list(range(len(names)))
+        bottom = [0.0] * len(names)
+        for part in PEAK_PARTS:
+            heights = sub[part].fillna(0.0).to_numpy(float).tolist()
+            ax.bar(xs, heights, bottom=bottom, label=PART_LABELS[part])
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize="small")
+        _bytes_axis(ax)
+        ax.set_title(model if len(models) > 1 else title, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+        for part, container in zip(PEAK_PARTS, ax.containers):
+            for n, patch in zip(names, container.patches):
+                data.setdefault(n, {})[part] = float(patch.get_height())
+    axes[0].set_ylabel("bytes at the step's peak")
+    axes[0].legend(fontsize="small")
+    if len(models) > 1:
+        fig.suptitle(title)
     return Plot(_save(fig, path), title, data)
 
 

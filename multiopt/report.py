@@ -24,6 +24,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from .frame import PHASES, by_optimizer, load, phase_order, series_labels
+from .plot import breakdown_rows
 from .units import fmt_bytes, fmt_ms
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
@@ -257,14 +258,14 @@ def _phases(ok: pd.DataFrame) -> str:
 def _breakdown(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
     headers = ["combo", "width", "batch", "peak phase", "params", "grads", "state", "activations", "temporaries", "peak"]
     rows = []
-    sub = ok[ok["peak_phase"].notna()].sort_values(["width", "batch"], kind="stable")
+    sub = breakdown_rows(ok)
     for _, r in sub.iterrows():
         rows.append([r["_label"], r["width"], r["batch"], r["peak_phase"], _b(r["peak_params"]), _b(r["peak_grads"]),
                      _b(r["peak_state"]), _b(r["peak_activations"]), _b(r["peak_temporaries"]), _b(r["peak_total"])])
     if not rows:
         return _section("What the peak is made of", "No ok record has per-phase peaks.")
     note = (
-        "The step's peak, reached in the phase named, split into what was live then: params, grads "
+        "Each combo at its largest ok config. The step's peak, reached in the phase named, split into what was live then: params, grads "
         "(in backward/step, or when zero_grad keeps them), optimizer state (allocated), activations "
         "(in forward/backward) and temporaries (the rest: the phase's transient buffers, the batch, "
         "memory live before the model). In backward grads grow as activations shrink, so counting "

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from multiopt.frame import series_labels
 from multiopt import frame, plot, report
 from multiopt.cli import main
 from multiopt.units import fmt_bytes, fmt_ms
@@ -251,7 +252,13 @@ def test_step_time_plot_equals_headline(tmp_path, df, md):
 def test_breakdown_plot_equals_table(tmp_path, df, md):
     p = plot.plot_peak_breakdown(df, tmp_path / "bars.png")
     rows = table(md, "What the peak is made of")
-    assert len(p.data) == len(rows) == 19
+    # one bar per series (combo + distinguishing columns), at its largest ok config
+    ok = df[df.status == "ok"]
+    assert len(p.data) == len(rows) == series_labels(df).loc[ok.index].nunique() == 9
+    for r in rows:
+        same = ok[series_labels(df).loc[ok.index] == r["combo"]]
+        widest = same[same.width == same.width.max()]
+        assert (int(r["width"]), int(r["batch"])) == (widest.width.max(), widest.batch.max())
     cols = {"peak_params": "params", "peak_grads": "grads", "peak_state": "state",
             "peak_activations": "activations", "peak_temporaries": "temporaries"}
     for r in rows:
