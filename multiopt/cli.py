@@ -1,4 +1,4 @@
-"""`multiopt` / `python -m multiopt`: train, measure, run, report, gate.
+"""`multiopt` / `python -m multiopt`: train, measure, run, fit, report, gate.
 
 Each subcommand parses its arguments here and calls one function of the module that owns
 the work. Any UsageError becomes one line on stderr and exit code 2.
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtypes", help="float32,bfloat16")
     r.add_argument("--impls", help="default,foreach,fused,forloop")
     r.add_argument("--models", help="mlp,simple,transformer or your own pkg.module:factory")
+    r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
+                   "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
@@ -78,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", dest="report", action="store_false", help="do not write report.md")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
+
+    f = sub.add_parser("fit", help="largest batch and width that fit a memory budget, per combo (fake probe)")
+    f.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB, 512MiB or bytes")
+    f.add_argument("--width", type=int, default=1024, help="width at which to find the largest batch (default 1024)")
+    f.add_argument("--batch", type=int, default=64, help="batch at which to find the largest width (default 64)")
+    f.add_argument("--combos", help="combo presets, comma separated (default: sgd,sgd-momentum,adam,adamw,muon+adamw,sgd+adam)")
+    f.add_argument("--rules", action="append", metavar="[NAME::]RULES", help="your own combo, repeatable")
+    f.add_argument("--model", default="mlp", help="mlp | transformer | simple | pkg.module:factory")
+    f.add_argument("--depth", type=int, default=4)
+    f.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    f.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    f.set_defaults(func=_cmd_fit)
 
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
@@ -116,6 +130,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit_cli
+
+    return fit_cli(args)
+
+
 def _cmd_gate(args: argparse.Namespace) -> int:
     from .gate import parse_fraction, run_gate
 
@@ -142,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
-        print(f"multiopt {args.command}: error: {e}", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"multiopt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multiopt {args.command}: interrupted", file=sys.stderr)

@@ -26,6 +26,7 @@ from .multi import IMPLS, MultiOptimizer, impl_of
 from .probes import Probe, make_probe, round_alloc
 from .record import Record
 from .spec import format_rules, rules_from
+from .dist import local_optimizer
 from .state import StateBytes, expected_state, measured_state
 from .timing import time_steps
 from .trainer import Trainer
@@ -50,9 +51,14 @@ class Config:
     zero_grad_at: str = "end"
     seed: int = 0
     device: str = "cpu"
+    # 1: every optimizer wrapped in ZeroRedundancyOptimizer, the config run by `ranks` ranks
+    # together (torchrun); 0: one process, ranks == 1
+    zero: int = 0
+    ranks: int = 1
 
     def label(self) -> str:
-        return f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} amp={self.amp} {self.impl}"
+        zero = f" zero/{self.ranks}" if self.zero else ""
+        return f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} amp={self.amp} {self.impl}{zero}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,21 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
         raise UsageError(f"zero_grad_at must be 'end' or 'start', got {config.zero_grad_at!r}")
     if config.batch < 1:
         raise UsageError(f"batch must be >= 1, got {config.batch}")
+    if config.zero not in (0, 1):
+        raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
+    if config.zero == 0 and config.ranks != 1:
+        raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    if config.zero == 1:
+        from .dist import rank_env
+
+        launch = rank_env()
+        if launch is None:
+            raise UsageError("zero=1 shards optimizer state across ranks: launch with torchrun, e.g. "
+                             "`torchrun --nproc-per-node 2 -m multiopt run --zero 1 ...`")
+        if config.ranks != launch.world_size:
+            raise UsageError(f"a zero=1 config for {config.ranks} ranks cannot run in a launch of {launch.world_size}")
+        if protocol.probe == "fake":
+            raise UsageError("zero=1 needs real tensors for its broadcasts: use --probe tracked or cuda, not fake")
     if protocol.probe == "fake" and config.amp == "fp16":
         raise UsageError("the fake probe cannot run fp16 AMP: GradScaler reads real values (found_inf); use --probe tracked")
     rules = rules_from(config.rules)
@@ -112,7 +133,8 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         "torch": torch.__version__,
         "device": config.device,
         "probe": protocol.probe,
-        **{k: getattr(config, k) for k in ("model", "width", "depth", "batch", "dtype", "amp", "combo", "impl", "zero_grad_at", "seed")},
+        **{k: getattr(config, k) for k in ("model", "width", "depth", "batch", "dtype", "amp", "combo", "impl", "zero_grad_at", "seed",
+                                           "zero", "ranks")},
         "rules": config.rules,
         **meta,
     }
@@ -168,7 +190,12 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         probe.sync()
         out["param_bytes"] = probe.allocated() - base
         out["n_params"] = sum(p.numel() for p in model.parameters())
-        optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
+        if config.zero:
+            from .dist import zero_multi_optimizer
+
+            optimizer = zero_multi_optimizer(model, config.rules, impl=config.impl)
+        else:
+            optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
         trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
                           zero_grad_at=config.zero_grad_at)
         gen = torch.Generator(device=probe.device).manual_seed(config.seed)
@@ -183,8 +210,10 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
             step(f"warm-up step {i + 1}")
 
         children = optimizer.optimizers
-        measured = {k: measured_state(o) for k, o in children.items()}
-        expected = {k: expected_state(o) for k, o in children.items()}
+        # ZeRO: the state lives in each wrapper's local optimizer, over this rank's partition
+        local = {k: local_optimizer(o) for k, o in children.items()}
+        measured = {k: measured_state(o) for k, o in local.items()}
+        expected = {k: expected_state(o) for k, o in local.items()}
         total = sum(measured.values(), StateBytes(0, 0, 0, 0))
         out["opt_state_bytes"] = total.total
         out["opt_state_scalar_bytes"] = total.scalar
@@ -198,10 +227,10 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
             {
                 "name": key,
                 "rule": str(rule),
-                "optimizer": registry.name_of(opt),
-                "impl": impl_of(opt),
-                "n_params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
-                "n_param_tensors": sum(len(g["params"]) for g in opt.param_groups),
+                "optimizer": registry.name_of(local[key]),
+                "impl": impl_of(local[key]),
+                "n_params": sum(p.numel() for g in local[key].param_groups for p in g["params"]),
+                "n_param_tensors": sum(len(g["params"]) for g in local[key].param_groups),
                 "n_tensors": measured[key].n_tensors,
                 "state_bytes": measured[key].total,
                 "state_scalar_bytes": measured[key].scalar,

@@ -21,8 +21,13 @@ SCHEMA = "multiopt.record/1"
 # Columns that identify a config. Two records with equal values here measured the same thing.
 CONFIG_COLUMNS: tuple[str, ...] = (
     "probe", "device", "model", "width", "depth", "batch", "dtype", "amp",
-    "combo", "rules", "impl", "zero_grad_at", "seed",
+    "combo", "rules", "impl", "zero_grad_at", "seed", "zero", "ranks",
 )
+
+# Config columns added after records were first written: a record without one of them was
+# measured at this value (`check_schema` fills it in, `config_key` reads it), so old results
+# and baselines keep loading and keep their keys.
+CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1}
 
 # Memory metrics in bytes, compared exactly on deterministic probes.
 MEMORY_COLUMNS: tuple[str, ...] = (
@@ -68,6 +73,10 @@ class Record:
     impl: str = "default"
     zero_grad_at: str = "end"
     seed: int = 0
+    # ZeRO-1 (torch.distributed.optim.ZeroRedundancyOptimizer around every optimizer): 0 or 1;
+    # ranks = how many ranks this one config ran across (1 unless zero == 1)
+    zero: int = 0
+    ranks: int = 1
     # sizes (param/grad/state in allocated semantics unless said otherwise)
     n_params: int | None = None
     param_bytes: int | None = None
@@ -81,6 +90,18 @@ class Record:
     # JSON list, one object per optimizer: name, rule, optimizer, n_params, n_tensors,
     # state_bytes, state_scalar_bytes, state_alloc_bytes, expected, step_temp_bytes
     opt_state_by_optimizer: str = "[]"
+    # ZeRO (zero == 1): every per-rank field of the record (param/grad/state bytes, phases,
+    # peaks, opt_state_by_optimizer, time) is RANK 0's; the other ranks are summarised here as a
+    # JSON list, one object per rank: rank, state_bytes, state_scalar_bytes, state_alloc_bytes,
+    # expected, n_params, n_param_tensors (this rank's partition), peak_total, status, error,
+    # by_optimizer (name, optimizer, n_params, n_param_tensors, state_bytes per optimizer).
+    # opt_state_unsharded = the sum of every rank's state_bytes = the state one process would
+    # hold without ZeRO (the partitions are disjoint); the ZeRO paper's model for a rank is
+    # opt_state_unsharded / ranks, which whole-parameter partitions miss by up to one tensor's
+    # state. n_params stays the whole model's; per-optimizer n_params are rank 0's partition.
+    # For zero == 0 opt_state_by_rank stays "[]" and opt_state_unsharded None.
+    opt_state_by_rank: str = "[]"
+    opt_state_unsharded: int | None = None
     # memory per phase
     mem_base: int | None = None
     mem_step_start: int | None = None
@@ -116,6 +137,9 @@ class Record:
     def by_optimizer(self) -> list[dict[str, Any]]:
         return json.loads(self.opt_state_by_optimizer or "[]")
 
+    def by_rank(self) -> list[dict[str, Any]]:
+        return json.loads(self.opt_state_by_rank or "[]")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Record":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -126,8 +150,9 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
 
 
 def config_key(row: dict[str, Any]) -> tuple:
-    """The config key of a record dict (JSON round-trips keep these values comparable)."""
-    return tuple(row.get(c) for c in CONFIG_COLUMNS)
+    """The config key of a record dict (JSON round-trips keep these values comparable); a
+    column the row lacks takes its `CONFIG_DEFAULTS` value."""
+    return tuple(row.get(c, CONFIG_DEFAULTS.get(c)) for c in CONFIG_COLUMNS)
 
 
 def _clean(value: Any) -> Any:
@@ -170,11 +195,15 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def check_schema(row: dict[str, Any], where: str) -> None:
+    """Refuse a row of another schema or without its config columns; fill in (in place) the
+    `CONFIG_DEFAULTS` columns a row written before they existed lacks."""
     schema = row.get("schema")
     if schema is None:
         raise UsageError(f"{where}: no 'schema' field; not a multiopt record")
     if schema != SCHEMA:
         raise UsageError(f"{where}: schema {schema!r} is not {SCHEMA!r}; re-run the sweep with this version")
+    for c, default in CONFIG_DEFAULTS.items():  # written before the column existed
+        row.setdefault(c, default)
     missing = [c for c in CONFIG_COLUMNS + ("status",) if c not in row]
     if missing:
         raise UsageError(f"{where}: record lacks {', '.join(missing)}")

@@ -48,16 +48,19 @@ class Grid:
     impls: tuple[str, ...] = ("default",)
     zero_grad_ats: tuple[str, ...] = ("end",)
     models: tuple[str, ...] = ("mlp",)
+    zeros: tuple[int, ...] = (0,)
     seed: int = 0
 
-    def configs(self, device: str = "cpu") -> list[Config]:
+    def configs(self, device: str = "cpu", ranks: int = 1) -> list[Config]:
+        """`ranks`: the world size a zero=1 config runs across (zero=0 configs run on one rank)."""
         out = []
-        for model, depth, width, batch, dtype, amp, (combo, rules), impl, zg in itertools.product(
+        for model, depth, width, batch, dtype, amp, (combo, rules), impl, zg, zero in itertools.product(
             self.models, self.depths, self.widths, self.batches, self.dtypes, self.amps, self.combos,
-            self.impls, self.zero_grad_ats,
+            self.impls, self.zero_grad_ats, self.zeros,
         ):
             out.append(Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, amp=amp,
-                              combo=combo, rules=rules, impl=impl, zero_grad_at=zg, seed=self.seed, device=device))
+                              combo=combo, rules=rules, impl=impl, zero_grad_at=zg, seed=self.seed, device=device,
+                              zero=zero, ranks=ranks if zero else 1))
         return out
 
 
@@ -138,10 +141,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_configs(name: str, device: str = "cpu") -> list[Config]:
+def preset_configs(name: str, device: str = "cpu", ranks: int = 1) -> list[Config]:
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return dedupe(c for g in PRESETS[name]["grids"] for c in g.configs(device))
+    return dedupe(c for g in PRESETS[name]["grids"] for c in g.configs(device, ranks))
 
 
 def dedupe(configs: Iterable[Config]) -> list[Config]:
@@ -172,7 +175,13 @@ def recorded_keys(path: Path) -> set[tuple]:
 
 @dataclass
 class Runner:
-    """Runs configs and appends each record to `results` the moment it exists."""
+    """Runs configs and appends each record to `results` the moment it exists.
+
+    Under torchrun (dist.run_sharded): `child` tells each isolated config's worker which rank
+    it acts for (its device; for a ZeRO config, the process group its peers join), and
+    `finish(config, record)` turns a measured record into the one to keep, or None to keep
+    none (a ZeRO config's ranks merge into one record on rank 0).
+    """
 
     results: Path
     protocol: Protocol
@@ -180,6 +189,8 @@ class Runner:
     timeout: float = 600.0
     meta: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    child: Any = None
+    finish: Callable[[Config, Record], Record | None] | None = None
 
     def run(self, configs: Sequence[Config], *, on_record: Callable[[Record], None] | None = None) -> list[Record]:
         out: list[Record] = []
@@ -192,10 +203,14 @@ class Runner:
             for config in configs:
                 bar.set_description(config.label())
                 record = self._one(ctx, config)
+                if self.finish is not None:
+                    record = self.finish(config, record)
+                bar.update(1)
+                if record is None:
+                    continue
                 append_jsonl(self.results, [record])
                 out.append(record)
                 bar.set_postfix_str(_postfix(record))
-                bar.update(1)
                 if on_record:
                     on_record(record)
         finally:
@@ -206,7 +221,7 @@ class Runner:
         if ctx is None:
             return measure(config, self.protocol, **self.meta)
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(config, self.protocol, self.meta, send), daemon=True)
+        proc = ctx.Process(target=_child, args=(config, self.protocol, self.meta, send, self.child), daemon=True)
         t0 = time.monotonic()
         proc.start()
         send.close()
@@ -247,12 +262,22 @@ def measure_failed(config: Config, protocol: Protocol, status: str, error: str, 
     return Record.from_dict(d)
 
 
-def _child(config: Config, protocol: Protocol, meta: dict[str, Any], conn: Any) -> None:
+def _child(config: Config, protocol: Protocol, meta: dict[str, Any], conn: Any, child: Any = None) -> None:
     # Everything inherited from the server is long-lived: keep it out of the collector, so
     # the protocol's gc.collect() scans only this config's objects (and pages stay shared).
     gc.freeze()
     try:
-        record = measure(config, protocol, **meta)
+        if child is None:
+            record = measure(config, protocol, **meta)
+        else:
+            try:
+                with child.enter(config):
+                    record = measure(config, protocol, **meta)
+            except Exception as e:  # joining the ranks' group failed: a record like any failure
+                record = measure_failed(config, protocol, "error",
+                                        f"rank {child.rank} could not join the config's process group: "
+                                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                                        **meta)
         conn.send(record.to_dict())
     finally:
         conn.close()
@@ -321,8 +346,22 @@ def run_sweep(
 
     for c in configs:
         validate(c, protocol)
+    from .dist import rank_env
+
+    launch = rank_env()
+    if launch is not None:  # under torchrun: configs sharded over the ranks (see dist.py)
+        from .dist import run_sharded
+
+        return run_sharded(configs, out, protocol, env=launch, preset=preset, resume=resume, isolate=isolate,
+                           timeout=timeout, report=report, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+    from .dist import fold_shards, has_shards
+
+    if has_shards(out) and not resume:
+        raise UsageError(f"{out / 'ranks'} already holds results of a sharded sweep; pass --resume to continue it, or another --out")
+    if resume:
+        fold_shards(out)  # a killed torchrun sweep's per-rank records join results.jsonl
     done = recorded_keys(results) if resume else set()
     if results.exists() and not resume:
         raise UsageError(f"{results} already holds results; pass --resume to continue that sweep, or another --out")
@@ -356,11 +395,15 @@ def run_cli(args: Any) -> int:
     preset = args.preset
     p = PRESETS[preset]
     probe, device = resolve_probe(args.probe or p["probe"])
-    configs = preset_configs(preset, device)
+    from .dist import world_size
+
+    ranks = world_size()
+    configs = preset_configs(preset, device, ranks)
     grid_over = {
         "width": _ints(args.widths, "--widths"), "batch": _ints(args.batches, "--batches"),
         "depth": _ints(args.depths, "--depths"),
         "dtype": _strs(args.dtypes), "impl": _strs(args.impls), "model": _strs(args.models),
+        "zero": _ints(getattr(args, "zero", None), "--zero"),
     }
     chosen = list(combos(_strs(args.combos) or []))
     for text in args.rules or []:
@@ -374,8 +417,9 @@ def run_cli(args: Any) -> int:
             depths=tuple(grid_over["depth"]) or base.depths, dtypes=tuple(grid_over["dtype"]) or base.dtypes,
             impls=tuple(grid_over["impl"]) or base.impls, models=tuple(grid_over["model"]) or base.models,
             combos=tuple(chosen) or base.combos, amps=base.amps, zero_grad_ats=base.zero_grad_ats,
+            zeros=tuple(grid_over["zero"]) or base.zeros,
         )
-        configs = dedupe(grid.configs(device))
+        configs = dedupe(grid.configs(device, ranks))
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"],
                         warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None)
     out = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"

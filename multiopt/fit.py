@@ -1,0 +1,275 @@
+"""`multiopt fit`: what fits in N bytes. For each combo, on the fake probe (sizes only, no
+compute, milliseconds a config at any size), the largest batch that fits the budget at a
+given width, and the largest width that fits at a given batch.
+
+"Fits" means exactly what a device of `budget` bytes would say: the whole protocol
+(build, warm-up, the instrumented step) runs on the fake probe with `limit_bytes=budget`,
+and the config fits when no allocation takes `memory_allocated` past the budget (status
+ok; oom otherwise). The tracked probe with the same limit gives the same answer to the
+byte, since the two probes count the same storages; a real GPU needs, on top, what only
+CUDA allocates (cuBLAS/cuDNN workspaces, the CUDA context) and the caching allocator's
+fragmentation, so leave headroom there.
+
+The search uses that peak memory grows with batch and width (activations with
+batch x width; weights, gradients and state with width^2): from the peaks of unlimited
+fake runs it extrapolates, then interpolates inside the bracket [fits, does not fit]
+(regula falsi, with a bisection step whenever the bracket fails to halve), so an answer near
+a million takes about a dozen fake runs, never more than about 2 log2(answer). The answer is
+then confirmed with the limit itself: `value` runs ok under `limit_bytes=budget` and
+`value + 1` runs out of memory. Should they disagree with the unlimited peaks (a warm-up
+step peaking above the measured step), the search starts over on limited runs alone.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+from .errors import UsageError
+from .measure import Config, Protocol, measure, validate
+from .record import Record
+
+#: Searches stop here (a model whose peak does not grow with the axis, e.g. `simple` in width).
+CAPS = {"batch": 1 << 24, "width": 1 << 20}
+DEFAULT_COMBOS = ("sgd", "sgd-momentum", "adam", "adamw", "muon+adamw", "sgd+adam")
+
+
+class FitFailed(Exception):
+    """A fake run ended neither ok nor oom (an error in the model or optimizer)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The largest `axis` value that fits, with the other axis fixed."""
+
+    combo: str
+    rules: str
+    axis: str  # "batch" or "width"
+    fixed: tuple[str, int]  # the other axis and its value
+    value: int  # 0: not even 1 fits
+    capped: bool  # the search reached CAPS[axis] and it still fit
+    record: Record | None  # the fake run at `value` (status ok), None when value == 0
+    over: int | None  # the first value that does not fit (value + 1), None when capped
+    over_peak: int | None  # its peak_total without a limit: what it would need
+    runs: int  # fake runs the search took
+    error: str | None = None
+
+
+def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
+            cap: int | None = None) -> Answer:
+    """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`."""
+    if axis not in CAPS:
+        raise UsageError(f"axis must be batch or width, got {axis!r}")
+    cap = CAPS[axis] if cap is None else cap
+    limited = Protocol(probe="fake", warmup=Protocol.warmup if warmup is None else warmup, steps=0,
+                       limit_bytes=budget)
+    unlimited = replace(limited, limit_bytes=None)
+    runs = {"n": 0}
+    peaks: dict[int, int] = {}
+    checked: dict[int, Record] = {}
+
+    def run(n: int, protocol: Protocol) -> Record:
+        runs["n"] += 1
+        r = measure(replace(config, **{axis: n}), protocol)
+        if r.status not in ("ok", "oom"):
+            raise FitFailed(f"{axis}={n}: {r.status}: {r.error}")
+        return r
+
+    def peak(n: int) -> int:
+        if n not in peaks:
+            peaks[n] = run(n, unlimited).peak_total
+        return peaks[n]
+
+    def ok(n: int) -> bool:  # what a device of `budget` bytes says
+        if n not in checked:
+            checked[n] = run(n, limited)
+        return checked[n].status == "ok"
+
+    other = "width" if axis == "batch" else "batch"
+    base = dict(combo=config.combo, rules=config.rules, axis=axis, fixed=(other, getattr(config, other)))
+    try:
+        value, capped = _interpolate(peak, budget, cap)
+        if (value and not ok(value)) or (not capped and value + 1 <= cap and ok(value + 1)):
+            value, capped = _search(ok, cap)  # the unlimited peaks misled: trust the limit alone
+        over = None if capped else value + 1
+        over_peak = None if over is None else peak(over)
+        if value:
+            ok(value)
+    except FitFailed as e:
+        return Answer(**base, value=0, capped=False, record=None, over=None, over_peak=None,
+                      runs=runs["n"], error=str(e))
+    return Answer(**base, value=value, capped=capped, record=checked[value] if value else None,
+                  over=over, over_peak=over_peak, runs=runs["n"])
+
+
+def _interpolate(peak: Callable[[int], int], budget: int, cap: int) -> tuple[int, bool]:
+    """Largest n in 1..cap with peak(n) <= budget, for peak non-decreasing; 0 if none.
+
+    Guesses come from a polynomial (degree <= 2: peak is about a + b n + c n^2) through the
+    measured points nearest the answer; a guess is tested together with its neighbour, so a
+    right model ends the search in two runs. A guess that fails to halve the bracket is
+    followed by a bisection step, and with no usable model the search doubles."""
+    if peak(1) > budget:
+        return 0, False
+    known: dict[int, int] = {1: peak(1)}
+
+    def at(n: int) -> int:
+        known[n] = peak(n)
+        return known[n]
+
+    lo, hi = 1, None
+    while hi is None:  # grow until a value does not fit
+        if lo >= cap:
+            return cap, True
+        g = _root(known, budget, lo, None)
+        n = lo * 2 if g is None else max(lo + 1, min(int(g * 1.02) + 1, lo * 64))
+        n = min(n, cap)
+        if at(n) > budget:
+            hi = n
+        else:
+            lo = n
+    while hi - lo > 1:  # inside [lo fits, hi does not]
+        span = hi - lo
+        g = _root(known, budget, lo, hi)
+        g = (lo + hi) // 2 if g is None else min(max(int(g), lo + 1), hi - 1)
+        if at(g) <= budget:
+            lo = g
+            if g + 1 < hi and at(g + 1) > budget:
+                hi = g + 1
+        else:
+            hi = g
+            if g - 1 > lo and at(g - 1) <= budget:
+                lo = g - 1
+        if hi - lo > 1 and hi - lo > span // 2:
+            mid = (lo + hi) // 2
+            if at(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+    return lo, False
+
+
+def _root(known: dict[int, int], budget: int, lo: int, hi: int | None) -> float | None:
+    """Where a polynomial through the (up to) three known points nearest [lo, hi] reaches
+    `budget`, strictly above lo (and below hi); None when no such root exists."""
+    import numpy as np
+
+    pivot = lo if hi is None else (lo + hi) / 2
+    near = sorted(known, key=lambda n: abs(n - pivot))[:3]
+    if len(near) < 2:
+        return None
+    xs = np.array(near, dtype=np.float64)
+    scale = xs.max()
+    ys = np.array([known[n] for n in near], dtype=np.float64) - budget
+    coef = np.polyfit(xs / scale, ys, len(near) - 1)
+    roots = [r.real * scale for r in np.atleast_1d(np.roots(coef)) if abs(r.imag) < 1e-9]
+    roots = [r for r in roots if r > lo and (hi is None or r < hi)]
+    return min(roots) if roots else None
+
+
+def _search(ok: Callable[[int], bool], cap: int) -> tuple[int, bool]:
+    """Largest n in 1..cap with ok(n), for ok true up to some n and false after; 0 if none:
+    doubling, then bisection."""
+    if not ok(1):
+        return 0, False
+    lo, hi = 1, 2
+    while hi <= cap and ok(hi):
+        lo, hi = hi, hi * 2
+    if hi > cap:
+        if ok(cap):
+            return cap, True
+        hi = cap
+    while hi - lo > 1:  # ok(lo), not ok(hi)
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
+        depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None) -> list[Answer]:
+    """Both questions for every combo: largest batch at `width`, largest width at `batch`."""
+    if budget < 1:
+        raise UsageError(f"the budget must be at least 1 byte, got {budget}")
+    if width < 1 or batch < 1 or depth < 1:
+        raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
+    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=rules,
+                      impl=impl) for name, rules in combos]
+    fake = Protocol(probe="fake", steps=0, limit_bytes=budget)
+    for c in configs:
+        try:
+            validate(c, fake)
+        except UsageError as e:
+            raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
+    out = []
+    for c in configs:
+        out.append(largest(c, "batch", budget, warmup=warmup))
+        out.append(largest(c, "width", budget, warmup=warmup))
+    return out
+
+
+def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dtype: str) -> str:
+    """Markdown: one table per combo, human units."""
+    from tabulate import tabulate
+
+    from .spec import format_rules, rules_from
+    from .units import fmt_bytes
+
+    lines = [
+        f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)",
+        "",
+        f"{model}, depth {depth}, {dtype}; fake probe (`memory_allocated` semantics: live tensor bytes, "
+        "512-byte blocks). A GPU needs more on top: the CUDA context, library workspaces and fragmentation.",
+    ]
+    by_combo: dict[str, list[Answer]] = {}
+    for a in answers:
+        by_combo.setdefault(a.combo, []).append(a)
+    for combo, group in by_combo.items():
+        lines += ["", f"## {combo}: `{format_rules(rules_from(group[0].rules))}`", ""]
+        rows = []
+        for a in group:
+            question = f"largest {a.axis} at {a.fixed[0]} {a.fixed[1]:,}"
+            if a.error:
+                rows.append((question, "error", a.error, "", "", "", "", ""))
+                continue
+            r = a.record
+            if a.value == 0:
+                need = f"needs {fmt_bytes(a.over_peak)}" if a.over_peak is not None else "oom"
+                rows.append((question, f"none ({a.axis} 1 {need})", "-", "-", "-", "-", "-", "-"))
+                continue
+            answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
+            nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak - budget)} over"
+            rows.append((question, answer, fmt_bytes(r.peak_total), fmt_bytes(budget - r.peak_total),
+                         fmt_bytes(r.param_bytes), fmt_bytes(r.grad_bytes), fmt_bytes(r.opt_state_alloc_bytes), nxt))
+        lines.append(tabulate(rows, headers=["question", "fits", "peak", "headroom", "weights", "grads",
+                                             "optimizer state", "first that does not fit"],
+                              tablefmt="github", disable_numparse=True))
+    return "\n".join(lines) + "\n"
+
+
+def fit_cli(args: Any) -> int:
+    """`multiopt fit`: 0 when every question was answered, 1 when a fake run failed, 2 bad input."""
+    from .sweep import combos as preset_combos, user_combo
+    from .units import parse_bytes
+
+    budget = parse_bytes(args.budget)
+    chosen = list(preset_combos(_split(args.combos)))
+    for text in args.rules or []:
+        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
+    if not chosen:
+        chosen = list(preset_combos(DEFAULT_COMBOS))
+    # What exists now (torch) outlives every fake run: keep it out of each run's gc.collect(),
+    # most of a small run's time otherwise. The process ends after this command.
+    gc.collect()
+    gc.freeze()
+    answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
+                  dtype=args.dtype, impl=args.impl)
+    print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
+    return 1 if any(a.error for a in answers) else 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else []
