@@ -270,14 +270,21 @@ def _child(config: Config, protocol: Protocol, meta: dict[str, Any], conn: Any, 
         if child is None:
             record = measure(config, protocol, **meta)
         else:
+            scope = child.enter(config)
             try:
-                with child.enter(config):
-                    record = measure(config, protocol, **meta)
+                scope.__enter__()
             except Exception as e:  # joining the ranks' group failed: a record like any failure
-                record = measure_failed(config, protocol, "error",
-                                        f"rank {child.rank} could not join the config's process group: "
-                                        f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                                        **meta)
+                why = (str(e).strip().splitlines() or [""])[0]
+                record = measure_failed(config, protocol, "error", f"rank {child.rank} could not join the "
+                                        f"config's process group: {type(e).__name__}: {why}", **meta)
+            else:
+                try:
+                    record = measure(config, protocol, **meta)
+                finally:
+                    try:
+                        scope.__exit__(None, None, None)
+                    except Exception:
+                        pass  # leaving the group cannot change what was measured
         conn.send(record.to_dict())
     finally:
         conn.close()
