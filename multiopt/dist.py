@@ -350,7 +350,7 @@ def run_sharded(
         device = configs[0].device if configs else "cpu"
 
         def make_meta() -> dict[str, Any]:
-            e = envmod.collect(device, protocol.probe, preset)
+            e = envmod.collect(device, protocol.probe, preset, protocol.threads)
             e.update(world_size=env.world_size, backend="gloo" + ("+nccl" if cuda else ""))
             (out / "env.json").write_text(json.dumps(e, indent=2) + "\n")
             return {"run_id": uuid.uuid4().hex[:12], "git_sha": e["git_sha"], "preset": preset,

@@ -41,8 +41,9 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
     return sha + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def collect(device: str = "cpu", probe: str | None = None, preset: str | None = None) -> dict[str, Any]:
-    """The env.json of a run."""
+def collect(device: str = "cpu", probe: str | None = None, preset: str | None = None,
+            threads: int | None = None) -> dict[str, Any]:
+    """The env.json of a run; `threads` is what the configs ran with, when the run set it."""
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -52,7 +53,7 @@ def collect(device: str = "cpu", probe: str | None = None, preset: str | None = 
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_sha": git_sha(),

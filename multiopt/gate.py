@@ -69,7 +69,7 @@ REGRESSION, IMPROVEMENT, UNCHANGED = "regression", "improvement", "unchanged"
 # Columns tried, in this order, for a config's short name (only those that vary are shown).
 _NAME_COLUMNS: tuple[str, ...] = (
     "combo", "width", "batch", "depth", "model", "dtype", "amp", "impl", "zero_grad_at",
-    "seed", "probe", "device", "rules",
+    "zero", "ranks", "seed", "probe", "device", "rules",
 )
 
 

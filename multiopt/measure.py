@@ -67,8 +67,12 @@ class Protocol:
 
     probe: str = "tracked"
     warmup: int = 3
-    steps: int = 20
+    steps: int = 20  # timed samples; 0 = memory only
     limit_bytes: int | None = None
+    # each timed sample averages a block of steps lasting at least this long (see timing.py)
+    min_block_ms: float = 10.0
+    # CPU threads for the config (torch.set_num_threads); None = torch's default
+    threads: int | None = None
 
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
@@ -139,7 +143,12 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         **meta,
     }
     fields.setdefault("device_name", _device_name(config.device))
+    threads = torch.get_num_threads()
     try:
+        if protocol.threads:
+            torch.set_num_threads(protocol.threads)
+        if config.device.startswith("cuda") and torch.cuda.is_available():
+            _fresh_cuda(config.device)
         fields["rules"] = format_rules(rules_from(config.rules))
         probe = make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes)
         _run(config, protocol, probe, fields)
@@ -154,11 +163,25 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
             msg = f"the fake probe cannot run this config: an optimizer or the model reads tensor values ({msg})"
         fields.update(status="error", error=msg)
     finally:
+        torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
         # blocks back so memory_reserved starts low too.
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
     return Record.from_dict(fields)
+
+
+def _fresh_cuda(device: str) -> None:
+    """Start a CUDA config as a fresh process would: cuBLAS keeps its workspaces (~33 MB)
+    allocated through the caching allocator after the first matmul, and a config measured
+    in the same process after another one would otherwise count them in its base but never
+    allocate them, unlike an isolated one."""
+    gc.collect()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        torch.cuda.synchronize(device)
+        clear()
+    torch.cuda.empty_cache()
 
 
 class _Diverged(Exception):
@@ -249,10 +272,11 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
             out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             with probe.paused():
-                timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1, device=probe.device)
+                timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
+                                    device=probe.device, min_block_ms=protocol.min_block_ms)
             out.update(
                 step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
-                step_ms_mean=timing.mean, steps_timed=timing.n,
+                step_ms_mean=timing.mean, steps_timed=timing.steps,
             )
 
 
@@ -329,7 +353,7 @@ def measure_cli(args: Any) -> int:
     config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
                     amp=args.amp, combo=combo, rules=rules, impl=args.impl, zero_grad_at=args.zero_grad_at,
                     seed=args.seed, device=device)
-    protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps,
+    protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=parse_bytes(args.limit) if args.limit else None)
     validate(config, protocol)
     record = measure(config, protocol)

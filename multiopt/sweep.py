@@ -111,7 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             Grid(models=("transformer",), widths=(64,), batches=(8,), depths=(2,),
                  combos=(*combos(["adam", "sgd+adam"]), _MUON_LM)),
         ),
-        "steps": 10,
+        "steps": 30,
+        "min_block_ms": 5.0,
     },
     # The README's main job: a few minutes on a CPU.
     "default": {
@@ -374,7 +375,7 @@ def run_sweep(
         raise UsageError(f"{results} already holds results; pass --resume to continue that sweep, or another --out")
     todo = [c for c in configs if config_key_of(c, protocol.probe) not in done]
     device = configs[0].device if configs else "cpu"
-    env = envmod.collect(device, protocol.probe, preset)
+    env = envmod.collect(device, protocol.probe, preset, protocol.threads)
     (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if resume and len(todo) < len(configs):
         print(f"resuming: {len(configs) - len(todo)} of {len(configs)} configs already in {results}")
@@ -428,7 +429,8 @@ def run_cli(args: Any) -> int:
         )
         configs = dedupe(grid.configs(device, ranks))
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"],
-                        warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None)
+                        warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None,
+                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
     out = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return run_sweep(configs, out, protocol, preset=preset, resume=args.resume, isolate=args.isolate,
                      timeout=args.timeout, report=args.report, progress=not args.no_progress)

@@ -7,6 +7,7 @@ caller times with tracking paused.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -17,13 +18,20 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-step times in milliseconds, and their summary statistics."""
+    """Per-sample step times in milliseconds and their summary statistics. Each sample is
+    the mean step time over a block of `block` consecutive steps."""
 
     times_ms: tuple[float, ...]
+    block: int = 1
 
     @property
     def n(self) -> int:
         return len(self.times_ms)
+
+    @property
+    def steps(self) -> int:
+        """Steps timed in all."""
+        return self.n * self.block
 
     @property
     def median(self) -> float:
@@ -46,7 +54,8 @@ class Timing:
         return q3 - q1
 
     def __str__(self) -> str:
-        return f"median {self.median:.3f} ms, IQR {self.iqr:.3f} ms, min {self.min:.3f} ms over {self.n} steps"
+        per = f" (blocks of {self.block})" if self.block > 1 else ""
+        return f"median {self.median:.3f} ms, IQR {self.iqr:.3f} ms, min {self.min:.3f} ms over {self.n} samples{per}"
 
 
 def time_steps(
@@ -55,32 +64,43 @@ def time_steps(
     steps: int = 20,
     warmup: int = 3,
     device: torch.device | str = "cpu",
+    min_block_ms: float = 0.0,
 ) -> Timing:
-    """Run `fn` `warmup` times untimed, then `steps` times, each synchronised and timed."""
+    """Run `fn` `warmup` times untimed, then take `steps` synchronised samples.
+
+    With `min_block_ms`, a sample is the mean of a block of consecutive steps that lasts at
+    least that long (the block size is set once, from one calibration step): a
+    sub-millisecond step is at the mercy of the timer and the scheduler, and averaging a
+    block, as torch.utils.benchmark's blocked_autorange does, keeps the median and IQR
+    meaningful. Steps that already take that long are timed one by one.
+    """
     if steps < 1:
         raise ValueError("steps must be >= 1")
     device = torch.device(device)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        return Timing(tuple(_cuda_times(fn, steps, device)))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+    timer = _cuda_block if device.type == "cuda" else _cpu_block
+    block = 1
+    if min_block_ms > 0:
+        once = timer(fn, 1, device)
+        block = max(1, min(10_000, math.ceil(min_block_ms / max(once, 1e-6))))
+    return Timing(tuple(timer(fn, block, device) / block for _ in range(steps)), block)
+
+
+def _cpu_block(fn: Callable[[], object], k: int, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    for _ in range(k):
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(tuple(times))
+    return (time.perf_counter() - t0) * 1e3
 
 
-def _cuda_times(fn: Callable[[], object], steps: int, device: torch.device) -> list[float]:
+def _cuda_block(fn: Callable[[], object], k: int, device: torch.device) -> float:
     torch.cuda.synchronize(device)
-    out = []
-    for _ in range(steps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(k):
         fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)

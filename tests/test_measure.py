@@ -199,3 +199,21 @@ def test_amp_configs_run():
         r = _m("layer1=sgd(lr=0.01); rest=adam", "tracked", amp=amp)
         assert r.status == "ok", r.error
         assert r.opt_state_bytes == r.opt_state_expected
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rules", ["rest=sgd(momentum=0.9)", "rest=adam", "rest=adam(fused=True)",
+                                   "@matrix=muon(lr=0.02); rest=adamw", "layer1=sgd(lr=0.01); rest=adam"])
+def test_cuda_record_matches_the_formula_and_the_tracked_probe(rules):
+    cfg = Config(width=256, depth=3, batch=32, rules=rules, combo="t", device="cuda")
+    r = measure(cfg, Protocol(probe="cuda", warmup=2, steps=3))
+    t = measure(Config(width=256, depth=3, batch=32, rules=rules, combo="t"), Protocol(probe="tracked", warmup=2, steps=3))
+    assert r.status == t.status == "ok", (r.error, t.error)
+    assert r.opt_state_bytes == r.opt_state_expected == t.opt_state_bytes
+    # built before any kernel ran: parameters are the same bytes on both
+    assert r.param_bytes == t.param_bytes and r.n_params == t.n_params
+    assert r.grad_bytes == t.grad_bytes
+    assert r.step_ms_median > 0 and r.steps_timed == 3

@@ -179,4 +179,5 @@ def test_presets_cover_the_documented_combos():
                            "muon+adamw", "sgd+adam", "adam+sgd"}
     assert PRESETS["wide"]["probe"] == "fake"
     assert max(c.width for c in preset_configs("wide")) == 16384
-    assert {c.combo for c in preset_configs("quick")} == set(COMBOS)
+    # every documented combo, plus the transformer's embedding-aware Muon split
+    assert {c.combo for c in preset_configs("quick")} == set(COMBOS) | {"muon+adamw-emb"}
