@@ -329,6 +329,32 @@ def _expected(ok: pd.DataFrame) -> str:
                     + _table(["combo", "width", "expected (B)", "measured (B)", "check"], rows))
 
 
+def _zero(ok: pd.DataFrame) -> str:
+    """ZeRO-1 records next to the ZeRO paper's model: each rank holds state / ranks, give or
+    take whole parameters (ZeroRedundancyOptimizer partitions by parameter)."""
+    if "zero" not in ok.columns or not (ok["zero"] == 1).any():
+        return ""
+    import json
+
+    twins = {(r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]): r
+             for _, r in ok[ok["zero"] != 1].iterrows()}
+    headers = ["combo", "width", "batch", "ranks", "unsharded state", "per rank", "model: state/ranks",
+               "largest rank share", "ideal share", "peak, no ZeRO", "peak, rank 0"]
+    rows = []
+    for _, r in ok[ok["zero"] == 1].iterrows():
+        per = [e.get("state_bytes") for e in json.loads(r.get("opt_state_by_rank") or "[]")]
+        total, ranks = r.get("opt_state_unsharded"), int(r["ranks"])
+        twin = twins.get((r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]))
+        share = f"{max(per) / total:.3f}" if per and total else "-"
+        rows.append([r["_label"], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
+                     _b(total / ranks) if total else "-", share, f"{1 / ranks:.3f}",
+                     _b(twin["peak_total"]) if twin is not None else "-", _b(r["peak_total"])])
+    note = ("Optimizer state under ZeRO-1 (`torch.distributed.optim.ZeroRedundancyOptimizer`): what each rank "
+            "holds, against the ZeRO model (unsharded state / ranks). Partitions are whole parameters, so a "
+            "rank can hold up to one tensor's state more than its ideal share.")
+    return _section("ZeRO: optimizer state per rank", note + "\n\n" + _table(headers, rows))
+
+
 def _implementations(df: pd.DataFrame, ok: pd.DataFrame) -> str:
     if ok["impl"].nunique() < 2:
         return ""
@@ -387,6 +413,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None) -> str:
         _batch_scaling(ok, plots),
         _expected(ok),
         _implementations(df, ok),
+        _zero(ok),
         _failures(df),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"

@@ -226,3 +226,26 @@ def test_one_process_resume_folds_a_killed_sharded_sweeps_shards(tmp_path, monke
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert sorted((r["combo"], r["run_id"] == "old") for r in rows) == [("adam", True), ("sgd", False)]
     assert not (tmp_path / "ranks").exists()
+
+
+def test_report_shows_each_ranks_state_against_the_zero_model(zero_run):
+    from multiopt import frame, report
+    from multiopt.units import fmt_bytes
+
+    df = frame.load(zero_run[0])
+    md = report.render(df)
+    section = md.split("## ZeRO: optimizer state per rank", 1)[1].split("\n## ", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| adam") or l.startswith("| sgd+adam")]
+    assert len(rows) == 2
+    by = {(r["combo"], r["zero"]): r for r in read_jsonl(zero_run[0] / "results.jsonl")}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        combo = cells[0]
+        zero, plain = by[(combo, 1)], by[(combo, 0)]
+        per = [r["state_bytes"] for r in json.loads(zero["opt_state_by_rank"])]
+        assert cells[3] == "2"
+        assert cells[4] == fmt_bytes(plain["opt_state_bytes"])          # unsharded = the plain run's state
+        assert cells[5] == " / ".join(fmt_bytes(x) for x in per)
+        assert cells[6] == fmt_bytes(plain["opt_state_bytes"] / 2)
+        assert float(cells[7]) == pytest.approx(max(per) / sum(per), abs=1e-3)
+        assert cells[9] == fmt_bytes(plain["peak_total"]) and cells[10] == fmt_bytes(zero["peak_total"])
