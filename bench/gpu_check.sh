@@ -15,17 +15,17 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
   step "CUDA tests"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs -k "cuda or gpu" \
     tests/test_probes.py tests/test_state.py tests/test_profile.py tests/test_measure.py 2>&1 | tail -25
 
   step "quick preset, cuda probe, isolated"
-  timeout 240 python3 -m multiopt run --preset quick --probe cuda --out "$OUT/quick" --no-progress --no-report 2>&1 | tail -8
+  timeout 150 python3 -m multiopt run --preset quick --probe cuda --out "$OUT/quick" --no-progress --no-report 2>&1 | tail -8
 
-  step "default preset's main grid at two widths, cuda probe"
-  timeout 200 python3 -m multiopt run --preset default --probe cuda --out "$OUT/default" --no-progress --no-report \
-    --widths 1024,4096 --batches 64,256 2>&1 | tail -8
+  step "default preset's main grid at two widths, cuda probe, one process"
+  timeout 120 python3 -m multiopt run --preset default --probe cuda --out "$OUT/default" --no-progress --no-report \
+    --widths 1024,4096 --batches 64,256 --no-isolate 2>&1 | tail -8
 
   step "step-time fidelity"
-  timeout 90 python3 bench/step_time_fidelity.py --device cuda --rounds 5 --width 4096 --batch 256 2>&1 | tail -3
+  timeout 60 python3 bench/step_time_fidelity.py --device cuda --rounds 5 --width 4096 --batch 256 2>&1 | tail -3
 } > "$log" 2>&1
 cat "$log"
