@@ -259,6 +259,15 @@ def multiopt_record_only(request: pytest.FixtureRequest, benchmark: Any) -> Any:
     return add
 
 
+def _json_path(config: pytest.Config) -> Path | None:
+    """--benchmark-json as a path: pytest-benchmark 5 gives a path, older releases an open
+    file (argparse.FileType)."""
+    value = config.getoption("benchmark_json", None)
+    if value is None:
+        return None
+    return Path(getattr(value, "name", value))
+
+
 def _file_state(path: Path | None) -> object:
     try:
         st = path.stat() if path is not None else None
@@ -268,8 +277,7 @@ def _file_state(path: Path | None) -> object:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    path = session.config.getoption("benchmark_json", None)
-    session.config.stash[_JSON_BEFORE] = _file_state(path)
+    session.config.stash[_JSON_BEFORE] = _file_state(_json_path(session.config))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -277,9 +285,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     sessionfinish (a hook wrapper) has written it by now, if it timed anything."""
     config = session.config
     entries = config.stash.get(_RECORD_ONLY, [])
-    path = config.getoption("benchmark_json", None)
+    path = _json_path(config)
     if not entries or path is None:
         return
+    raw = config.getoption("benchmark_json", None)
+    if hasattr(raw, "flush") and not getattr(raw, "closed", True):
+        raw.flush()
     import json
 
     state = _file_state(path)

@@ -54,6 +54,19 @@ class Plot:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def _legend(fig: Figure) -> None:
+    """One legend for every panel, outside the axes to the right: a sweep has dozens of
+    series, and a legend inside the axes hides the data."""
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 3, max(h, 0.19 * len(seen) + 1))  # room for every entry
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize="x-small")
+
+
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     out = df[df["status"] == "ok"].copy()
     out["_label"] = series_labels(df).loc[out.index]
@@ -153,7 +166,7 @@ def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
     _bytes_axis(ax)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _legend(fig)
     return Plot(_save(fig, path), title, _lines_data(fig))
 
 
@@ -179,7 +192,7 @@ def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
         ax.set_ylabel("peak allocated")
         _bytes_axis(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+    _legend(fig)
     fig.suptitle(title)
     return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
 
@@ -207,7 +220,7 @@ def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
         ax.set_ylabel("median step time")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
+    _legend(fig)
     fig.suptitle(title)
     return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
 

@@ -216,4 +216,4 @@ def test_cuda_record_matches_the_formula_and_the_tracked_probe(rules):
     # built before any kernel ran: parameters are the same bytes on both
     assert r.param_bytes == t.param_bytes and r.n_params == t.n_params
     assert r.grad_bytes == t.grad_bytes
-    assert r.step_ms_median > 0 and r.steps_timed == 3
+    assert r.step_ms_median > 0 and r.steps_timed >= 3 and r.steps_timed % 3 == 0  # 3 samples, equal blocks

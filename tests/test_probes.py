@@ -483,6 +483,11 @@ def test_cuda_single_element_and_peak() -> None:
 
 @needs_cuda
 def test_cuda_limit_bytes_raises_oom_and_restores() -> None:
+    # the limit caps everything the allocator holds: start from an empty one (cuBLAS keeps
+    # its workspaces allocated after an earlier test's matmuls)
+    torch.cuda.synchronize()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+    torch.cuda.empty_cache()
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)
     before = getter(0)
     p = make_probe("cuda", limit_bytes=64 * 2**20)
