@@ -265,7 +265,7 @@ def _json_path(config: pytest.Config) -> Path | None:
     value = config.getoption("benchmark_json", None)
     if value is None:
         return None
-    return Path(getattr(value, "name", value))
+    return Path(value.name if hasattr(value, "write") else value)
 
 
 def _file_state(path: Path | None) -> object:

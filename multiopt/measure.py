@@ -273,7 +273,9 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             with probe.paused():
                 timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
-                                    device=probe.device, min_block_ms=protocol.min_block_ms)
+                                    # ZeRO ranks step together (collectives in every step): each
+                                    # calibrating its own block size would desynchronise them
+                                    device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms)
             out.update(
                 step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
                 step_ms_mean=timing.mean, steps_timed=timing.steps,

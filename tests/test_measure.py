@@ -190,7 +190,8 @@ def test_fake_probe_estimates_a_config_larger_than_this_machine_quickly():
 def test_timing_is_reported_on_computing_probes_only():
     t = _m("rest=sgd", "tracked")
     f = _m("rest=sgd", "fake")
-    assert t.steps_timed == 2 and t.step_ms_median > 0 and t.step_ms_min <= t.step_ms_median
+    # 2 samples, each the mean of an equal block of steps
+    assert t.steps_timed >= 2 and t.steps_timed % 2 == 0 and 0 < t.step_ms_min <= t.step_ms_median
     assert f.steps_timed == 0 and f.step_ms_median is None
 
 
