@@ -15,12 +15,9 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from multiopt import models
 from multiopt.errors import UsageError
-from multiopt.measure import DTYPES, Config, Protocol, measure, validate
-from multiopt.multi import MultiOptimizer
+from multiopt.measure import Config, Protocol, measure, model_factory, training, validate
 from multiopt.record import TIME_COLUMNS
-from multiopt.trainer import Trainer
 
 
 def _free(device: str) -> None:
@@ -48,26 +45,14 @@ def _fresh_process_state(device: str) -> None:
 
 
 def build_step(config: Config) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The config's training step on plain tensors (no probe), built as measure.py builds
-    it: same model factory, dtype, device, optimizers, trainer and batch. Returns the
+    """The config's training step on plain tensors (no probe), built by measure.py's own
+    model_factory and training: same model, dtype, device, optimizers, trainer and batch. Returns the
     timed function (synchronised on CUDA) and a function that frees it all."""
-    dtype = DTYPES[config.dtype]
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    spec = models.resolve(config.model)
-    # as measure.py's factory: parameters created in the config's dtype, on the device
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = spec.build(config.width, config.depth)
-    finally:
-        torch.set_default_dtype(previous)
-    optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
-    trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    batch = spec.make_batch(model, config.batch, dtype=dtype, device=device, generator=gen)
+    with torch.device(device):
+        model = model_factory(config)()
+    _, trainer, batch = training(config, model, device)
     state: dict[str, Any] = {"trainer": trainer, "batch": batch}
     cuda = device.type == "cuda"
 

@@ -16,7 +16,7 @@ import math
 import sys
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -188,41 +188,54 @@ class _Diverged(Exception):
     pass
 
 
-def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
+def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
+    """The config's model, built the one way the suite builds it (measure, bench, profile
+    comparisons): parameters created in the config's dtype, not converted after, since a
+    conversion would briefly hold both copies and the fake probe's meta tensors cannot be
+    swapped by Module.to. Call it under a device context or through a probe's build_model."""
     dtype = DTYPES[config.dtype]
+    spec = models.resolve(config.model)
+
+    def factory() -> torch.nn.Module:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return spec.build(config.width, config.depth)
+        finally:
+            torch.set_default_dtype(previous)
+
+    return factory
+
+
+def training(config: Config, model: torch.nn.Module, device: torch.device | str) -> tuple[Any, Trainer, Any]:
+    """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
+    Trainer and the synthetic batch for `model`, as every measurement of the config builds them."""
+    spec = models.resolve(config.model)
+    if config.zero:
+        from .dist import zero_multi_optimizer
+
+        optimizer = zero_multi_optimizer(model, config.rules, impl=config.impl)
+    else:
+        optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
+    trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
+                      zero_grad_at=config.zero_grad_at)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
+    return optimizer, trainer, batch
+
+
+def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     with probe:
         gc.collect()
         probe.sync()
         base = out["mem_base"] = probe.allocated()
 
-        spec = models.resolve(config.model)
-
-        def factory() -> torch.nn.Module:
-            # Parameters are created in the config's dtype, not converted after: a conversion
-            # would briefly hold both copies, and the fake probe builds on meta tensors that
-            # Module.to cannot swap.
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                return spec.build(config.width, config.depth)
-            finally:
-                torch.set_default_dtype(previous)
-
-        model = probe.build_model(factory)
+        model = probe.build_model(model_factory(config))
         probe.sync()
         out["param_bytes"] = probe.allocated() - base
         out["n_params"] = sum(p.numel() for p in model.parameters())
-        if config.zero:
-            from .dist import zero_multi_optimizer
-
-            optimizer = zero_multi_optimizer(model, config.rules, impl=config.impl)
-        else:
-            optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl)
-        trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                          zero_grad_at=config.zero_grad_at)
-        gen = torch.Generator(device=probe.device).manual_seed(config.seed)
-        batch = spec.make_batch(model, config.batch, dtype=dtype, device=probe.device, generator=gen)
+        optimizer, trainer, batch = training(config, model, probe.device)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)
