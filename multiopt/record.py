@@ -227,11 +227,24 @@ def append_jsonl(path: str | Path, records: Iterable[Record | dict[str, Any]]) -
 
 
 def _drop_torn_tail(path: Path) -> None:
-    """A writer killed mid-line leaves a partial last line: cut it so the file stays valid."""
+    """A writer killed mid-line leaves a partial last line: cut it so the file stays valid.
+    Reads from the end only, so appending stays cheap however long the file grows."""
     if not path.exists():
         return
     with open(path, "r+b") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
             return
-        f.truncate(data.rfind(b"\n") + 1)
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos, chunk = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
