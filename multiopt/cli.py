@@ -1,4 +1,4 @@
-"""`multiopt` / `python -m multiopt`: train, measure, run, fit, report, gate.
+"""`multiopt` / `python -m multiopt`: train, measure, estimate, run, fit, report, gate.
 
 Each subcommand parses its arguments here and calls one function of the module that owns
 the work. Any UsageError becomes one line on stderr and exit code 2.
@@ -36,24 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
-    m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
-    m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
-    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
-    m.add_argument("--width", type=int, default=256)
-    m.add_argument("--depth", type=int, default=3)
-    m.add_argument("--batch", type=int, default=32)
-    m.add_argument("--dtype", default="float32", help="float32 | bfloat16")
-    m.add_argument("--amp", default="none", help="none | fp16 | bf16")
-    m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
-    m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
-    m.add_argument("--probe", default="auto", help="auto | cuda | tracked | fake")
-    m.add_argument("--steps", type=int, default=20, help="timed samples (0: memory only)")
-    m.add_argument("--warmup", type=int, default=3)
-    m.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
-    m.add_argument("--limit", default=None, help="tracked probe memory limit, e.g. 2GiB (over it: status oom)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--json", action="store_true", help="print the record as one JSON line")
-    m.set_defaults(func=_cmd_measure)
+    _config_arguments(m, probe="auto", steps=20)
+    e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
+    _config_arguments(e, probe="fake", steps=0)
 
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
@@ -113,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--out", default=None, help="output markdown, e.g. reports/NAME.md (default: report.md beside the first run)")
     rp.set_defaults(func=_cmd_report)
     return p
+
+
+def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int) -> None:
+    """One config's flags, shared by `measure` and `estimate`."""
+    m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
+    m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
+    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
+    m.add_argument("--width", type=int, default=256)
+    m.add_argument("--depth", type=int, default=3)
+    m.add_argument("--batch", type=int, default=32)
+    m.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    m.add_argument("--amp", default="none", help="none | fp16 | bf16")
+    m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
+    m.add_argument("--probe", default=probe, help=f"auto | cuda | tracked | fake (default {probe})")
+    m.add_argument("--steps", type=int, default=steps, help=f"timed samples, 0 = memory only (default {steps})")
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
+    m.add_argument("--limit", default=None, help="tracked probe memory limit, e.g. 2GiB (over it: status oom)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", action="store_true", help="print the record as one JSON line")
+    m.set_defaults(func=_cmd_measure)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

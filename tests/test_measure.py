@@ -218,3 +218,17 @@ def test_cuda_record_matches_the_formula_and_the_tracked_probe(rules):
     assert r.param_bytes == t.param_bytes and r.n_params == t.n_params
     assert r.grad_bytes == t.grad_bytes
     assert r.step_ms_median > 0 and r.steps_timed >= 3 and r.steps_timed % 3 == 0  # 3 samples, equal blocks
+
+
+def test_estimate_command_is_measure_on_the_fake_probe(run_cli):
+    import json as _json
+
+    est = run_cli("estimate", "--width", "64", "--batch", "8", "--combo", "sgd+adam", "--json")
+    meas = run_cli("measure", "--width", "64", "--batch", "8", "--combo", "sgd+adam", "--probe", "tracked", "--json")
+    assert est.returncode == meas.returncode == 0, est.stderr + meas.stderr
+    e, m = _json.loads(est.stdout), _json.loads(meas.stdout)
+    assert e["probe"] == "fake" and e["steps_timed"] == 0
+    for field in ("param_bytes", "opt_state_bytes", "peak_forward", "peak_backward", "peak_step", "peak_total"):
+        assert e[field] == m[field], field
+    bad = run_cli("estimate", "--combo", "adafactor")
+    assert bad.returncode == 2 and "fake probe cannot run" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
