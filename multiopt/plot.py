@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -170,31 +170,40 @@ def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
     return Plot(_save(fig, path), title, _lines_data(fig))
 
 
+def _panels(full: pd.DataFrame, ok: pd.DataFrame, path: str | Path, title: str, *, panel: str, x: str, y: str,
+            ylabel: str, yaxis: Callable[[Any], None]) -> Plot:
+    """One panel per value of `panel`, one line per series of `y` against `x`. Data keys:
+    "<panel>=V / series". `full` fixes each series' style, so colours match across plots."""
+    fig = Figure(layout="constrained", figsize=(7, 4.5))
+    values = sorted(pd.unique(ok[panel]))
+    fig.set_size_inches(max(7, 5 * len(values)), 4.5)
+    for i, v in enumerate(values):
+        ax = fig.add_subplot(1, len(values), i + 1)
+        sub_v = ok[ok[panel] == v]
+        for label in pd.unique(sub_v["_label"]):
+            sub = sub_v[sub_v["_label"] == label].drop_duplicates(x, keep="last").sort_values(x)
+            ax.plot(sub[x].to_numpy(float), sub[y].to_numpy(float), **_style(full, label))
+        ax.set_title(f"{panel}={v}")
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        yaxis(ax)
+        ax.grid(alpha=0.3)
+    _legend(fig)
+    fig.suptitle(title)
+    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+
+
 def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
     """Peak memory (peak_total) against batch: one panel per width ("width=W"), one line per
     series. Data keys: "width=W / series"."""
     title = "Peak memory vs batch"
     ok = _ok(df)
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty or ok["peak_total"].isna().all():
+        fig = Figure(layout="constrained", figsize=(7, 4.5))
         _empty(fig, title, "no ok records")
         return Plot(_save(fig, path), title, {})
-    widths = sorted(pd.unique(ok["width"]))
-    fig.set_size_inches(max(7, 5 * len(widths)), 4.5)
-    for i, w in enumerate(widths):
-        ax = fig.add_subplot(1, len(widths), i + 1)
-        sub_w = ok[ok["width"] == w]
-        for label in pd.unique(sub_w["_label"]):
-            sub = sub_w[sub_w["_label"] == label].drop_duplicates("batch", keep="last").sort_values("batch")
-            ax.plot(sub["batch"].to_numpy(float), sub["peak_total"].to_numpy(float), **_style(ok, label))
-        ax.set_title(f"width={w}")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("peak allocated")
-        _bytes_axis(ax)
-        ax.grid(alpha=0.3)
-    _legend(fig)
-    fig.suptitle(title)
-    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+    return _panels(ok, ok, path, title, panel="width", x="batch", y="peak_total", ylabel="peak allocated",
+                   yaxis=_bytes_axis)
 
 
 def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
@@ -203,26 +212,16 @@ def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
     title = "Step time vs width"
     full = _ok(df)
     ok = full[full["step_ms_median"].notna()]
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
     if ok.empty:
+        fig = Figure(layout="constrained", figsize=(7, 4.5))
         _empty(fig, title, "no timed ok records")
         return Plot(_save(fig, path), title, {})
-    batches = sorted(pd.unique(ok["batch"]))
-    fig.set_size_inches(max(7, 5 * len(batches)), 4.5)
-    for i, b in enumerate(batches):
-        ax = fig.add_subplot(1, len(batches), i + 1)
-        sub_b = ok[ok["batch"] == b]
-        for label in pd.unique(sub_b["_label"]):
-            sub = sub_b[sub_b["_label"] == label].drop_duplicates("width", keep="last").sort_values("width")
-            ax.plot(sub["width"].to_numpy(float), sub["step_ms_median"].to_numpy(float), **_style(full, label))
-        ax.set_title(f"batch={b}")
-        ax.set_xlabel("width")
-        ax.set_ylabel("median step time")
+
+    def ms_axis(ax: Any) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
-        ax.grid(alpha=0.3)
-    _legend(fig)
-    fig.suptitle(title)
-    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+
+    return _panels(full, ok, path, title, panel="batch", x="width", y="step_ms_median",
+                   ylabel="median step time", yaxis=ms_axis)
 
 
 def breakdown_bar_label(label: str, width: Any, batch: Any) -> str:
