@@ -56,7 +56,7 @@ def test_ci_runner_python_and_cpu_torch_before_project():
     steps = _steps(doc)
     (py,) = _uses(steps, "actions/setup-python")
     assert str(py["with"]["python-version"]) == "3.11"
-    torch_cpu = _index(steps, r"pip install torch --index-url https://download\.pytorch\.org/whl/cpu")
+    torch_cpu = _index(steps, r"pip install \"?torch(==[0-9.]+)?\"? --index-url https://download\.pytorch\.org/whl/cpu")
     project = _index(steps, r"pip install -e \"?\.\[test\]")
     assert torch_cpu < project, "CPU torch must be installed before the project pulls torch from PyPI"
     assert _index(steps, r"(^|\s)(python -m )?pytest(\s|$)") > project
