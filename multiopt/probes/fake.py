@@ -60,14 +60,6 @@ class FakeProbe(LedgerProbe):
             finally:
                 self._fake_mode.__exit__(*exc)
 
-    @contextmanager
-    def _tracking(self) -> Iterator[None]:
-        if self._active:
-            yield
-        else:
-            with self:
-                yield
-
     def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
         """Build on the meta device (no memory, no init cost), then give every parameter and
         buffer fake CPU storage inside the tracked fake mode, so each one is counted."""

@@ -285,6 +285,15 @@ class LedgerProbe(Probe):
         self._ledger.peak = self._ledger.allocated
         self._ledger.peak_requested = self._ledger.requested
 
+    @contextmanager
+    def _tracking(self) -> Iterator[None]:
+        """Tracking on for the block: this probe's own `with` if it is not active already."""
+        if self._active:
+            yield
+        else:
+            with self:
+                yield
+
     def track(self, *objs: Any) -> None:
         """Count tensors made before tracking. Not subject to `limit_bytes`: they already exist."""
         ledger = self._ledger
@@ -321,14 +330,6 @@ class TrackedProbe(LedgerProbe):
         """Run `factory()` with tracking on, so the parameters are counted as they are made."""
         with self._tracking(), torch.device(self.device):
             return factory()
-
-    @contextmanager
-    def _tracking(self) -> Iterator[None]:
-        if self._active:
-            yield
-        else:
-            with self:
-                yield
 
     @contextmanager
     def paused(self) -> Iterator[None]:
