@@ -12,8 +12,7 @@ tensors such as an optimizer's `step`) run below the ledger and are not counted 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import nn
