@@ -2,10 +2,10 @@
 
 One test per config of the preset (default ``quick``). Each test
 
-1. measures memory once with the protocol (`multiopt.measure.measure`, the tracked, cuda
+1. measures memory once with the protocol (`multiopt.instrument.protocol.measure`, the tracked, cuda
    or fake probe), exactly as `multiopt run` does for the same config;
 2. puts every Record field into ``benchmark.extra_info``, so
-   ``multiopt.frame.load("bench.json")`` rebuilds the record (its step times come from
+   ``multiopt.analyze.frame.load("bench.json")`` rebuilds the record (its step times come from
    pytest-benchmark's ``stats``);
 3. times ``Trainer.train_step`` on plain tensors (no probe) with
    ``benchmark.pedantic(rounds=N, iterations=1, warmup_rounds=W)``, synchronising CUDA.
@@ -36,7 +36,7 @@ Options (also ``pytest bench --help``):
 
 - ``--multiopt-preset NAME`` (env ``MULTIOPT_PRESET``; default ``quick``);
 - ``--multiopt-probe auto|cuda|tracked|fake`` (env ``MULTIOPT_PROBE``; default: the
-  preset's probe, resolved with `multiopt.sweep.resolve_probe`);
+  preset's probe, resolved with `multiopt.instrument.probes.resolve_probe`);
 - ``--multiopt-filter KEY=V1,V2`` (repeatable; a config is kept when, for every KEY, its
   value is one of the Vs; KEY is a Config field: combo, width, batch, depth, impl, ...);
 - ``--multiopt-rounds N`` (default: the preset's timed steps, at least 1) and
@@ -104,8 +104,9 @@ def _settings(config: pytest.Config) -> Settings:
     if _SETTINGS in config.stash:
         return config.stash[_SETTINGS]
     from multiopt.errors import UsageError
-    from multiopt.measure import Config
-    from multiopt.sweep import PRESETS, resolve_probe
+    from multiopt.instrument.protocol import Config
+    from multiopt.instrument.probes import resolve_probe
+    from multiopt.run.presets import PRESETS
     from multiopt.units import parse_bytes
 
     preset = config.getoption("--multiopt-preset") or os.environ.get("MULTIOPT_PRESET") or DEFAULT_PRESET
@@ -182,7 +183,7 @@ def config_id(c: Any) -> str:
 
 
 def selected_configs(s: Settings) -> list:
-    from multiopt.sweep import preset_configs
+    from multiopt.run.presets import preset_configs
 
     configs = preset_configs(s.preset, s.device)
     for key, values in s.filters:
@@ -212,7 +213,7 @@ def _multiopt_gc_frozen() -> Any:
     import gc
     import importlib
 
-    for name in ("multiopt.measure", "multiopt.probes.tracked", "multiopt.probes.fake", "torch._dynamo"):
+    for name in ("multiopt.instrument.protocol", "multiopt.instrument.probes.tracked", "multiopt.instrument.probes.fake", "torch._dynamo"):
         importlib.import_module(name)
     gc.collect()
     gc.freeze()
@@ -240,7 +241,7 @@ _JSON_BEFORE = pytest.StashKey[object]()
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/inf: None instead, as multiopt.record.dumps writes them."""
+    """JSON has no NaN/inf: None instead, as multiopt.store.dumps writes them."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 

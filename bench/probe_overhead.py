@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multiopt.probes import make_probe  # noqa: E402
+from multiopt.instrument.probes import make_probe  # noqa: E402
 
 TARGETS = {64: 3.0, 1024: 1.1}
 DEPTH, BATCH = 3, 64
@@ -134,7 +134,7 @@ t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
 import torch
 from torch import nn
-from multiopt.probes import make_probe
+from multiopt.instrument.probes import make_probe
 t_import = time.perf_counter()
 W, D, B = 16384, 8, 512
 def mlp():

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multiopt import models  # noqa: E402
-from multiopt.measure import Config, Protocol, measure  # noqa: E402
-from multiopt.timing import time_steps  # noqa: E402
+from multiopt.train import models  # noqa: E402
+from multiopt.instrument.protocol import Config, Protocol, measure  # noqa: E402
+from multiopt.instrument.timing import time_steps  # noqa: E402
 
 RULES = "layer1=sgd(lr=0.01); rest=adam(lr=0.001)"
 

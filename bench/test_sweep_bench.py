@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from multiopt.errors import UsageError
-from multiopt.measure import Config, Protocol, measure, model_factory, training, validate
+from multiopt.instrument.protocol import Config, Protocol, measure, model_factory, training, validate
 from multiopt.record import TIME_COLUMNS
 
 

@@ -1,9 +1,18 @@
 """multiopt: what each optimizer of a multi-optimizer training setup costs in memory and time.
 
-`multiopt.profile(model, optimizer)` instruments your own training loop (see
-`multiopt/profile.py`); the command line (`python -m multiopt`) measures and sweeps configs.
+The face of the package (see DESIGN.md for the stages behind it):
+
+- `MultiOptimizer`, `Trainer`: what a user trains with (`multiopt.train`);
+- `profile(model, optimizer)`: the instruments around your own training loop;
+- `measure(Config(...), Protocol(...))`: one config through the measurement protocol, one Record.
+
+The command line (`multiopt`, `python -m multiopt`) measures, sweeps, reports and gates.
 """
 
-from .profile import Profile, profile
+from .instrument.profile import Profile, profile
+from .instrument.protocol import Protocol, measure
+from .record import Config, Record
+from .train.multi import MultiOptimizer
+from .train.trainer import Trainer
 
-__all__ = ["Profile", "profile"]
+__all__ = ["Config", "MultiOptimizer", "Profile", "Protocol", "Record", "Trainer", "measure", "profile"]

@@ -1,7 +1,8 @@
 """`multiopt` / `python -m multiopt`: train, measure, estimate, run, fit, report, gate.
 
-Each subcommand parses its arguments here and calls one function of the module that owns
-the work. Any UsageError becomes one line on stderr and exit code 2.
+The only module that knows argparse: each subcommand parses its arguments here and calls
+typed functions of the stage that owns the work (loaded when the command runs, so `--help`
+and a bad flag cost no torch import). Any UsageError becomes one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -123,31 +124,127 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int) -> 
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train_cli
+    """The classic program: trains on synthetic data, prints loss and memory per step."""
+    import math
 
-    return train_cli(args)
+    import torch
+
+    from .instrument.probes import make_probe
+    from .train import models
+    from .train.multi import MultiOptimizer
+    from .train.trainer import Trainer
+    from .units import fmt_bytes
+
+    torch.manual_seed(args.seed)
+    probe = make_probe("auto")
+    with probe:
+        spec = models.resolve(args.model)
+        model = probe.build_model(lambda: spec.build(args.width, args.depth))
+        optimizer = MultiOptimizer.from_spec(model, args.rules)
+        print(optimizer.describe())
+        trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if args.amp == "none" else args.amp)
+        gen = torch.Generator(device=probe.device).manual_seed(args.seed)
+        batch = spec.make_batch(model, args.batch, device=probe.device, generator=gen)
+        for step in range(1, args.steps + 1):
+            probe.reset_peak()
+            loss = trainer.train_step(batch).item()
+            if not math.isfinite(loss):
+                print(f"step {step}: loss is {loss}; training diverged (lower the learning rate)")
+                return 1
+            print(f"step {step:>4}  loss {loss:.6f}  allocated {fmt_bytes(probe.allocated())}"
+                  f"  peak {fmt_bytes(probe.peak())}  ({probe.name} probe)")
+    return 0
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .measure import measure_cli
+    """One config, printed as a readable table (or one JSON line); exit 1 when not ok."""
+    from .analyze.report import record_text
+    from .instrument.probes import resolve_probe
+    from .instrument.protocol import Config, Protocol, measure, validate
+    from .run.presets import combos
+    from .store import dumps
+    from .train.spec import canonical
+    from .units import parse_bytes
 
-    return measure_cli(args)
+    probe, device = resolve_probe(args.probe)
+    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
+    config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
+                    amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
+                    seed=args.seed, device=device)
+    protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
+                        limit_bytes=parse_bytes(args.limit) if args.limit else None)
+    validate(config, protocol)
+    record = measure(config, protocol)
+    print(dumps(record) if args.json else record_text(record))
+    if record.status != "ok":
+        if not args.json:
+            print(f"\nstatus {record.status}: {record.error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .sweep import run_cli
+    """A preset, narrowed or replaced by explicit lists; the report written at the end."""
+    import time
+    from pathlib import Path
 
-    return run_cli(args)
+    from .analyze.report import write_report
+    from .env import world_size
+    from .instrument.probes import resolve_probe
+    from .instrument.protocol import Protocol
+    from .run.presets import PRESETS, combos, select, user_combo
+    from .run.sweep import sweep
+    from .units import parse_bytes
+
+    p = PRESETS[args.preset]
+    probe, device = resolve_probe(args.probe or p["probe"])
+    chosen = list(combos(_strs(args.combos)))
+    for text in args.rules or []:
+        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
+    configs = select(args.preset, device=device, ranks=world_size(), widths=_ints(args.widths, "--widths"),
+                     batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
+                     dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
+                     zeros=_ints(args.zero, "--zero"), combos=chosen)
+    protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"],
+                        warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None,
+                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
+    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = sweep(configs, out, protocol, preset=args.preset, resume=args.resume, isolate=args.isolate,
+                   timeout=args.timeout, progress=not args.no_progress)
+    if result is None:
+        return 0  # a torchrun rank other than 0: rank 0 reports
+    print("\n".join(result.summary()))
+    if args.report:
+        print(f"report: {write_report([out], out / 'report.md')}")
+    return 0
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .fit import fit_cli
+    """0 when every question was answered, 1 when a fake run failed, 2 bad input."""
+    import gc
 
-    return fit_cli(args)
+    from .run.fit import DEFAULT_COMBOS, fit, render
+    from .run.presets import combos, user_combo
+    from .units import parse_bytes
+
+    budget = parse_bytes(args.budget)
+    chosen = list(combos(_strs(args.combos)))
+    for text in args.rules or []:
+        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
+    if not chosen:
+        chosen = list(combos(DEFAULT_COMBOS))
+    # What exists now (torch) outlives every fake run: keep it out of each run's gc.collect(),
+    # most of a small run's time otherwise. The process ends after this command.
+    gc.collect()
+    gc.freeze()
+    answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
+                  dtype=args.dtype, impl=args.impl)
+    print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
+    return 1 if any(a.error for a in answers) else 0
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from .gate import parse_fraction, run_gate
+    from .analyze.gate import parse_fraction, run_gate
 
     return run_gate(
         args.baseline, args.current,
@@ -161,10 +258,21 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .analyze.report import write_report
 
     print(f"report: {write_report(args.paths, args.out)}")
     return 0
+
+
+def _strs(text: str | None) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else []
+
+
+def _ints(text: str | None, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in _strs(text)]
+    except ValueError:
+        raise UsageError(f"{flag} takes integers separated by commas, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,14 +1,18 @@
-"""Facts about the machine a run happened on: torch, CUDA, device, CPU, git sha."""
+"""Facts about where this process runs: torch, CUDA, device, CPU, git sha, and its place in a
+torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import UsageError
 
 
 def cpu_name() -> str:
@@ -60,3 +64,40 @@ def collect(device: str = "cpu", probe: str | None = None, preset: str | None = 
         "probe": probe,
         "preset": preset,
     }
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """Where this process sits in a torchrun launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_env(environ: Any = None) -> RankEnv | None:
+    """The launch this process is part of (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), or None."""
+    environ = os.environ if environ is None else environ
+    if "RANK" not in environ or "WORLD_SIZE" not in environ:
+        return None
+    try:
+        rank, world = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError(
+            f"RANK={environ.get('RANK')!r}, WORLD_SIZE={environ.get('WORLD_SIZE')!r}, "
+            f"LOCAL_RANK={environ.get('LOCAL_RANK')!r} are not integers; launch with torchrun"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is not in 0..WORLD_SIZE-1={world - 1}; launch with torchrun")
+    return RankEnv(rank, world, local)
+
+
+def world_size() -> int:
+    """Ranks of the current launch (1 outside torchrun)."""
+    env = rank_env()
+    return env.world_size if env else 1

@@ -1,51 +1,136 @@
 """The record: one config's measurements as one flat, versioned row.
 
 Everything downstream (JSONL store, DataFrame, report, gate) reads this schema and nothing
-else, so it is defined once here. Bump `SCHEMA` when a field changes meaning.
+else, so it is defined once here. A `Record` is the `Config` it measured (the config
+columns are Config's fields, declared once) plus what was measured; per-optimizer and
+per-rank results are typed sub-records, stored as nested JSON lists in the row.
+
+Schema history (readers accept every version; `upgrade` brings an old row to this one):
+
+- ``multiopt.record/1``: per-optimizer and per-rank results as JSON *text* in
+  ``opt_state_by_optimizer`` / ``opt_state_by_rank``; ``zero``/``ranks`` absent in the first
+  files (ZeRO came later: 0 and 1).
+- ``multiopt.record/2``: those lists as nested JSON in ``optimizers`` / ``ranks_state``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from .errors import UsageError
 
-SCHEMA = "multiopt.record/1"
+SCHEMA = "multiopt.record/2"
+SCHEMAS: tuple[str, ...] = ("multiopt.record/1", SCHEMA)
+
+STATUSES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
+
+# The four phases of a training step, as the Trainer names them and the record stores them
+# (`mem_after_<phase>`, `peak_<phase>`); execution order depends on zero_grad_at (see phase_order).
+PHASES: tuple[str, ...] = ("zero_grad", "forward", "backward", "step")
+
+
+def phase_order(zero_grad_at: str) -> tuple[str, ...]:
+    """Execution order of the four phases for a zero_grad placement ("start" or "end")."""
+    if zero_grad_at == "start":
+        return ("zero_grad", "forward", "backward", "step")
+    return ("forward", "backward", "step", "zero_grad")
+
+
+@dataclass(frozen=True)
+class Config:
+    """What is measured: model, sizes, dtypes and the optimizer combo. Its fields are the
+    record's config columns; `rules` holds the canonical rule text (`spec.format_rules`)."""
+
+    device: str = "cpu"
+    model: str = "mlp"
+    width: int = 256
+    depth: int = 3
+    batch: int = 32
+    dtype: str = "float32"
+    amp: str = "none"
+    combo: str = "adam"
+    rules: str = "rest=adam"
+    impl: str = "default"
+    zero_grad_at: str = "end"
+    seed: int = 0
+    # ZeRO-1: 1 = every optimizer wrapped in ZeroRedundancyOptimizer, the config run by
+    # `ranks` ranks together (torchrun); 0 = one process, ranks == 1
+    zero: int = 0
+    ranks: int = 1
+
+    def label(self) -> str:
+        zero = f" zero/{self.ranks}" if self.zero else ""
+        return f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} amp={self.amp} {self.impl}{zero}"
+
+    def record_key(self, probe: str) -> tuple:
+        """The key a record of this config, measured on `probe`, will have (see config_key)."""
+        return config_key({**dataclasses.asdict(self), "probe": probe})
+
 
 # Columns that identify a config. Two records with equal values here measured the same thing.
-CONFIG_COLUMNS: tuple[str, ...] = (
-    "probe", "device", "model", "width", "depth", "batch", "dtype", "amp",
-    "combo", "rules", "impl", "zero_grad_at", "seed", "zero", "ranks",
-)
+CONFIG_COLUMNS: tuple[str, ...] = ("probe", *(f.name for f in dataclasses.fields(Config)))
 
 # Config columns added after records were first written: a record without one of them was
-# measured at this value (`check_schema` fills it in, `config_key` reads it), so old results
-# and baselines keep loading and keep their keys.
+# measured at this value (`upgrade` fills it in, `config_key` reads it), so old results and
+# baselines keep loading and keep their keys.
 CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1}
 
 # Memory metrics in bytes, compared exactly on deterministic probes.
 MEMORY_COLUMNS: tuple[str, ...] = (
     "n_params", "param_bytes", "grad_bytes", "opt_state_bytes", "opt_state_scalar_bytes",
-    "opt_state_alloc_bytes", "opt_state_expected", "mem_base", "mem_step_start", "mem_after_zero_grad", "peak_zero_grad", "mem_after_forward", "peak_forward",
-    "mem_after_backward", "peak_backward", "mem_after_step", "peak_step", "step_temp_bytes",
-    "peak_total",
+    "opt_state_alloc_bytes", "opt_state_expected", "mem_base", "mem_step_start", "mem_after_zero_grad",
+    "peak_zero_grad", "mem_after_forward", "peak_forward", "mem_after_backward", "peak_backward",
+    "mem_after_step", "peak_step", "step_temp_bytes", "peak_total",
 )
 
 TIME_COLUMNS: tuple[str, ...] = (
     "step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_mean", "steps_timed",
 )
 
-STATUSES: tuple[str, ...] = ("ok", "oom", "diverged", "error")
+
+@dataclass(frozen=True)
+class OptimizerRecord:
+    """One child optimizer of a config: its rule, class, implementation and state bytes
+    (walked: unique storages, exact; of which per-tensor scalars; each rounded to 512;
+    expected from the registry's formula; step temporaries: its step's peak above its start)."""
+
+    name: str = ""
+    rule: str | None = None
+    optimizer: str = ""
+    impl: str | None = None
+    n_params: int | None = None
+    n_param_tensors: int | None = None
+    n_tensors: int | None = None
+    state_bytes: int | None = None
+    state_scalar_bytes: int | None = None
+    state_alloc_bytes: int | None = None
+    expected: int | None = None
+    step_temp_bytes: int | None = None
 
 
 @dataclass(frozen=True)
-class Record:
+class RankRecord:
+    """One rank of a ZeRO config: its partition's state and peak, its outcome, and its
+    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes)."""
+
+    rank: int = 0
+    state_bytes: int | None = None
+    state_scalar_bytes: int | None = None
+    state_alloc_bytes: int | None = None
+    expected: int | None = None
+    n_params: int | None = None
+    n_param_tensors: int | None = None
+    peak_total: int | None = None
+    status: str | None = None
+    error: str | None = None
+    by_optimizer: tuple[OptimizerRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Record(Config):
     """One config's measurements. Memory in bytes (CUDA `memory_allocated` semantics), time in ms.
 
     Fields that a failed config never reached stay None; `status` says why.
@@ -57,26 +142,9 @@ class Record:
     created_at: str = ""
     git_sha: str | None = None
     torch: str = ""
-    device: str = "cpu"
     device_name: str = ""
     probe: str = "tracked"
     preset: str | None = None
-    # config
-    model: str = "mlp"
-    width: int = 0
-    depth: int = 0
-    batch: int = 0
-    dtype: str = "float32"
-    amp: str = "none"
-    combo: str = ""
-    rules: str = ""
-    impl: str = "default"
-    zero_grad_at: str = "end"
-    seed: int = 0
-    # ZeRO-1 (torch.distributed.optim.ZeroRedundancyOptimizer around every optimizer): 0 or 1;
-    # ranks = how many ranks this one config ran across (1 unless zero == 1)
-    zero: int = 0
-    ranks: int = 1
     # sizes (param/grad/state in allocated semantics unless said otherwise)
     n_params: int | None = None
     param_bytes: int | None = None
@@ -87,20 +155,15 @@ class Record:
     opt_state_scalar_bytes: int | None = None
     opt_state_alloc_bytes: int | None = None
     opt_state_expected: int | None = None
-    # JSON list, one object per optimizer: name, rule, optimizer, n_params, n_tensors,
-    # state_bytes, state_scalar_bytes, state_alloc_bytes, expected, step_temp_bytes
-    opt_state_by_optimizer: str = "[]"
+    optimizers: tuple[OptimizerRecord, ...] = ()
     # ZeRO (zero == 1): every per-rank field of the record (param/grad/state bytes, phases,
-    # peaks, opt_state_by_optimizer, time) is RANK 0's; the other ranks are summarised here as a
-    # JSON list, one object per rank: rank, state_bytes, state_scalar_bytes, state_alloc_bytes,
-    # expected, n_params, n_param_tensors (this rank's partition), peak_total, status, error,
-    # by_optimizer (name, optimizer, n_params, n_param_tensors, state_bytes per optimizer).
+    # peaks, optimizers, time) is RANK 0's; every rank is summarised in `ranks_state`.
     # opt_state_unsharded = the sum of every rank's state_bytes = the state one process would
     # hold without ZeRO (the partitions are disjoint); the ZeRO paper's model for a rank is
     # opt_state_unsharded / ranks, which whole-parameter partitions miss by up to one tensor's
     # state. n_params stays the whole model's; per-optimizer n_params are rank 0's partition.
-    # For zero == 0 opt_state_by_rank stays "[]" and opt_state_unsharded None.
-    opt_state_by_rank: str = "[]"
+    # For zero == 0 ranks_state stays empty and opt_state_unsharded None.
+    ranks_state: tuple[RankRecord, ...] = ()
     opt_state_unsharded: int | None = None
     # memory per phase
     mem_base: int | None = None
@@ -129,122 +192,98 @@ class Record:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The row as stored: fields in `FIELDS` order, sub-records as lists of dicts."""
+        d = dataclasses.asdict(self)
+        return {k: _lists(d[k]) for k in FIELDS}
 
     def key(self) -> tuple:
         return tuple(getattr(self, c) for c in CONFIG_COLUMNS)
 
+    def config(self) -> Config:
+        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
+
     def by_optimizer(self) -> list[dict[str, Any]]:
-        return json.loads(self.opt_state_by_optimizer or "[]")
+        return [dataclasses.asdict(o) for o in self.optimizers]
 
     def by_rank(self) -> list[dict[str, Any]]:
-        return json.loads(self.opt_state_by_rank or "[]")
+        return [_lists(dataclasses.asdict(r)) for r in self.ranks_state]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Record":
+    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
+        """A record from a row of any schema version (unknown fields dropped)."""
+        row = upgrade(dict(d))
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: v for k, v in row.items() if k in names}
+        kept["optimizers"] = _subrecords(OptimizerRecord, kept.get("optimizers"))
+        kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
+        return cls(**kept)
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
+# Identity first, then the config, then what was measured: the order of a stored row.
+_IDENTITY = ("schema", "run_id", "created_at", "git_sha", "torch", "device", "device_name", "probe", "preset")
+FIELDS: tuple[str, ...] = (*_IDENTITY, *(f.name for f in dataclasses.fields(Record) if f.name not in _IDENTITY))
 
 
-def config_key(row: dict[str, Any]) -> tuple:
+def _subrecords(cls: type, items: Any) -> tuple:
+    """Typed sub-records from stored dicts (unknown keys dropped); a rank's optimizers too."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    for item in items or ():
+        if not isinstance(item, cls):
+            kept = {k: v for k, v in item.items() if k in names}
+            if cls is RankRecord:
+                kept["by_optimizer"] = _subrecords(OptimizerRecord, kept.get("by_optimizer"))
+            item = cls(**kept)
+        out.append(item)
+    return tuple(out)
+
+
+def _lists(value: Any) -> Any:
+    # asdict keeps tuples as tuples; a stored row has JSON lists, and equal rows compare equal
+    if isinstance(value, (tuple, list)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def config_key(row: Mapping[str, Any]) -> tuple:
     """The config key of a record dict (JSON round-trips keep these values comparable); a
     column the row lacks takes its `CONFIG_DEFAULTS` value."""
     return tuple(row.get(c, CONFIG_DEFAULTS.get(c)) for c in CONFIG_COLUMNS)
 
 
-def _clean(value: Any) -> Any:
-    # JSON has no NaN/inf; keep the file strict so every JSON reader can parse it.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps(record: Record | dict[str, Any]) -> str:
-    d = record.to_dict() if isinstance(record, Record) else record
-    return json.dumps({k: _clean(v) for k, v in d.items()}, sort_keys=False, allow_nan=False)
-
-
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file. A torn last line (a killed writer) is skipped; any other bad
-    line is a UsageError naming the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    lines = text.split("\n")
-    torn_tail = not text.endswith("\n")
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if torn_tail and i == len(lines):
-                return  # the writer was killed mid-line; that config is simply not recorded
-            raise UsageError(f"{path}:{i}: not valid JSON ({e.msg}); is this a multiopt results file?") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-        check_schema(row, f"{path}:{i}")
-        yield row
+def upgrade(row: dict[str, Any]) -> dict[str, Any]:
+    """Bring a row of an earlier schema to this one, in place (and return it): v1's JSON-text
+    lists become nested lists, config columns added later take their defaults."""
+    if row.get("schema") == "multiopt.record/1":
+        for old, new in (("opt_state_by_optimizer", "optimizers"), ("opt_state_by_rank", "ranks_state")):
+            if old in row:
+                text = row.pop(old)
+                row[new] = json.loads(text) if isinstance(text, str) and text else (text or [])
+        row["schema"] = SCHEMA
+    for c, default in CONFIG_DEFAULTS.items():  # written before the column existed
+        row.setdefault(c, default)
+    return row
 
 
 def check_schema(row: dict[str, Any], where: str) -> None:
-    """Refuse a row of another schema or without its config columns; fill in (in place) the
-    `CONFIG_DEFAULTS` columns a row written before they existed lacks."""
+    """Refuse a row of an unknown schema or without its config columns; upgrade (in place) a
+    row of an earlier schema. `where` names the row in the message (file:line)."""
     schema = row.get("schema")
     if schema is None:
         raise UsageError(f"{where}: no 'schema' field; not a multiopt record")
-    if schema != SCHEMA:
-        raise UsageError(f"{where}: schema {schema!r} is not {SCHEMA!r}; re-run the sweep with this version")
-    for c, default in CONFIG_DEFAULTS.items():  # written before the column existed
-        row.setdefault(c, default)
+    if schema not in SCHEMAS:
+        raise UsageError(f"{where}: schema {schema!r} is not one of {', '.join(SCHEMAS)}; "
+                         "re-run the sweep with this version, or upgrade multiopt to read it")
+    try:
+        upgrade(row)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UsageError(f"{where}: a per-optimizer or per-rank list is not valid JSON ({e})") from None
+    for new in ("optimizers", "ranks_state"):
+        items = row.get(new)
+        if items is not None and not (isinstance(items, list) and all(isinstance(o, dict) for o in items)):
+            raise UsageError(f"{where}: {new!r} is not a list of objects")
     missing = [c for c in CONFIG_COLUMNS + ("status",) if c not in row]
     if missing:
         raise UsageError(f"{where}: record lacks {', '.join(missing)}")
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return list(iter_jsonl(path))
-
-
-def append_jsonl(path: str | Path, records: Iterable[Record | dict[str, Any]]) -> None:
-    """Append and fsync, one line per record, so a killed sweep loses at most the line being written."""
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
-            f.write(dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """A writer killed mid-line leaves a partial last line: cut it so the file stays valid.
-    Reads from the end only, so appending stays cheap however long the file grows."""
-    if not path.exists():
-        return
-    with open(path, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        pos, chunk = size, 1 << 16
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            cut = f.read(pos - start).rfind(b"\n")
-            if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
-            pos = start
-        f.truncate(0)

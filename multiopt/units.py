@@ -7,6 +7,15 @@ import re
 
 from .errors import UsageError
 
+# CUDA's caching allocator rounds every allocation up to a multiple of 512 bytes (kMinBlockSize),
+# and `memory_allocated` counts the rounded size: every probe reports in those terms.
+ALLOC_GRANULE = 512
+
+
+def round_alloc(nbytes: int) -> int:
+    """Bytes an allocation of `nbytes` occupies in `memory_allocated` terms (0 stays 0)."""
+    return (nbytes + (ALLOC_GRANULE - 1)) & ~(ALLOC_GRANULE - 1)
+
 _BINARY = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 _PARSE = {
     "b": 1, "": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from multiopt import frame
+from multiopt.analyze import frame
 from multiopt.record import CONFIG_COLUMNS, FIELDS, MEMORY_COLUMNS, TIME_COLUMNS
-from multiopt.sweep import PRESETS, preset_configs
+from multiopt.run.presets import PRESETS, preset_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def _by_key(df) -> dict[tuple, dict]:
 
 def _memory(row: dict) -> dict:
     mem = {c: row[c] for c in MEMORY_COLUMNS}
-    mem["opt_state_by_optimizer"] = json.loads(row["opt_state_by_optimizer"])
+    mem["optimizers"] = row["optimizers"]
     mem["status"] = row["status"]
     return mem
 
@@ -152,7 +152,7 @@ def test_bench_machine_info_has_torch_and_gpu_facts(outputs):
 
 
 def test_fake_probe_records_memory_without_times(outputs):
-    from multiopt.measure import Protocol, measure
+    from multiopt.instrument.protocol import Protocol, measure
 
     bench_df = frame.load(outputs["fake_bench"])
     bench = _by_key(bench_df)

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from multiopt import frame
-from multiopt.dist import merge_zero, rank_env, shard
+from multiopt.analyze import frame
+from multiopt.env import rank_env
+from multiopt.run.launch import merge_zero
 from multiopt.errors import UsageError
-from multiopt.measure import Config, Protocol, measure, validate
-from multiopt.record import CONFIG_COLUMNS, MEMORY_COLUMNS, Record, append_jsonl, config_key, read_jsonl
-from multiopt.sweep import COMBOS, config_key_of, run_sweep
+from multiopt.instrument.protocol import Config, Protocol, measure, validate
+from multiopt.record import CONFIG_COLUMNS, MEMORY_COLUMNS, Record, config_key
+from multiopt.store import append_jsonl, read_jsonl
+from multiopt.run.presets import COMBOS
+from multiopt.run.sweep import shard, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
@@ -63,7 +66,7 @@ def test_torchrun_two_ranks_record_every_config_once_with_single_process_numbers
     assert len(configs) == 8
     keys = [config_key(r) for r in rows]
     # exactly one record per config, in config order
-    assert keys == [config_key_of(c, "tracked") for c in configs]
+    assert keys == [c.record_key("tracked") for c in configs]
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert len({r["run_id"] for r in rows}) == 1
     # one process, same protocol: the memory columns agree to the byte for every config
@@ -71,8 +74,8 @@ def test_torchrun_two_ranks_record_every_config_once_with_single_process_numbers
         one = measure(config, Protocol(probe="tracked", steps=0)).to_dict()
         diff = {c: (row[c], one[c]) for c in MEMORY_COLUMNS if row[c] != one[c]}
         assert not diff, (config.label(), diff)
-        assert json.loads(row["opt_state_by_optimizer"]) == json.loads(one["opt_state_by_optimizer"])
-        assert row["zero"] == 0 and row["ranks"] == 1 and row["opt_state_by_rank"] == "[]"
+        assert row["optimizers"] == one["optimizers"]
+        assert row["zero"] == 0 and row["ranks"] == 1 and row["ranks_state"] == []
     # one results file, one report, env says how it ran; the per-rank shards are merged away
     assert (out / "report.md").exists()
     env = json.loads((out / "env.json").read_text())
@@ -101,7 +104,7 @@ def test_resume_keeps_what_a_killed_sharded_sweep_wrote(zero_run):
     out, proc, planted = zero_run
     rows = read_jsonl(out / "results.jsonl")
     configs = _configs(("adam", "sgd+adam"), (256,), (16,), zeros=(0, 1))
-    assert [config_key(r) for r in rows] == [config_key_of(c, "tracked") for c in configs]
+    assert [config_key(r) for r in rows] == [c.record_key("tracked") for c in configs]
     assert rows[0]["run_id"] == "planted" and rows[0] == json.loads(json.dumps(planted.to_dict()))
     assert "resuming: 1 of 4 configs" in proc.stdout
     assert not (out / "ranks").exists()
@@ -109,7 +112,7 @@ def test_resume_keeps_what_a_killed_sharded_sweep_wrote(zero_run):
 
 def _largest_state(row) -> int:
     """The state of the largest parameter tensor Adam holds: m and v, 4 bytes each."""
-    from multiopt import models
+    from multiopt.train import models
 
     model = models.build("mlp", row["width"], row["depth"])
     return max(p.numel() for p in model.parameters()) * 8 + 4
@@ -121,12 +124,12 @@ def test_zero_halves_each_ranks_adam_state_give_or_take_one_tensor(zero_run):
         plain, zero = rows[(combo, 0)], rows[(combo, 1)]
         assert zero["status"] == "ok", zero["error"]
         assert zero["ranks"] == 2 and plain["ranks"] == 1
-        by_rank = json.loads(zero["opt_state_by_rank"])
+        by_rank = zero["ranks_state"]
         assert [r["rank"] for r in by_rank] == [0, 1]
         # the ranks hold disjoint partitions: together exactly the unsharded state
         assert zero["opt_state_unsharded"] == plain["opt_state_bytes"] == sum(r["state_bytes"] for r in by_rank)
         assert zero["opt_state_bytes"] == by_rank[0]["state_bytes"]  # the record's own numbers are rank 0's
-        plain_adam = next(o for o in json.loads(plain["opt_state_by_optimizer"]) if o["optimizer"] == "adam")
+        plain_adam = next(o for o in plain["optimizers"] if o["optimizer"] == "adam")
         slack = _largest_state(plain)
         for r in by_rank:
             adam = next(o for o in r["by_optimizer"] if o["optimizer"] == "adam")
@@ -153,7 +156,7 @@ def test_shard_deals_config_i_to_rank_i_mod_world():
 
 def test_merge_zero_names_the_rank_that_failed_first():
     ok = Record(combo="adam", zero=1, ranks=2, opt_state_bytes=10, status="ok",
-                opt_state_by_optimizer=json.dumps([{"name": "rest=adam", "optimizer": "adam", "n_params": 3,
+                optimizers=tuple([{"name": "rest=adam", "optimizer": "adam", "n_params": 3,
                                                     "n_param_tensors": 1, "state_bytes": 10}]))
     oom = Record(combo="adam", zero=1, ranks=2, status="oom", error="probe out of memory")
     err = Record(combo="adam", zero=1, ranks=2, status="error", error="RuntimeError: Connection closed by peer")
@@ -192,14 +195,14 @@ def test_sharded_sweep_refuses_a_directory_with_results_unless_resuming(tmp_path
     configs = _configs(("sgd", "adam"), (64,), (16,))
     protocol = Protocol(probe="tracked", steps=0)
     append_jsonl(tmp_path / "ranks" / "rank3.jsonl", [measure(configs[0], protocol, run_id="old")])
-    with pytest.raises(UsageError, match="ranks already holds results; pass --resume"):
-        run_sweep(configs, tmp_path, protocol, isolate=False, report=False, progress=False)
-    assert run_sweep(configs, tmp_path, protocol, resume=True, isolate=False, report=False, progress=False) == 0
+    with pytest.raises(UsageError, match="ranks already holds results of a sharded sweep; pass --resume"):
+        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
+    assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert [r["combo"] for r in rows] == ["sgd", "adam"] and rows[0]["run_id"] == "old"
     assert not (tmp_path / "ranks").exists()
     with pytest.raises(UsageError, match="results.jsonl already holds results"):
-        run_sweep(configs, tmp_path, protocol, isolate=False, report=False, progress=False)
+        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
 
 
 def test_records_written_before_zero_existed_load_as_zero_0_on_one_rank():
@@ -221,15 +224,15 @@ def test_one_process_resume_folds_a_killed_sharded_sweeps_shards(tmp_path, monke
     protocol = Protocol(probe="tracked", steps=0)
     append_jsonl(tmp_path / "ranks" / "rank1.jsonl", [measure(configs[1], protocol, run_id="old")])
     with pytest.raises(UsageError, match="sharded sweep; pass --resume"):
-        run_sweep(configs, tmp_path, protocol, isolate=False, report=False, progress=False)
-    assert run_sweep(configs, tmp_path, protocol, resume=True, isolate=False, report=False, progress=False) == 0
+        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
+    assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
     rows = read_jsonl(tmp_path / "results.jsonl")
     assert sorted((r["combo"], r["run_id"] == "old") for r in rows) == [("adam", True), ("sgd", False)]
     assert not (tmp_path / "ranks").exists()
 
 
 def test_report_shows_each_ranks_state_against_the_zero_model(zero_run):
-    from multiopt import frame, report
+    from multiopt.analyze import frame, report
     from multiopt.units import fmt_bytes
 
     df = frame.load(zero_run[0])
@@ -242,7 +245,7 @@ def test_report_shows_each_ranks_state_against_the_zero_model(zero_run):
         cells = [c.strip() for c in line.strip("|").split("|")]
         combo = cells[0]
         zero, plain = by[(combo, 1)], by[(combo, 0)]
-        per = [r["state_bytes"] for r in json.loads(zero["opt_state_by_rank"])]
+        per = [r["state_bytes"] for r in zero["ranks_state"]]
         assert cells[3] == "2"
         assert cells[4] == fmt_bytes(plain["opt_state_bytes"])          # unsharded = the plain run's state
         assert cells[5] == " / ".join(fmt_bytes(x) for x in per)

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from multiopt import cli
-from multiopt.fit import _interpolate, _search, fit
-from multiopt.measure import Config, Protocol, measure
-from multiopt.sweep import combos
+from multiopt.run.fit import _interpolate, _search, fit
+from multiopt.instrument.protocol import Config, Protocol, measure
+from multiopt.run.presets import combos
 from multiopt.units import parse_bytes
 
 BUDGET = "2MiB"

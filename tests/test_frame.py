@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from multiopt import frame
+from multiopt.analyze import frame
 from multiopt.errors import UsageError
 from multiopt.record import FIELDS, MEMORY_COLUMNS
 

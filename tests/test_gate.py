@@ -13,10 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from multiopt import gate
+from multiopt.analyze import gate
 from multiopt.cli import main
 from multiopt.errors import UsageError
-from multiopt.record import Record, append_jsonl, read_jsonl
+from multiopt.record import Record
+from multiopt.store import append_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024

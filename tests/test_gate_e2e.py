@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from multiopt.gate import run_gate
+from multiopt.analyze.gate import run_gate
 from tests.conftest import ROOT, run_quick
 
 BASELINE = ROOT / "reports" / "baselines" / "cpu-quick.jsonl"
@@ -59,7 +59,7 @@ def test_two_runs_on_the_same_machine_do_not_fail_each_other_on_time(quick_run, 
     the host (this shared 2-vCPU VM: one config in six identical fresh
     workers spanned 46-100%, back to back for 12 s it drifted 30-80% for a second at a
     time) and the test skips with the number; a uniform shift, or a steady host, fails."""
-    from multiopt.gate import compare, load_records
+    from multiopt.analyze.gate import compare, load_records
 
     base = quick_run[0]
     for attempt in range(2):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from multiopt.measure import Config, Protocol, measure, validate
+from multiopt.instrument.protocol import Config, Protocol, measure, validate
 from multiopt.errors import UsageError
-from multiopt.probes import round_alloc
+from multiopt.instrument.probes import round_alloc
 
 # Every registered optimizer with each option that changes its state.
 STATE_CASES = [
@@ -89,7 +89,7 @@ def test_adam_numbers_by_hand():
 PHASE_FIELDS = [
     "param_bytes", "grad_bytes", "opt_state_bytes", "opt_state_alloc_bytes", "mem_step_start",
     "mem_after_zero_grad", "peak_zero_grad", "mem_after_forward", "peak_forward", "mem_after_backward",
-    "peak_backward", "mem_after_step", "peak_step", "step_temp_bytes", "peak_total", "opt_state_by_optimizer",
+    "peak_backward", "mem_after_step", "peak_step", "step_temp_bytes", "peak_total", "optimizers",
 ]
 
 AGREE_CASES = [

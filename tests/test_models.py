@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from multiopt import models
+from multiopt.train import models
 from multiopt.errors import UsageError
-from multiopt.measure import Config, Protocol, measure, validate
-from multiopt.multi import MultiOptimizer
-from multiopt.probes import round_alloc
-from multiopt.sweep import COMBOS, preset_configs
+from multiopt.instrument.protocol import Config, Protocol, measure, validate
+from multiopt.train.multi import MultiOptimizer
+from multiopt.instrument.probes import round_alloc
+from multiopt.run.presets import COMBOS, preset_configs
 
 LM_RULES = "*emb*=adamw(lr=3e-4); @matrix=muon(lr=0.02); rest=adamw(lr=3e-4)"
 
@@ -209,7 +209,7 @@ def test_user_model_sweeps_reports_and_gates(run_cli, tmp_path):
         assert row["param_bytes"] == params and row["opt_state_bytes"] == row["opt_state_expected"]
         assert row["peak_total"] > params and row["step_ms_median"] > 0
     assert rows[0]["opt_state_bytes"] == 0 < rows[2]["opt_state_bytes"] < rows[1]["opt_state_bytes"]
-    from multiopt import gate, report
+    from multiopt.analyze import gate, report
 
     path = report.write_report([out], tmp_path / "report.md")
     assert "sgd+adam" in path.read_text()

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from multiopt.errors import UsageError
-from multiopt.models import MLP, SimpleNet
-from multiopt.multi import MultiOptimizer, impl_of
+from multiopt.train.models import MLP, SimpleNet
+from multiopt.train.multi import MultiOptimizer, impl_of
 
 
 def _step(model, opt, seed=0):

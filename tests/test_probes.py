@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from multiopt.errors import UsageError
-from multiopt.probes import (
+from multiopt.instrument.probes import (
     CudaProbe,
     FakeProbe,
     Probe,

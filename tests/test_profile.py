@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import multiopt
-from multiopt import models
+from multiopt.train import models
 from multiopt.errors import UsageError
-from multiopt.measure import Config, Protocol, measure
-from multiopt.multi import MultiOptimizer
-from multiopt.probes import TrackedProbe, round_alloc
-from multiopt.profile import Profile
+from multiopt.instrument.protocol import Config, Protocol, measure
+from multiopt.train.multi import MultiOptimizer
+from multiopt.instrument.probes import TrackedProbe, round_alloc
+from multiopt.instrument.profile import Profile
 
 RULES = "*emb*=adamw(lr=3e-4); @matrix=muon(lr=0.02); rest=adamw(lr=3e-4)"
 WIDTH, DEPTH, BATCH, SEED = 64, 2, 4, 0

@@ -3,7 +3,8 @@
 import pytest
 
 from multiopt.errors import UsageError
-from multiopt.record import Record, append_jsonl, read_jsonl
+from multiopt.record import Record
+from multiopt.store import append_jsonl, read_jsonl
 
 
 @pytest.mark.parametrize("torn", ['{"schema": "multiopt.rec', "x" * 200_000])  # short, and longer than a read chunk

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from multiopt.frame import series_labels
-from multiopt import frame, plot, report
+from multiopt.analyze.frame import series_labels
+from multiopt.analyze import frame, plot, report
 from multiopt.cli import main
 from multiopt.units import fmt_bytes, fmt_ms
 
@@ -135,9 +135,9 @@ def test_expected_vs_measured(df, md):
     # a state that differs from the formula shows the difference in bytes, and who
     bad = df.copy()
     i = rec(df, "sgd+adam", 64, 8).name
-    per = json.loads(bad.at[i, "opt_state_by_optimizer"])
+    per = [dict(o) for o in bad.at[i, "optimizers"]]
     per[1]["state_bytes"] += 1024
-    bad.at[i, "opt_state_by_optimizer"] = json.dumps(per)
+    bad.at[i, "optimizers"] = per
     bad.at[i, "opt_state_bytes"] += 1024
     out = table(report.render(bad), "Expected vs measured state")
     cell = pick(out, combo="sgd+adam", width=64)

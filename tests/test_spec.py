@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from multiopt.errors import UsageError
-from multiopt.spec import Rule, assign, format_rules, from_dicts, parse, rules_from
+from multiopt.train.spec import Rule, assign, format_rules, from_dicts, parse, rules_from
 
 
 def test_parses_the_three_documented_forms():

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from multiopt.optimizers import available, resolve
-from multiopt.state import StateBytes, expected_state, has_formula, measured_state, round_alloc
+from multiopt.train.optimizers import available, resolve
+from multiopt.instrument.state import StateBytes, expected_state, has_formula, measured_state
+from multiopt.units import round_alloc
 
 FOREACH = {"foreach": False}, {"foreach": True}
 FUSED = {"fused": True}

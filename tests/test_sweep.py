@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from multiopt import frame
-from multiopt.measure import Protocol
-from multiopt.record import config_key, read_jsonl
-from multiopt.sweep import COMBOS, PRESETS, config_key_of, preset_configs, user_combo
+from multiopt.analyze import frame
+from multiopt.instrument.protocol import Protocol
+from multiopt.record import config_key
+from multiopt.store import read_jsonl
+from multiopt.run.presets import COMBOS, PRESETS, preset_configs, user_combo
 from multiopt.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_quick_preset_writes_one_record_per_config_within_a_minute(quick_run):
     rows = read_jsonl(out / "results.jsonl")
     configs = preset_configs("quick")
     assert len(rows) == len(configs)
-    assert {config_key(r) for r in rows} == {config_key_of(c, "tracked") for c in configs}
+    assert {config_key(r) for r in rows} == {c.record_key("tracked") for c in configs}
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     env = json.loads((out / "env.json").read_text())
     assert env["probe"] == "tracked" and env["preset"] == "quick" and env["torch"]
@@ -115,24 +116,24 @@ def test_oom_and_divergence_are_recorded_and_the_sweep_completes(tmp_path):
 
 
 def test_worker_crash_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    from multiopt.measure import Config
-    from multiopt.sweep import Runner
+    from multiopt.instrument.protocol import Config
+    from multiopt.run.launch import Isolated
 
-    runner = Runner(tmp_path / "r.jsonl", Protocol(steps=1), timeout=60, progress=False)
+    launcher = Isolated(Protocol(steps=1), timeout=60, progress=False)
     crash = Config(width=16, combo="crash", rules="rest=tests.crashing:Crash")
     fine = Config(width=16, combo="sgd", rules=COMBOS["sgd"])
-    recs = runner.run([crash, fine])
+    recs = launcher.run([crash, fine], tmp_path / "r.jsonl")
     assert [r.status for r in recs] == ["error", "ok"]
     assert "worker died" in recs[0].error
     assert len(read_jsonl(tmp_path / "r.jsonl")) == 2
 
 
 def test_per_config_timeout(tmp_path):
-    from multiopt.measure import Config
-    from multiopt.sweep import Runner
+    from multiopt.instrument.protocol import Config
+    from multiopt.run.launch import Isolated
 
-    runner = Runner(tmp_path / "r.jsonl", Protocol(steps=1), timeout=3, progress=False)
-    recs = runner.run([Config(width=16, combo="slow", rules="rest=tests.crashing:Slow")])
+    launcher = Isolated(Protocol(steps=1), timeout=3, progress=False)
+    recs = launcher.run([Config(width=16, combo="slow", rules="rest=tests.crashing:Slow")], tmp_path / "r.jsonl")
     assert recs[0].status == "error" and "timed out after 3 s" in recs[0].error
 
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from multiopt.errors import UsageError
-from multiopt.models import MLP, SimpleNet
-from multiopt.multi import MultiOptimizer
-from multiopt.trainer import Trainer
+from multiopt.train.models import MLP, SimpleNet
+from multiopt.train.multi import MultiOptimizer
+from multiopt.train.trainer import Trainer
 
 RULES = "layer1=sgd(lr=0.01); layer2=adam(lr=1e-3)"
 

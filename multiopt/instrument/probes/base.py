@@ -15,17 +15,10 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
+from ...units import ALLOC_GRANULE, round_alloc
 
 #: CUDA's caching allocator hands out blocks in multiples of this (kMinBlockSize).
-ALLOC_GRANULE = 512
-
-
-def round_alloc(nbytes: int) -> int:
-    """Bytes an allocation of `nbytes` occupies in `memory_allocated` terms (0 stays 0)."""
-    return (nbytes + (ALLOC_GRANULE - 1)) & ~(ALLOC_GRANULE - 1)
-
-
 class Probe(ABC):
     """Memory instrument for one device; use as a context manager (enter = start tracking).
 

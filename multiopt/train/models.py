@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

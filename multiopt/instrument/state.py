@@ -30,9 +30,9 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .optimizers import name_of
+from ..train.optimizers import name_of
 # One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
-from .probes import round_alloc
+from ..units import round_alloc
 
 __all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula"]
 

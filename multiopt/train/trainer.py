@@ -7,7 +7,6 @@ It knows nothing about measuring; instruments watch it through phase hooks
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -16,10 +15,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import UsageError
+from ..errors import UsageError
 from .multi import MultiOptimizer
 
-PHASES = ("zero_grad", "forward", "backward", "step")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PhaseHook = Callable[[str, str], None]  # (phase, "before" | "after")
 
@@ -187,32 +185,3 @@ class Trainer:
         except FileNotFoundError:
             raise UsageError(f"{path}: no such checkpoint") from None
         self.load_state_dict(state)
-
-
-def train_cli(args: Any) -> int:
-    """`multiopt train`: the classic program; trains on synthetic data, prints loss and memory."""
-    from . import models
-    from .probes import make_probe
-    from .units import fmt_bytes
-
-    torch.manual_seed(args.seed)
-    probe = make_probe("auto")
-    with probe:
-        spec = models.resolve(args.model)
-        model = probe.build_model(lambda: spec.build(args.width, args.depth))
-        optimizer = MultiOptimizer.from_spec(model, args.rules)
-        print(optimizer.describe())
-        trainer = Trainer(model, spec.loss_fn, optimizer, amp=args.amp)
-        gen = torch.Generator(device=probe.device).manual_seed(args.seed)
-        batch = spec.make_batch(model, args.batch, device=probe.device, generator=gen)
-        for step in range(1, args.steps + 1):
-            probe.reset_peak()
-            loss = trainer.train_step(batch).item()
-            if not math.isfinite(loss):
-                print(f"step {step}: loss is {loss}; training diverged (lower the learning rate)")
-                return 1
-            print(
-                f"step {step:>4}  loss {loss:.6f}  allocated {fmt_bytes(probe.allocated())}"
-                f"  peak {fmt_bytes(probe.peak())}  ({probe.name} probe)"
-            )
-    return 0

@@ -23,9 +23,10 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from .frame import PHASES, by_optimizer, load, phase_order, series_labels
+from ..record import PHASES, Record, phase_order
+from .frame import by_optimizer, load, series_labels
 from .plot import breakdown_rows
-from .units import fmt_bytes, fmt_ms
+from ..units import fmt_bytes, fmt_ms
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
 
@@ -334,15 +335,13 @@ def _zero(ok: pd.DataFrame) -> str:
     take whole parameters (ZeroRedundancyOptimizer partitions by parameter)."""
     if "zero" not in ok.columns or not (ok["zero"] == 1).any():
         return ""
-    import json
-
     twins = {(r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]): r
              for _, r in ok[ok["zero"] != 1].iterrows()}
     headers = ["combo", "width", "batch", "ranks", "unsharded state", "per rank", "model: state/ranks",
                "largest rank share", "ideal share", "peak, no ZeRO", "peak, rank 0"]
     rows = []
     for _, r in ok[ok["zero"] == 1].iterrows():
-        per = [e.get("state_bytes") for e in json.loads(r.get("opt_state_by_rank") or "[]")]
+        per = [e.get("state_bytes") for e in (r.get("ranks_state") or [])]
         total, ranks = r.get("opt_state_unsharded"), int(r["ranks"])
         twin = twins.get((r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]))
         share = f"{max(per) / total:.3f}" if per and total else "-"
@@ -444,3 +443,30 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     text += f"\nRaw data (every column, bytes and ms): [{csv.name}]({csv.name})\n"
     out.write_text(text, encoding="utf-8")
     return out
+
+
+# --------------------------------------------------------------------------- one record
+
+
+def record_text(record: Record) -> str:
+    """One record as a person reads it (`multiopt measure`): every field with human units
+    and raw numbers, then one row per optimizer."""
+    rows = []
+    for k, v in record.to_dict().items():
+        if k in ("optimizers", "ranks_state"):
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and (k.startswith(("mem_", "peak_")) or k.endswith("_bytes") or k == "opt_state_expected"):
+            rows.append((k, fmt_bytes(v), f"{v:,}"))
+        elif isinstance(v, float) and k.startswith("step_ms"):
+            rows.append((k, fmt_ms(v), f"{v:.4f}"))
+        else:
+            rows.append((k, "" if v is None else v, ""))
+    text = tabulate(rows, headers=["field", "value", "raw"], tablefmt="github", disable_numparse=True)
+    if record.optimizers:
+        text += "\n\n" + tabulate(
+            [(o.name, o.optimizer, o.impl, f"{o.n_params:,}", fmt_bytes(o.state_bytes), f"{o.state_bytes:,}",
+              "-" if o.expected is None else f"{o.expected:,}", fmt_bytes(o.step_temp_bytes)) for o in record.optimizers],
+            headers=["optimizer", "class", "impl", "params", "state", "state bytes", "expected bytes", "step temporaries"],
+            tablefmt="github", disable_numparse=True,
+        )
+    return text

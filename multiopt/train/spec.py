@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KINDS = {"@matrix": "parameters with ndim >= 2", "@vector": "parameters with ndim < 2"}
 _GLOB_CHARS = set("*?[")
@@ -69,9 +70,20 @@ def format_rules(rules: Sequence[Rule]) -> str:
 
 
 def parse(text: str) -> tuple[Rule, ...]:
-    """Parse a rule string; UsageError names the part that is wrong."""
+    """Parse a rule string; UsageError names the part that is wrong. A config's rule text is
+    parsed once: later calls with the same text return the same (immutable) Rules."""
     if not isinstance(text, str):
         raise UsageError(f"rules must be a string, got {type(text).__name__}")
+    return _parse_cached(text)
+
+
+def canonical(text: str) -> str:
+    """The canonical form of a rule string (what records store and configs are keyed by)."""
+    return format_rules(parse(text))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> tuple[Rule, ...]:
     parts = [p.strip() for p in _split_top_level(text, ";")]
     parts = [p for p in parts if p]
     if not parts:

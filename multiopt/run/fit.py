@@ -26,9 +26,14 @@ import gc
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from .errors import UsageError
-from .measure import Config, Protocol, measure, validate
-from .record import Record
+import numpy as np
+from tabulate import tabulate
+
+from ..errors import UsageError
+from ..instrument.protocol import Config, Protocol, measure, validate
+from ..record import Record
+from ..train.spec import canonical
+from ..units import fmt_bytes
 
 #: Searches stop here (a model whose peak does not grow with the axis, e.g. `simple` in width).
 CAPS = {"batch": 1 << 24, "width": 1 << 20}
@@ -153,7 +158,6 @@ def _interpolate(peak: Callable[[int], int], budget: int, cap: int) -> tuple[int
 def _root(known: dict[int, int], budget: int, lo: int, hi: int | None) -> float | None:
     """Where a polynomial through the (up to) three known points nearest [lo, hi] reaches
     `budget`, strictly above lo (and below hi); None when no such root exists."""
-    import numpy as np
 
     pivot = lo if hi is None else (lo + hi) / 2
     near = sorted(known, key=lambda n: abs(n - pivot))[:3]
@@ -196,7 +200,7 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
         raise UsageError(f"the budget must be at least 1 byte, got {budget}")
     if width < 1 or batch < 1 or depth < 1:
         raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
-    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=rules,
+    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=canonical(rules),
                       impl=impl) for name, rules in combos]
     fake = Protocol(probe="fake", steps=0, limit_bytes=budget)
     for c in configs:
@@ -213,11 +217,6 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
 
 def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dtype: str) -> str:
     """Markdown: one table per combo, human units."""
-    from tabulate import tabulate
-
-    from .spec import format_rules, rules_from
-    from .units import fmt_bytes
-
     lines = [
         f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)",
         "",
@@ -228,7 +227,7 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
     for a in answers:
         by_combo.setdefault(a.combo, []).append(a)
     for combo, group in by_combo.items():
-        lines += ["", f"## {combo}: `{format_rules(rules_from(group[0].rules))}`", ""]
+        lines += ["", f"## {combo}: `{canonical(group[0].rules)}`", ""]
         rows = []
         for a in group:
             question = f"largest {a.axis} at {a.fixed[0]} {a.fixed[1]:,}"
@@ -248,28 +247,3 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                                              "optimizer state", "first that does not fit"],
                               tablefmt="github", disable_numparse=True))
     return "\n".join(lines) + "\n"
-
-
-def fit_cli(args: Any) -> int:
-    """`multiopt fit`: 0 when every question was answered, 1 when a fake run failed, 2 bad input."""
-    from .sweep import combos as preset_combos, user_combo
-    from .units import parse_bytes
-
-    budget = parse_bytes(args.budget)
-    chosen = list(preset_combos(_split(args.combos)))
-    for text in args.rules or []:
-        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
-    if not chosen:
-        chosen = list(preset_combos(DEFAULT_COMBOS))
-    # What exists now (torch) outlives every fake run: keep it out of each run's gc.collect(),
-    # most of a small run's time otherwise. The process ends after this command.
-    gc.collect()
-    gc.freeze()
-    answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
-                  dtype=args.dtype, impl=args.impl)
-    print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
-    return 1 if any(a.error for a in answers) else 0
-
-
-def _split(text: str | None) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else []

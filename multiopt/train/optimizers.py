@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # name -> torch.optim attribute. Muon and Adafactor exist only in newer torch releases.
 _TORCH_NAMES: dict[str, str] = {

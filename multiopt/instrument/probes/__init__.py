@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
 from .cuda import CudaProbe
 from .fake import FakeProbe
@@ -31,6 +31,7 @@ __all__ = [
     "TrackedProbe",
     "iter_tensors",
     "make_probe",
+    "resolve_probe",
     "round_alloc",
 ]
 
@@ -48,7 +49,7 @@ def make_probe(
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key == "auto":
-        key = "cuda" if torch.cuda.is_available() else "tracked"
+        key = resolve_probe("auto")[0]
     if key == "cuda":
         return CudaProbe(device, limit_bytes=limit_bytes)
     if key == "tracked":
@@ -56,3 +57,16 @@ def make_probe(
     if key == "fake":
         return FakeProbe(device, limit_bytes=limit_bytes)
     raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")
+
+
+def resolve_probe(name: str) -> tuple[str, str]:
+    """The probe `name` stands for ("auto": cuda when torch sees a GPU, else tracked) and the
+    device its configs run on. The one place "auto" is resolved."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key == "auto":
+        key = "cuda" if torch.cuda.is_available() else "tracked"
+    if key not in ("cuda", "tracked", "fake"):
+        raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")
+    if key == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--probe cuda needs a CUDA GPU, and torch sees none; use --probe tracked or fake")
+    return key, ("cuda" if key == "cuda" else "cpu")

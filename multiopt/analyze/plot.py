@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, Locator
 
 from .frame import PEAK_PARTS, series_labels
-from .units import fmt_bytes, fmt_ms
+from ..units import fmt_bytes, fmt_ms
 
 __all__ = [
     "Plot",

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
 
 _Tensor = torch.Tensor

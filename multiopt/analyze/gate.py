@@ -39,17 +39,18 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import pandas as pd
 
-from . import record as rec
-from .errors import UsageError
-from .units import fmt_bytes, fmt_ms
-from .units import parse_fraction as _parse_fraction
+from .. import record as rec
+from ..errors import UsageError
+from ..store import write_jsonl_atomic
+from ..units import fmt_bytes, fmt_ms
+from .frame import load
+from ..units import parse_fraction as _parse_fraction
 
 # Memory metrics the gate compares (bytes). `opt_state_expected` is a formula, not a
 # measurement; `mem_*` levels are implied by the peaks; n_params is not memory.
@@ -494,8 +495,6 @@ def parse_fraction(text: str | float, what: str = "tolerance") -> float:
 
 def load_records(*paths: str | os.PathLike) -> pd.DataFrame:
     """Records from run dirs, JSONL files or pytest-benchmark JSON, via `frame.load`."""
-    from .frame import load
-
     return load(*paths)
 
 
@@ -523,17 +522,7 @@ def write_baseline(path: str | os.PathLike, df: pd.DataFrame) -> int:
     rows = _records_for_baseline(df)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(rec.dumps(r) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_jsonl_atomic(path, rows)
     except OSError as e:
         raise UsageError(f"{path}: cannot write the baseline ({e.strerror})") from None
     return len(rows)

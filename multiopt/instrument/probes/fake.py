@@ -19,7 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .tracked import LedgerProbe, Sizer, StorageLedger
 
 

@@ -70,10 +70,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import optimizers as registry
-from .errors import UsageError
-from .multi import MultiOptimizer, impl_of
-from .probes import Probe, make_probe, round_alloc
+from ..train import optimizers as registry
+from ..errors import UsageError
+from ..train.multi import MultiOptimizer, impl_of
+from ..units import round_alloc
+from .probes import Probe, make_probe
 from .state import StateBytes, expected_state, measured_state
 
 __all__ = ["Profile", "profile", "PHASES"]
@@ -444,7 +445,7 @@ class Profile:
         and step times, as text."""
         from tabulate import tabulate
 
-        from .units import fmt_bytes, fmt_ms
+        from ..units import fmt_bytes, fmt_ms
 
         probe = self.probe.name if self.probe else "?"
         lines = [f"multiopt.profile: {len(self.rows)} step(s), {probe} probe, "
@@ -495,7 +496,7 @@ def _fmt(v: Any, f: Callable[[Any], str]) -> str:
 
 
 def _bytes(v: Any) -> str:
-    from .units import fmt_bytes
+    from ..units import fmt_bytes
 
     return fmt_bytes(int(v))
 

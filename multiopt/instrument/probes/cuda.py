@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .base import Probe, iter_tensors
 
 

@@ -6,14 +6,15 @@ It is a `torch.optim.Optimizer`, so LR schedulers, GradScaler and step hooks acc
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from . import optimizers as registry
-from .errors import UsageError
 from .spec import Rule, assign, format_rules, rules_from
 
 IMPLS = ("default", "foreach", "fused", "forloop")
@@ -107,23 +108,26 @@ class MultiOptimizer(torch.optim.Optimizer):
         rules: str | Iterable[Mapping[str, Any]] | Iterable[Rule],
         *,
         impl: str = "default",
+        zero: bool = False,
+        process_group: Any = None,
     ) -> "MultiOptimizer":
-        """One optimizer per rule over the parameters it claims (first match wins)."""
-        parsed = rules_from(rules)
-        specs = [registry.resolve(r.optimizer) for r in parsed]
-        for rule, spec in zip(parsed, specs):
-            spec.check_keywords(rule.options, where=f"rule '{rule}'")
-        groups = assign(model.named_parameters(), parsed)
+        """One optimizer per rule over the parameters it claims (first match wins).
+
+        `zero=True` wraps each rule's optimizer in `ZeroRedundancyOptimizer` over the default
+        (or the given) process group: ZeRO-1 optimizer-state sharding, one partition per rank."""
         children: OrderedDict[str, torch.optim.Optimizer] = OrderedDict()
-        for i, (rule, spec, group) in enumerate(zip(parsed, specs, groups)):
-            if spec.matrix_only:
-                _check_matrix_only(rule, spec, group, parsed[i + 1 :])
+        parsed = rules_from(rules)
+        for rule, spec, group in plan(model, parsed):
             kwargs = {**rule.options, **impl_kwargs(spec, impl, rule.options)}
+            params = [p for _, p in group]
             try:
-                opt = spec.cls([p for _, p in group], **kwargs)
+                if zero:
+                    children[rule.label] = _zero_optimizer(params, spec.cls, process_group, kwargs)
+                else:
+                    children[rule.label] = spec.cls(params, **kwargs)
             except (ValueError, TypeError, RuntimeError) as e:
-                raise UsageError(f"rule '{rule}': {spec.name} refused its settings or parameters: {e}") from None
-            children[rule.label] = opt
+                wrapper = f"ZeroRedundancyOptimizer({spec.name})" if zero else spec.name
+                raise UsageError(f"rule '{rule}': {wrapper} refused its settings or parameters: {e}") from None
         return cls(children, model=model, rules=parsed)
 
     # --- acting as one optimizer ----------------------------------------------------------
@@ -235,6 +239,41 @@ class MultiOptimizer(torch.optim.Optimizer):
                             "each parameter must belong to exactly one optimizer (torch would silently keep two states)"
                         )
                     owner[id(p)] = key
+
+
+def plan(model: nn.Module, rules: Sequence[Rule]) -> list[tuple[Rule, registry.OptimizerSpec, list]]:
+    """Each rule with its optimizer class and the (name, parameter) pairs it claims, every
+    check that needs no optimizer instance done: unknown optimizers, bad keywords, rules that
+    claim nothing, unclaimed parameters, matrix-only optimizers on other shapes. Works on a
+    meta-device model, so a config is validated before anything is allocated."""
+    specs = [registry.resolve(r.optimizer) for r in rules]
+    for rule, spec in zip(rules, specs):
+        spec.check_keywords(rule.options, where=f"rule '{rule}'")
+    groups = assign(model.named_parameters(), rules)
+    for i, (rule, spec, group) in enumerate(zip(rules, specs, groups)):
+        if spec.matrix_only:
+            _check_matrix_only(rule, spec, group, rules[i + 1 :])
+    return list(zip(rules, specs, groups))
+
+
+def _zero_optimizer(params: list, cls: type, process_group: Any, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    # torch.distributed.optim costs most of a second to import (it scripts its functional
+    # optimizers): only ZeRO configs pay it.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=process_group, **kwargs)
+
+
+def is_zero(optimizer: Any) -> bool:
+    """Whether `optimizer` is a ZeroRedundancyOptimizer, without importing torch.distributed.optim
+    to learn that a plain optimizer is not one."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return module is not None and isinstance(optimizer, module.ZeroRedundancyOptimizer)
+
+
+def local_optimizer(optimizer: Any) -> Any:
+    """The optimizer that holds the state: ZeRO's local one over this rank's partition, else itself."""
+    return optimizer.optim if is_zero(optimizer) else optimizer
 
 
 def _param_names(model: nn.Module | None) -> dict[int, str]:

@@ -30,8 +30,7 @@ Derived columns (float64; NaN where an input is missing):
 `df.attrs["env"]` is a list of dicts, one per source: the run directory's env.json (or the
 pytest-benchmark machine/commit info), plus ``source``.
 
-`by_optimizer(df)` explodes the JSON column ``opt_state_by_optimizer``: one row per
-(record, optimizer).
+`by_optimizer(df)` explodes the ``optimizers`` lists: one row per (record, optimizer).
 
 Every function here is pure: no global state, no I/O except reading the given files.
 """
@@ -47,8 +46,9 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .errors import UsageError
-from .record import CONFIG_COLUMNS, FIELDS, Record, check_schema, read_jsonl
+from ..errors import UsageError
+from ..record import CONFIG_COLUMNS, FIELDS, PHASES, Record, phase_order
+from ..store import read_sources
 
 __all__ = [
     "load",
@@ -67,8 +67,6 @@ __all__ = [
     "series_labels",
     "source_names",
 ]
-
-PHASES: tuple[str, ...] = ("zero_grad", "forward", "backward", "step")
 
 _FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Record)}
 INT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t.split("|")[0].strip() == "int")
@@ -99,129 +97,11 @@ BY_OPTIMIZER_FIELDS: tuple[str, ...] = (
 )
 
 
-def phase_order(zero_grad_at: str) -> tuple[str, ...]:
-    """Execution order of the four phases for a zero_grad placement ("start" or "end")."""
-    if zero_grad_at == "start":
-        return ("zero_grad", "forward", "backward", "step")
-    return ("forward", "backward", "step", "zero_grad")
-
-
-# --------------------------------------------------------------------------- loading
-
-
 def load(*paths: str | Path) -> pd.DataFrame:
-    """Load run directories, JSONL files and pytest-benchmark JSON files into one DataFrame.
-
-    Raises UsageError (one line naming the file) for a missing path, a file with no
-    records, corrupt JSON or a record of the wrong schema.
-    """
-    if not paths:
-        raise UsageError("no results given: name a run directory, a results .jsonl or a pytest-benchmark .json")
-    rows: list[dict[str, Any]] = []
-    envs: list[dict[str, Any]] = []
-    for p in paths:
-        src_rows, env = _read_source(Path(p))
-        rows.extend(src_rows)
-        envs.append(env)
+    """Load run directories, JSONL files and pytest-benchmark JSON files into one DataFrame
+    (see `store.read_sources` for what each may be and what is refused)."""
+    rows, envs = read_sources(paths)
     return records_to_frame(rows, env=envs)
-
-
-def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    if path.is_dir():
-        results = path / "results.jsonl"
-        if not results.is_file():
-            raise UsageError(f"{path}: run directory has no results.jsonl")
-        rows = read_jsonl(results)
-        source = results
-        env = _read_env(path / "env.json")
-    elif not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
-    elif path.suffix.lower() == ".json" and not _looks_like_jsonl(path):
-        rows, env = _read_benchmark_json(path)
-        source = path
-    else:
-        rows = read_jsonl(path)
-        source = path
-        env = _read_env(path.parent / "env.json") if path.name == "results.jsonl" else {}
-    if not rows:
-        raise UsageError(f"{source}: no records (empty file); did the sweep run?")
-    for r in rows:
-        r["source"] = str(source)
-    env = {**env, "source": str(source)}
-    return rows, env
-
-
-def _looks_like_jsonl(path: Path) -> bool:
-    """A .json file whose first line is a whole record object: JSONL under another name."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        doc = json.loads(first)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(doc, dict) and "schema" in doc
-
-
-def _read_env(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(env, dict):
-        raise UsageError(f"{path}: expected a JSON object, got {type(env).__name__}")
-    return env
-
-
-def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if not text.strip():
-        raise UsageError(f"{path}: no records (empty file)")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); is this a pytest-benchmark --benchmark-json file?") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
-        raise UsageError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
-    rows = []
-    for i, b in enumerate(doc["benchmarks"]):
-        name = b.get("fullname") or b.get("name") or f"#{i}" if isinstance(b, dict) else f"#{i}"
-        where = f"{path}: benchmark {name}"
-        if not isinstance(b, dict) or not isinstance(b.get("extra_info"), dict) or not b["extra_info"]:
-            raise UsageError(f"{where}: no extra_info record; was it written by multiopt's bench suite?")
-        row = dict(b["extra_info"])
-        check_schema(row, where)
-        stats = b.get("stats")
-        # a failed config's timing (if any) is not a step time: keep its record's None
-        if row.get("status") == "ok" and isinstance(stats, dict) and stats.get("median") is not None:
-            try:
-                for key in ("median", "iqr", "min", "mean"):
-                    v = stats.get(key)
-                    row[f"step_ms_{key}"] = None if v is None else float(v) * 1000.0
-                if stats.get("rounds") is not None:
-                    row["steps_timed"] = int(stats["rounds"])
-            except (TypeError, ValueError):
-                raise UsageError(f"{where}: stats are not numbers") from None
-        rows.append(row)
-    machine = doc.get("machine_info") or {}
-    commit = doc.get("commit_info") or {}
-    cpu = machine.get("cpu") or {}
-    env = {
-        "created_at": doc.get("datetime"),
-        "cpu": cpu.get("brand_raw") or machine.get("processor") or None,
-        "python": machine.get("python_version"),
-        "host": machine.get("node"),
-        "git_sha": commit.get("id"),
-        "git_dirty": commit.get("dirty"),
-        "pytest_benchmark": doc.get("version"),
-    }
-    return rows, {k: v for k, v in env.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- frame
@@ -425,7 +305,7 @@ def series_labels(df: pd.DataFrame) -> pd.Series:
 
 
 def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (record, optimizer) from the JSON column ``opt_state_by_optimizer``.
+    """One row per (record, optimizer) from the record's ``optimizers`` list.
 
     Columns: ``record`` (the index label of the record in `df`), the config columns,
     ``status``, ``run_id``, ``source``, then each optimizer's fields (name, rule,
@@ -441,19 +321,9 @@ def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
     extras: dict[str, str] = {}  # JSON key -> column
     out: list[dict[str, Any]] = []
     for label, row in df.iterrows():
-        raw = row.get("opt_state_by_optimizer")
-        if raw is None or (isinstance(raw, float) and math.isnan(raw)) or raw == "":
-            continue
-        try:
-            items = json.loads(raw) if isinstance(raw, str) else raw
-        except json.JSONDecodeError as e:
-            raise UsageError(
-                f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not valid JSON ({e.msg})"
-            ) from None
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise UsageError(
-                f"{row.get('source', '?')}: opt_state_by_optimizer of {row.get('combo')!r} is not a JSON list of objects"
-            )
+        items = row.get("optimizers")
+        if not isinstance(items, (list, tuple)):
+            continue  # a record read without its optimizers (a failed config)
         for item in items:
             rec = {"record": label}
             rec.update({c: row[c] for c in keep})

@@ -1,0 +1,1 @@
+"""Many configs: presets, launchers (in-process, isolated workers, torchrun ranks), sweeps, fit."""
