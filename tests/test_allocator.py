@@ -147,6 +147,17 @@ def test_max_split_size_oversize_blocks():
     assert a.reserved == 200 * MiB
 
 
+def test_should_split_tests_the_request_not_the_block():
+    """should_split: ``size < max_split_size && remaining > kSmallSize``. A fresh 20 MiB segment
+    is oversize with max_split_size 20 MiB, yet a 2 MiB request splits it; once merged back it is
+    an oversize free block that get_free_block refuses to the next 2 MiB request."""
+    a = CachingAllocator(AllocatorConfig(max_split_size=20 * MiB))
+    assert a.malloc("x", 2 * MiB) == 2 * MiB and free_blocks(a) == [18 * MiB]
+    a.free("x")
+    assert free_blocks(a) == [20 * MiB]
+    assert a.malloc("y", 2 * MiB) == 2 * MiB and a.reserved == 40 * MiB
+
+
 def test_max_non_split_rounding_size_configurable():
     cfg = AllocatorConfig.parse("max_split_size_mb:20,max_non_split_rounding_mb:64")
     a = CachingAllocator(cfg)
