@@ -1,0 +1,881 @@
+"""A pure-Python model of PyTorch's CUDA caching allocator (the "native" backend).
+
+It answers "what would ``torch.cuda.memory_allocated()`` / ``memory_reserved()`` /
+``memory_stats()["requested_bytes.all.current"]`` say after this sequence of tensor
+allocations and frees?" without a GPU, fast enough to replay millions of events.
+
+Modelled, rule by rule after ``c10/cuda/CUDACachingAllocator.cpp`` (``DeviceCachingAllocator``)
+and the config parsers in ``c10/core/AllocatorConfig.cpp`` / ``c10/cuda/CUDAAllocatorConfig.cpp``:
+
+- ``round_size``: requests rounded up to 512 B (kMinBlockSize), or to a power-of-2 division
+  with ``roundup_power2_divisions`` (``roundup_power2_next_division``);
+- ``get_pool`` / ``get_allocation_size``: small pool (<= 1 MiB, kSmallSize) in 2 MiB segments
+  (kSmallBuffer); large pool in 20 MiB segments (kLargeBuffer) below 10 MiB (kMinLargeAlloc),
+  else segments rounded up to 2 MiB (kRoundLarge);
+- ``get_free_block``: best fit by (size, address) with the ``max_split_size`` /
+  ``max_non_split_rounding_size`` rules; ``should_split``; ``alloc_found_block``;
+- ``free_block`` / ``try_merge_blocks``: coalescing with free neighbours of the same segment;
+- ``alloc_block`` with a byte limit (``set_per_process_memory_fraction``), then
+  ``release_available_cached_blocks`` (oversize blocks), then ``release_cached_blocks``
+  (= ``empty_cache``), then an out-of-memory error;
+- ``expandable_segments:True``: ``ExpandableSegment`` / ``find_expandable_block`` /
+  ``map_block`` / ``unmap_block``: one growing virtual segment per pool, mapped in 2 MiB
+  (small) or 20 MiB (large) pages; reserved counts mapped pages only;
+- stats: allocated (block sizes, as ``allocated_bytes``), requested (``requested_bytes``),
+  reserved (``reserved_bytes``), each with its peak; ``reset_peak`` as ``resetPeakStats``.
+
+Not modelled (documented simplifications):
+
+- streams: the real allocator keys every pool by stream (``BlockComparatorSize`` compares the
+  stream first); this model has the default stream only. ``recordStream`` / cross-stream
+  events (``insert_events``, ``process_events``) are therefore absent: a free is immediate;
+- CUDA graph private pools (``graph_pools``, ``beginAllocateToPool``), IPC sharing, peer
+  access, ``backend:cudaMallocAsync`` (rejected by `CachingAllocator`), free-memory callbacks
+  (``trigger_free_memory_callbacks``);
+- ``garbage_collection_threshold`` is parsed and validated but not applied
+  (``garbage_collect_cached_blocks`` depends on per-block reuse ages; a replay with a limit and
+  that option set may keep more cache than torch would);
+- device OOM other than the limit: without a ``limit`` every cudaMalloc succeeds. The limit is
+  checked as ``alloc_block`` does: reserved + the segment size about to be requested;
+- addresses are synthetic (a bump allocator, segments never overlap); they only break ties
+  between free blocks of equal size, as real cudaMalloc addresses do.
+
+The per-event cost is a few dict/bisect operations on sorted lists of ``size << 52 | address``
+ints (one per pool), so that ``bench/allocator_replay.py`` replays 1M events in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left, insort
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+
+ALLOC_MODEL = "cuda-caching/torch-2.13"
+"""The allocator rules this module models (recorded in records as ``alloc_model``)."""
+
+# c10/cuda/CUDACachingAllocator.cpp constants.
+kMinBlockSize = 512  # all sizes are rounded to at least 512 bytes
+kSmallSize = 1048576  # largest "small" allocation is 1 MiB
+kSmallBuffer = 2097152  # "small" allocations are packed in 2 MiB blocks
+kLargeBuffer = 20971520  # "large" allocations may be packed in 20 MiB blocks
+kMinLargeAlloc = 10485760  # allocations between 1 and 10 MiB may use kLargeBuffer
+kRoundLarge = 2097152  # round up large allocations to 2 MiB
+
+# c10/core/AllocatorConfig.cpp constants.
+_MiB = 1024 * 1024
+_kRoundUpPowerOfTwoIntervals = 16  # intervals [1 MiB, 2 MiB), ..., [32 GiB, 64 GiB) and beyond
+_kRoundUpPowerOfTwoStartLog2 = 20  # 1 MiB
+_PINNED_MAX_REGISTER_THREADS = 128  # CUDAAllocatorConfig::pinned_max_register_threads()
+
+_ENV_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+"""Read in this order, as ``AcceleratorAllocatorConfig::instance()`` does (the CUDA/HIP names
+are the deprecated spellings)."""
+
+_INF = 1 << 62  # max_split_size unset: SIZE_MAX in C++
+_SHIFT = 52  # free-list key = size << _SHIFT | address; addresses stay below 4 PiB
+_MASK = (1 << _SHIFT) - 1
+_ADDR_BASE = 1 << 32  # first synthetic address (non-zero, like a device pointer)
+_DEFAULT_VIRTUAL = 1 << 40  # expandable-segment address space when no limit is known
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class AllocatorConfig:
+    """The ``PYTORCH_CUDA_ALLOC_CONF`` options that change what the caching allocator reports.
+
+    ``roundup_power2_divisions`` may be given as one int (every interval) or as the 16
+    per-interval values torch keeps (``[1 MiB, 2 MiB)`` ... ``[32 GiB, ...)``); it is stored as
+    the 16-tuple. ``max_non_split_rounding_size`` defaults to kLargeBuffer (20 MiB) as in
+    ``AllocatorConfig``'s constructor. ``garbage_collection_threshold`` and
+    ``per_process_memory_fraction`` are kept for the record, not applied: pass the byte
+    ``limit`` to `CachingAllocator` instead (the model does not know the device's total).
+    """
+
+    max_split_size: int | None = None
+    max_non_split_rounding_size: int = kLargeBuffer
+    roundup_power2_divisions: int | tuple[int, ...] = 0
+    expandable_segments: bool = False
+    garbage_collection_threshold: float = 0.0
+    per_process_memory_fraction: float | None = None
+    backend: str = "native"
+
+    def __post_init__(self) -> None:
+        rp2 = self.roundup_power2_divisions
+        if isinstance(rp2, int):
+            rp2 = (rp2,) * _kRoundUpPowerOfTwoIntervals
+        rp2 = tuple(int(v) for v in rp2)
+        if len(rp2) != _kRoundUpPowerOfTwoIntervals or any(v != 0 and not _is_pow2(v) for v in rp2):
+            raise UsageError(f"AllocatorConfig: roundup_power2_divisions must be an int or "
+                             f"{_kRoundUpPowerOfTwoIntervals} ints, each 0 or a power of 2, got {rp2!r}")
+        object.__setattr__(self, "roundup_power2_divisions", rp2)
+        if self.max_split_size is not None and self.max_split_size < kLargeBuffer:
+            raise UsageError(f"AllocatorConfig: max_split_size must be >= {kLargeBuffer} bytes (20 MiB), "
+                             f"got {self.max_split_size}")
+        if self.max_non_split_rounding_size < kLargeBuffer:
+            raise UsageError(f"AllocatorConfig: max_non_split_rounding_size must be >= {kLargeBuffer} "
+                             f"bytes (20 MiB), got {self.max_non_split_rounding_size}")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "PYTORCH_CUDA_ALLOC_CONF") -> AllocatorConfig:
+        """Parse ``key:value,key:value`` as torch does (``ConfigTokenizer`` and the ``parseArgs``
+        of ``AcceleratorAllocatorConfig`` and ``CUDAAllocatorConfig``).
+
+        Every key torch accepts is accepted (the pinned-memory and locking keys are validated,
+        then ignored); anything else raises `UsageError` with a one-line message naming
+        ``source``, the key and the value.
+        """
+        return _Parser(text, source).parse()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AllocatorConfig:
+        """The config torch would read from the environment: ``PYTORCH_ALLOC_CONF``, else
+        ``PYTORCH_CUDA_ALLOC_CONF``, else ``PYTORCH_HIP_ALLOC_CONF``; defaults if none is set."""
+        env = os.environ if environ is None else environ
+        for name in _ENV_VARS:
+            if name in env:
+                return cls.parse(env[name], source=name)
+        return cls()
+
+
+class _Parser:
+    """``ConfigTokenizer`` + ``parseArgs``: tokens split on ``, : [ ]``, whitespace dropped."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.tokens: list[str] = []
+        buf = ""
+        for ch in text:
+            if ch in ",:[]":
+                if buf:
+                    self.tokens.append(buf)
+                    buf = ""
+                self.tokens.append(ch)
+            elif not ch.isspace():
+                buf += ch
+        if buf:
+            self.tokens.append(buf)
+
+    def fail(self, msg: str) -> UsageError:
+        return UsageError(f"{self.source}: {msg}")
+
+    def tok(self, i: int, key: str) -> str:
+        if i >= len(self.tokens):
+            raise self.fail(f"{key} has no value; write {key}:VALUE")
+        return self.tokens[i]
+
+    def colon(self, i: int, key: str) -> None:
+        if self.tok(i, key) != ":":
+            raise self.fail(f"expected ':' after {key}, got {self.tokens[i]!r}")
+
+    def integer(self, i: int, key: str, what: str) -> int:
+        t = self.tok(i, key)
+        if not t.isdigit():  # std::stoull; stricter: the whole token must be digits
+            raise self.fail(f"{key} must be {what}, got {t!r}")
+        return int(t)
+
+    def number(self, i: int, key: str, what: str) -> float:
+        t = self.tok(i, key)
+        try:
+            return float(t)
+        except ValueError:
+            raise self.fail(f"{key} must be {what}, got {t!r}") from None
+
+    def boolean(self, i: int, key: str) -> bool:
+        t = self.tok(i, key)
+        if t not in ("True", "False"):  # ConfigTokenizer::toBool: exactly True or False
+            raise self.fail(f"{key} must be True or False, got {t!r}")
+        return t == "True"
+
+    def parse(self) -> AllocatorConfig:
+        kw: dict[str, Any] = {}
+        toks = self.tokens
+        i = 0
+        while i < len(toks):
+            key = toks[i]
+            if key in ",:[]":
+                raise self.fail(f"expected an option name, got {key!r}")
+            self.colon(i + 1, key)
+            i += 2
+            if key in ("max_split_size_mb", "max_non_split_rounding_mb"):
+                # parseMaxSplitSize / parseMaxNonSplitRoundingSize: >= kLargeBuffer / kMB
+                v = self.integer(i, key, "an integer >= 20 (MiB)")
+                if v < kLargeBuffer // _MiB:
+                    raise self.fail(f"{key} must be an integer >= 20 (MiB), got {toks[i]!r}")
+                kw["max_split_size" if key == "max_split_size_mb" else "max_non_split_rounding_size"] = v * _MiB
+            elif key == "garbage_collection_threshold":
+                v = self.number(i, key, "a number in (0.0, 1.0)")
+                if not 0.0 < v < 1.0:
+                    raise self.fail(f"{key} must be a number in (0.0, 1.0), got {toks[i]!r}")
+                kw[key] = v
+            elif key == "per_process_memory_fraction":
+                v = self.number(i, key, "a number in [0.0, 1.0]")
+                if not 0.0 <= v <= 1.0:
+                    raise self.fail(f"{key} must be a number in [0.0, 1.0], got {toks[i]!r}")
+                kw[key] = v
+            elif key == "roundup_power2_divisions":
+                kw[key], i = self.roundup(i, key)
+            elif key == "expandable_segments":
+                kw[key] = self.boolean(i, key)
+            elif key == "backend":
+                t = self.tok(i, key)
+                if t not in ("native", "cudaMallocAsync"):
+                    raise self.fail(f"backend must be native or cudaMallocAsync, got {t!r}")
+                kw[key] = t
+            elif key in ("release_lock_on_cudamalloc", "release_lock_on_hipmalloc",
+                         "pinned_use_cuda_host_register", "pinned_use_hip_host_register",
+                         "pinned_use_background_threads", "graph_capture_record_stream_reuse"):
+                self.boolean(i, key)  # valid, no effect on device memory stats
+            elif key == "pinned_num_register_threads":
+                v = self.integer(i, key, f"a power of 2 <= {_PINNED_MAX_REGISTER_THREADS}")
+                if not _is_pow2(v) or v > _PINNED_MAX_REGISTER_THREADS:
+                    raise self.fail(f"{key} must be a power of 2 <= {_PINNED_MAX_REGISTER_THREADS}, "
+                                    f"got {toks[i]!r}")
+            elif key == "pinned_reserve_segment_size_mb":
+                if self.integer(i, key, "an integer > 0 (MiB)") == 0:
+                    raise self.fail(f"{key} must be an integer > 0 (MiB), got {toks[i]!r}")
+            else:
+                raise self.fail(f"unknown option {key!r}; options: max_split_size_mb, "
+                                "max_non_split_rounding_mb, roundup_power2_divisions, expandable_segments, "
+                                "garbage_collection_threshold, per_process_memory_fraction, backend, ...")
+            i += 1
+            if i < len(toks):
+                if toks[i] != ",":
+                    raise self.fail(f"expected ',' after the value of {key}, got {toks[i]!r}")
+                i += 1
+        return AllocatorConfig(**kw)
+
+    def roundup(self, i: int, key: str) -> tuple[tuple[int, ...], int]:
+        """parseRoundUpPower2Divisions: ``N`` (every interval) or ``[MiB:N, ..., >:N]``.
+        Returns the 16 divisions and the index of the value's last token."""
+        toks = self.tokens
+        if self.tok(i, key) != "[":
+            v = self.integer(i, key, "a power of 2 or a list [MiB:N,...,>:N]")
+            if not _is_pow2(v):  # the legacy form: llvm::isPowerOf2_64 (0 is refused)
+                raise self.fail(f"{key} must be a power of 2, got {toks[i]!r}")
+            return (v,) * _kRoundUpPowerOfTwoIntervals, i
+        div = [0] * _kRoundUpPowerOfTwoIntervals
+        first, last_index = True, 0
+        i += 1
+        while True:
+            t = self.tok(i, key)
+            if t == "]":
+                return tuple(div), i
+            self.colon(i + 1, f"{key} interval {t}")
+            v = self.integer(i + 2, key, "a list of MiB:N with N 0 or a power of 2")
+            if v != 0 and not _is_pow2(v):
+                raise self.fail(f"{key}: divisions must be 0 or a power of 2, got {toks[i + 2]!r} for {t}")
+            if t == ">":  # everything above the last interval named
+                for j in range(last_index + 1, _kRoundUpPowerOfTwoIntervals):
+                    div[j] = v
+            else:
+                if not t.isdigit() or not _is_pow2(int(t)):
+                    raise self.fail(f"{key}: intervals must be powers of 2 (MiB) or '>', got {t!r}")
+                index = min(int(t).bit_length() - 1, _kRoundUpPowerOfTwoIntervals - 1)
+                if first:  # the first interval also covers every smaller size
+                    div[:index] = [v] * index
+                    first = False
+                div[index] = v
+                last_index = index
+            i += 3
+            t = self.tok(i, key)
+            if t == ",":
+                i += 1
+            elif t != "]":
+                raise self.fail(f"{key}: expected ',' or ']' in the list, got {t!r}")
+
+
+# --------------------------------------------------------------------------- rounding
+
+
+def roundup_power2_next_division(size: int, divisions: int) -> int:
+    """``roundup_power2_next_division``: round ``size`` up to the next of ``divisions`` equal
+    steps between the powers of 2 around it (1200 with 4 divisions -> 1280)."""
+    if size & (size - 1) == 0:
+        return size
+    power2_floor = 1 << (size.bit_length() - 1)
+    step = power2_floor >> (divisions.bit_length() - 1)
+    if step == 0:
+        return power2_floor << 1
+    floor = size & ~(step - 1)
+    return size if floor == size else floor + step
+
+
+def round_size(size: int, config: AllocatorConfig = AllocatorConfig()) -> int:
+    """``round_size``: the bytes a request of ``size`` occupies before any splitting."""
+    if size < kMinBlockSize:
+        return kMinBlockSize
+    index = min(max(size.bit_length() - 1 - _kRoundUpPowerOfTwoStartLog2, 0), _kRoundUpPowerOfTwoIntervals - 1)
+    divisions = config.roundup_power2_divisions[index]  # type: ignore[index]
+    if divisions > 1 and size > kMinBlockSize * divisions:
+        return roundup_power2_next_division(size, divisions)
+    return kMinBlockSize * ((size + kMinBlockSize - 1) // kMinBlockSize)
+
+
+def get_allocation_size(size: int) -> int:
+    """``get_allocation_size``: the segment cudaMalloc'd for a rounded ``size`` that no cached
+    block can serve."""
+    if size <= kSmallSize:
+        return kSmallBuffer
+    if size < kMinLargeAlloc:
+        return kLargeBuffer
+    return kRoundLarge * ((size + kRoundLarge - 1) // kRoundLarge)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class AllocatorOOM(MemoryError):
+    """The modelled allocator could not serve a request within its ``limit``, even after
+    releasing every cached segment (the point where torch raises
+    ``torch.OutOfMemoryError``). A `MemoryError`, since running out of memory is what it
+    means; note that torch's own error is a `RuntimeError`, so code catching one does not
+    catch the other.
+
+    Attributes: ``nbytes`` (the request), ``size`` (rounded), ``alloc_size`` (the segment
+    it needed), ``allocated``, ``reserved``, ``limit`` (bytes, at the time of the error).
+    """
+
+    def __init__(self, nbytes: int, size: int, alloc_size: int, allocated: int, reserved: int,
+                 limit: int | None) -> None:
+        self.nbytes, self.size, self.alloc_size = nbytes, size, alloc_size
+        self.allocated, self.reserved, self.limit = allocated, reserved, limit
+        super().__init__(
+            f"modelled CUDA out of memory: tried to allocate {alloc_size} bytes (request {nbytes}, "
+            f"rounded {size}) with a limit of {limit} bytes; {allocated} bytes allocated, "
+            f"{reserved - allocated} reserved but unallocated. Raise the limit or lower the peak.")
+
+
+class UnknownKeyError(KeyError):
+    """`CachingAllocator.free` of a key that is not allocated (never was, or freed twice)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class _Block:
+    """``Block``: a range of one segment, free (in its pool's free list) or allocated.
+    ``prev``/``next`` link the blocks of a segment in address order; ``seg`` is the
+    `_ExpandableSegment` or None for a cudaMalloc'd segment; ``mapped`` is False only for the
+    unmapped address space of an expandable segment."""
+
+    __slots__ = ("addr", "size", "req", "prev", "next", "allocated", "small", "seg", "mapped")
+
+    def __init__(self, addr: int, size: int, small: bool, seg: _ExpandableSegment | None = None) -> None:
+        self.addr = addr
+        self.size = size
+        self.req = 0
+        self.prev: _Block | None = None
+        self.next: _Block | None = None
+        self.allocated = False
+        self.small = small
+        self.seg = seg
+        self.mapped = True
+
+
+class _ExpandableSegment:
+    """``ExpandableSegment``: a reserved virtual range mapped page by page."""
+
+    __slots__ = ("base", "page", "vsize")
+
+    def __init__(self, base: int, page: int, vsize: int) -> None:
+        self.base, self.page, self.vsize = base, page, vsize
+
+
+class CachingAllocator:
+    """One device's caching allocator, default stream only (see the module docstring).
+
+    ``malloc(key, nbytes)`` / ``free(key)`` take the caller's handle for a tensor's storage
+    (any hashable). ``limit``: the bytes the allocator may reserve (as
+    ``torch.cuda.set_per_process_memory_fraction(f)`` sets ``f * total``); None = unbounded.
+    Byte counters (``allocated``, ``requested``, ``reserved`` and their ``peak_*``) match
+    ``torch.cuda.memory_stats()``'s ``allocated_bytes``, ``requested_bytes`` and
+    ``reserved_bytes`` ``.all.current`` / ``.all.peak``.
+    """
+
+    def __init__(self, config: AllocatorConfig = AllocatorConfig(), limit: int | None = None) -> None:
+        if config.backend != "native":
+            raise UsageError(f"allocator model: backend:{config.backend} is not modelled, only the native "
+                             "caching allocator; drop the backend option")
+        if limit is not None and limit < 0:
+            raise UsageError(f"allocator model: limit must be >= 0 bytes or None, got {limit}")
+        self.config = config
+        self.limit = limit
+        self._mss = config.max_split_size if config.max_split_size is not None else _INF
+        self._mnsr = config.max_non_split_rounding_size
+        self._rp2 = config.roundup_power2_divisions if any(config.roundup_power2_divisions) else None  # type: ignore[arg-type]
+        self._exp = config.expandable_segments
+        # Per pool: sorted free-list keys (size << _SHIFT | addr) = the ordering of
+        # BlockComparatorSize, and the free blocks by address.
+        self._small_free: list[int] = []
+        self._large_free: list[int] = []
+        self._small_map: dict[int, _Block] = {}
+        self._large_map: dict[int, _Block] = {}
+        self._unmapped: dict[int, _Block] = {}  # BlockPool::unmapped of both pools, by address
+        self._live: dict[Hashable, _Block | None] = {}  # key -> block (None: a 0-byte tensor)
+        self._next_addr = _ADDR_BASE
+        self._allocated = self._requested = self._reserved = 0
+        self._peak_allocated = self._peak_requested = self._peak_reserved = 0
+        self.num_device_alloc = 0  # cudaMalloc / map calls, as stats.num_device_alloc
+        self.num_device_free = 0
+        self.num_alloc_retries = 0
+        self.num_ooms = 0
+
+    # ----------------------------------------------------------------------- stats
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of allocated blocks (``memory_allocated()``): block sizes, not requests."""
+        return self._allocated
+
+    @property
+    def requested(self) -> int:
+        """Bytes requested by live allocations (``requested_bytes.all.current``)."""
+        return self._requested
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of segments held from the device (``memory_reserved()``)."""
+        return self._reserved
+
+    @property
+    def peak_allocated(self) -> int:
+        return self._peak_allocated
+
+    @property
+    def peak_requested(self) -> int:
+        return self._peak_requested
+
+    @property
+    def peak_reserved(self) -> int:
+        return self._peak_reserved
+
+    def reset_peak(self) -> None:
+        """``resetPeakStats``: every peak becomes its current value."""
+        self._peak_allocated = self._allocated
+        self._peak_requested = self._requested
+        self._peak_reserved = self._reserved
+
+    def stats(self) -> dict[str, int]:
+        return {"allocated": self._allocated, "requested": self._requested, "reserved": self._reserved,
+                "peak_allocated": self._peak_allocated, "peak_requested": self._peak_requested,
+                "peak_reserved": self._peak_reserved, "num_device_alloc": self.num_device_alloc,
+                "num_device_free": self.num_device_free, "num_alloc_retries": self.num_alloc_retries,
+                "num_ooms": self.num_ooms}
+
+    # ----------------------------------------------------------------------- malloc / free
+
+    def malloc(self, key: Hashable, nbytes: int) -> int:
+        """Allocate ``nbytes`` for ``key`` (``DeviceCachingAllocator::malloc``); returns the size
+        of the block it occupies (what ``allocated`` grew by). Raises `AllocatorOOM` past the
+        limit, `UsageError` for a negative size or a key that is still allocated."""
+        live = self._live
+        if key in live:
+            raise UsageError(f"allocator model: malloc of key {key!r}, which is still allocated; "
+                             "free it first or use a fresh key")
+        if nbytes <= 0:
+            if nbytes == 0:  # allocate() hands out nullptr for 0 bytes without calling malloc
+                live[key] = None
+                return 0
+            raise UsageError(f"allocator model: malloc of {nbytes} bytes for key {key!r}; sizes must be >= 0")
+        # round_size
+        if self._rp2 is None or nbytes <= kMinBlockSize:
+            size = ((nbytes + 511) >> 9) << 9
+        else:
+            size = round_size(nbytes, self.config)
+        small = size <= kSmallSize  # get_pool
+        if small:
+            free, fmap = self._small_free, self._small_map
+        else:
+            free, fmap = self._large_free, self._large_map
+        mss = self._mss
+        # get_free_block: lower_bound on (size, address)
+        blk = None
+        i = bisect_left(free, size << _SHIFT)
+        if i < len(free):
+            k = free[i]
+            if self._exp:
+                i = self._expandable_best_fit(free, fmap, i)
+                k = free[i]
+            bsize = k >> _SHIFT
+            # Oversize blocks (>= max_split_size) never serve a request below max_split_size,
+            # and serve a larger one only within max_non_split_rounding_size of it.
+            if (bsize < mss) if size < mss else (bsize < size + self._mnsr):
+                del free[i]
+                blk = fmap.pop(k & _MASK)
+        if blk is None:
+            blk = self._alloc_new(nbytes, size, small)
+        # should_split / alloc_found_block
+        rem = blk.size - size
+        if rem and ((rem >= kMinBlockSize) if (small or self._exp) else (size < mss and rem > kSmallSize)):
+            b = _Block(blk.addr, size, small, blk.seg)
+            p = blk.prev
+            b.prev = p
+            if p is not None:
+                p.next = b
+            b.next = blk
+            blk.prev = b
+            blk.addr += size
+            blk.size = rem
+            insort(free, (rem << _SHIFT) | blk.addr)
+            fmap[blk.addr] = blk
+            blk = b
+        blk.allocated = True
+        blk.req = nbytes
+        live[key] = blk
+        a = self._allocated + blk.size
+        self._allocated = a
+        if a > self._peak_allocated:
+            self._peak_allocated = a
+        r = self._requested + nbytes
+        self._requested = r
+        if r > self._peak_requested:
+            self._peak_requested = r
+        return blk.size
+
+    def free(self, key: Hashable) -> None:
+        """Free ``key``'s block (``free`` -> ``free_block``): it returns to its pool, merged with
+        free neighbours of its segment (``try_merge_blocks``). Raises `UnknownKeyError`."""
+        try:
+            blk = self._live.pop(key)
+        except KeyError:
+            raise UnknownKeyError(f"allocator model: free of key {key!r}, which is not allocated "
+                                  "(never allocated, or freed twice)") from None
+        if blk is None:
+            return
+        self._allocated -= blk.size
+        self._requested -= blk.req
+        blk.allocated = False
+        if blk.small:
+            free, fmap = self._small_free, self._small_map
+        else:
+            free, fmap = self._large_free, self._large_map
+        p = blk.prev
+        if p is not None and not p.allocated and p.mapped:  # [p blk] -> blk takes p's address
+            del free[bisect_left(free, (p.size << _SHIFT) | p.addr)]
+            del fmap[p.addr]
+            blk.addr = p.addr
+            blk.size += p.size
+            p = p.prev
+            blk.prev = p
+            if p is not None:
+                p.next = blk
+        n = blk.next
+        if n is not None and not n.allocated and n.mapped:  # [blk n]
+            del free[bisect_left(free, (n.size << _SHIFT) | n.addr)]
+            del fmap[n.addr]
+            blk.size += n.size
+            n = n.next
+            blk.next = n
+            if n is not None:
+                n.prev = blk
+        insort(free, (blk.size << _SHIFT) | blk.addr)
+        fmap[blk.addr] = blk
+
+    def empty_cache(self) -> None:
+        """``emptyCache`` -> ``release_cached_blocks``: cudaFree every cached segment that is one
+        whole free block; with expandable segments, unmap every fully free page."""
+        self._release_cached_blocks()
+
+    def size_of(self, key: Hashable) -> int:
+        """The block size ``key`` occupies (0 for a 0-byte allocation)."""
+        blk = self._live[key]
+        return 0 if blk is None else blk.size
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    # ----------------------------------------------------------------------- internals
+
+    def _pool(self, small: bool) -> tuple[list[int], dict[int, _Block]]:
+        return (self._small_free, self._small_map) if small else (self._large_free, self._large_map)
+
+    def _insert_free(self, b: _Block) -> None:
+        free, fmap = self._pool(b.small)
+        insort(free, (b.size << _SHIFT) | b.addr)
+        fmap[b.addr] = b
+
+    def _remove_free(self, b: _Block) -> None:
+        free, fmap = self._pool(b.small)
+        del free[bisect_left(free, (b.size << _SHIFT) | b.addr)]
+        del fmap[b.addr]
+
+    def _alloc_new(self, nbytes: int, size: int, small: bool) -> _Block:
+        """The ``malloc`` path when no cached block fits: ``alloc_block``, else
+        ``release_available_cached_blocks`` + ``alloc_block``, else ``release_cached_blocks`` +
+        ``alloc_block``, else out of memory. Returns a free block of >= size, out of any pool."""
+        alloc_size = get_allocation_size(size)
+        blk = self._alloc_block(size, alloc_size, small)
+        if blk is None and self._release_available_cached_blocks(size, small):
+            blk = self._alloc_block(size, alloc_size, small)
+        if blk is None:
+            self._release_cached_blocks()
+            self.num_alloc_retries += 1
+            blk = self._alloc_block(size, alloc_size, small)
+        if blk is None:
+            self.num_ooms += 1
+            raise AllocatorOOM(nbytes, size, alloc_size, self._allocated, self._reserved, self.limit)
+        return blk
+
+    def _grow_reserved(self, nbytes: int) -> None:
+        r = self._reserved + nbytes
+        self._reserved = r
+        if r > self._peak_reserved:
+            self._peak_reserved = r
+        self.num_device_alloc += 1
+
+    def _alloc_block(self, size: int, alloc_size: int, small: bool) -> _Block | None:
+        """``alloc_block``: fails when reserved + alloc_size would pass the limit (the
+        ``set_fraction`` check, made before the expandable-segment branch, with alloc_size
+        there too); else a new segment, or more mapped pages of an expandable one."""
+        if self.limit is not None and self._reserved + alloc_size > self.limit:
+            return None
+        if self._exp:
+            return self._try_allocate_expandable_block(size, small)
+        addr = self._next_addr
+        self._next_addr = addr + alloc_size
+        self._grow_reserved(alloc_size)
+        return _Block(addr, alloc_size, small)
+
+    def _release_block(self, b: _Block) -> None:
+        """``release_block``: cudaFree a whole cached segment."""
+        self._remove_free(b)
+        self._reserved -= b.size
+        self.num_device_free += 1
+
+    def _release_available_cached_blocks(self, size: int, small: bool) -> bool:
+        """``release_available_cached_blocks``: with max_split_size set, cudaFree the smallest
+        oversize cached block that covers the request, else the largest oversize ones until
+        their total covers it. Expandable segments are left to ``release_cached_blocks`` (the
+        C++ asserts they never get here)."""
+        if self._mss == _INF or self._exp:
+            return False
+        free, fmap = self._pool(small)
+        key_size = max(size, self._mss)
+        i = bisect_left(free, key_size << _SHIFT)
+        if i < len(free):
+            self._release_block(fmap[free[i] & _MASK])
+            return True
+        if i == 0:
+            return False
+        released = 0
+        i -= 1
+        while released < key_size and i >= 0 and (free[i] >> _SHIFT) >= self._mss:
+            b = fmap[free[i] & _MASK]
+            released += b.size
+            self._release_block(b)
+            i -= 1
+        return released >= key_size
+
+    def _release_cached_blocks(self) -> None:
+        """``release_cached_blocks`` -> ``release_blocks`` for the large then the small pool."""
+        for small in (False, True):
+            free, fmap = self._pool(small)
+            to_unmap = []
+            for k in list(free):
+                b = fmap[k & _MASK]
+                if b.seg is not None:
+                    to_unmap.append(b)
+                elif b.prev is None and b.next is None:
+                    self._release_block(b)
+            for b in to_unmap:
+                self._unmap_block(b)
+                if b.prev is None and b.next is None and not b.mapped:  # release_expandable_segment
+                    del self._unmapped[b.addr]
+
+    # ----------------------------------------------------------------------- expandable segments
+
+    def _expandable_best_fit(self, free: list[int], fmap: dict[int, _Block], i: int) -> int:
+        """``get_free_block`` with expandable segments: a block followed by unmapped space counts
+        as the size it can grow to, so move on while the next block can grow less."""
+        def esize(b: _Block) -> int:
+            n = b.next
+            return b.size + (n.size if n is not None and not n.mapped else 0)
+
+        cur = esize(fmap[free[i] & _MASK])
+        while i + 1 < len(free):
+            nxt = esize(fmap[free[i + 1] & _MASK])
+            if nxt >= cur:
+                break
+            i, cur = i + 1, nxt
+        return i
+
+    def _try_merge(self, dst: _Block, src: _Block | None) -> None:
+        """``try_merge_blocks``: absorb a free neighbour in the same mapped state."""
+        if src is None or src.allocated or src.mapped != dst.mapped:
+            return
+        if src.mapped:
+            self._remove_free(src)
+        else:
+            del self._unmapped[src.addr]
+        if dst.prev is src:
+            dst.addr = src.addr
+            dst.prev = src.prev
+            if dst.prev is not None:
+                dst.prev.next = dst
+        else:
+            dst.next = src.next
+            if dst.next is not None:
+                dst.next.prev = dst
+        dst.size += src.size
+
+    def _find_expandable_block(self, size: int, small: bool) -> _Block:
+        """``find_expandable_block``: the lowest-address run of free/unmapped space of >= size in
+        this pool's expandable segments, else a new segment (all unmapped)."""
+        def allocatable(b: _Block | None) -> bool:
+            return b is not None and not b.allocated
+
+        for addr in sorted(self._unmapped):
+            c = self._unmapped[addr]
+            if c.small != small:
+                continue
+            if allocatable(c.prev):
+                c = c.prev  # type: ignore[assignment]
+            b: _Block | None = c
+            got = 0
+            while got < size and allocatable(b):
+                got += b.size  # type: ignore[union-attr]
+                b = b.next  # type: ignore[union-attr]
+            if got >= size:
+                return c
+        page = kSmallBuffer if small else kLargeBuffer
+        # Address space for 1 1/8 of the device: here of the limit, when there is one.
+        total = self.limit if self.limit else _DEFAULT_VIRTUAL
+        vsize = -(-(total + total // 8) // page) * page
+        base = -(-self._next_addr // page) * page
+        self._next_addr = base + vsize
+        es = _ExpandableSegment(base, page, vsize)
+        c = _Block(base, vsize, small, es)
+        c.mapped = False
+        self._unmapped[base] = c
+        return c
+
+    def _map_block(self, b: _Block, size: int) -> None:
+        """``map_block`` / ``ExpandableSegment::map``: map whole pages covering ``size`` bytes
+        at the start of unmapped block ``b``; the rest stays unmapped; merge with free
+        neighbours; reserved grows by the pages mapped."""
+        page = b.seg.page  # type: ignore[union-attr]
+        mapped = -(-size // page) * page
+        del self._unmapped[b.addr]
+        b.mapped = True
+        if mapped < b.size:
+            r = _Block(b.addr + mapped, b.size - mapped, b.small, b.seg)
+            r.mapped = False
+            r.prev, r.next = b, b.next
+            if b.next is not None:
+                b.next.prev = r
+            b.next = r
+            self._unmapped[r.addr] = r
+            b.size = mapped
+        self._try_merge(b, b.prev)
+        self._try_merge(b, b.next)
+        self._insert_free(b)
+        self._grow_reserved(mapped)
+
+    def _try_allocate_expandable_block(self, size: int, small: bool) -> _Block:
+        """``try_allocate_expandable_block``: map just enough pages after the candidate."""
+        c = self._find_expandable_block(size, small)
+        if not c.mapped:
+            self._map_block(c, min(c.size, size))
+        while c.size < size:
+            n = c.next
+            self._map_block(n, min(size - c.size, n.size))  # type: ignore[union-attr, arg-type]
+            c = n  # type: ignore[assignment]
+        self._remove_free(c)
+        return c
+
+    def _unmap_block(self, b: _Block) -> None:
+        """``unmap_block``: unmap the whole pages inside free block ``b``; the partial pages at
+        either end stay mapped as free blocks; reserved drops by the pages unmapped."""
+        es = b.seg
+        page, base = es.page, es.base  # type: ignore[union-attr]
+        begin = -(-(b.addr - base) // page)
+        end = (b.addr + b.size - base) // page
+        if begin >= end:
+            return
+        self._remove_free(b)
+        lo, hi = base + begin * page, base + end * page
+        if lo > b.addr:
+            f = _Block(b.addr, lo - b.addr, b.small, es)
+            f.prev, f.next = b.prev, b
+            if b.prev is not None:
+                b.prev.next = f
+            b.prev = f
+            self._insert_free(f)
+        if b.addr + b.size > hi:
+            f = _Block(hi, b.addr + b.size - hi, b.small, es)
+            f.prev, f.next = b, b.next
+            if b.next is not None:
+                b.next.prev = f
+            b.next = f
+            self._insert_free(f)
+        b.addr, b.size, b.mapped = lo, hi - lo, False
+        self._try_merge(b, b.prev)
+        self._try_merge(b, b.next)
+        self._unmapped[b.addr] = b
+        self._reserved -= hi - lo
+        self.num_device_free += 1
+
+    # ----------------------------------------------------------------------- snapshot
+
+    def snapshot(self) -> dict[str, Any]:
+        """Segments and their blocks in address order, as ``snapshot()`` (an expandable segment
+        is reported as one segment per mapped range), plus the stats. For debugging and tests;
+        walks every block."""
+        keys = {id(b): k for k, b in self._live.items() if b is not None}
+        blocks = sorted([b for b in self._live.values() if b is not None]
+                        + list(self._small_map.values()) + list(self._large_map.values()),
+                        key=lambda b: b.addr)
+        segments: list[dict[str, Any]] = []
+        for b in blocks:
+            if b.prev is None or not b.prev.mapped:
+                segments.append({"address": b.addr, "size": 0, "pool": "small" if b.small else "large",
+                                 "expandable": b.seg is not None, "allocated_size": 0,
+                                 "requested_size": 0, "blocks": []})
+            seg = segments[-1]
+            seg["size"] += b.size
+            if b.allocated:
+                seg["allocated_size"] += b.size
+                seg["requested_size"] += b.req
+            seg["blocks"].append({"address": b.addr, "size": b.size, "allocated": b.allocated,
+                                  "requested": b.req if b.allocated else 0,
+                                  "key": keys.get(id(b)) if b.allocated else None})
+        return {"alloc_model": ALLOC_MODEL, "segments": segments, **self.stats()}
+
+
+def replay(events: Iterable[Sequence[Any]], config: AllocatorConfig = AllocatorConfig(),
+           limit: int | None = None) -> list[tuple[int, int]]:
+    """Replay ``("malloc", key, nbytes)`` / ``("free", key[, ...])`` / ``("empty_cache", ...)``
+    events on a fresh `CachingAllocator`; returns (allocated, reserved) after each event.
+    Raises `AllocatorOOM` at the first event that does not fit the limit."""
+    a = CachingAllocator(config, limit)
+    malloc, free = a.malloc, a.free
+    out: list[tuple[int, int]] = []
+    append = out.append
+    for ev in events:
+        op = ev[0]
+        if op == "malloc":
+            malloc(ev[1], ev[2])
+        elif op == "free":
+            free(ev[1])
+        elif op == "empty_cache":
+            a.empty_cache()
+        else:
+            raise UsageError(f"allocator replay: unknown event {op!r}; events are malloc, free, empty_cache")
+        append((a._allocated, a._reserved))
+    return out
