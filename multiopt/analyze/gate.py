@@ -267,84 +267,89 @@ def compare(
     base = _rows_by_key(baseline_df, "baseline", notes)
     cur = _rows_by_key(current_df, "current", notes)
     names = _short_names(list(base) + list(cur))
-
     verdicts: list[Verdict] = []
     not_compared: list[NotCompared] = []
-    missing = tuple(ConfigRef(names[k], k, str(base[k].get("status"))) for k in base if k not in cur)
-    new = tuple(ConfigRef(names[k], k, str(cur[k].get("status"))) for k in cur if k not in base)
-
     for key, b in base.items():
-        c = cur.get(key)
-        if c is None:
-            continue
-        cfg = names[key]
-        bs, cs = str(b.get("status")), str(c.get("status"))
-        if bs != "ok" or cs != "ok":
-            if bs == cs:
-                not_compared.append(NotCompared(cfg, key, "*", f"{bs} on both sides"))
-            elif bs == "ok" or cs == "ok":
-                failed = c if bs == "ok" else b
-                detail = str(failed.get("error") or "")
-                verdicts.append(Verdict(cfg, key, "status", bs, cs, None, None,
-                                        REGRESSION if bs == "ok" else IMPROVEMENT, "status", detail))
-            else:
-                not_compared.append(NotCompared(cfg, key, "*", f"{bs} in baseline, {cs} now"))
-            continue
+        if key in cur:
+            _compare_config(names[key], key, b, cur[key], verdicts, not_compared, notes,
+                            mem_tol=mem_tol, time_tol=time_tol, time_k=time_k, only=only)
+    return GateResult(
+        verdicts=tuple(sorted(verdicts, key=_severity)),
+        missing=tuple(ConfigRef(names[k], k, str(base[k].get("status"))) for k in base if k not in cur),
+        new=tuple(ConfigRef(names[k], k, str(cur[k].get("status"))) for k in cur if k not in base),
+        not_compared=tuple(not_compared),
+        notes=tuple(notes),
+        n_baseline=len(base),
+        n_current=len(cur),
+        settings=_settings_text(mem_tol, time_tol, time_k, only),
+    )
 
-        if b.get("rules") != c.get("rules"):
-            notes.append(f"{cfg}: rules changed from `{b.get('rules')}` to `{c.get('rules')}`")
-        tol = _mem_tol_for(key[KEY_COLUMNS.index("probe")], mem_tol)
-        for m in MEMORY_METRICS if only != "time" else ():
-            old, newv = b.get(m), c.get(m)
-            if old is None and newv is None:
-                continue  # not measured on this probe/config
-            if old is None or newv is None:
-                side = "baseline" if old is None else "current"
-                not_compared.append(NotCompared(cfg, key, m, f"no value in {side}"))
-                continue
-            verdicts.append(Verdict(cfg, key, m, old, newv, _rel(old, newv), tol,
-                                    _classify(old, newv, tol), "bytes"))
 
-        if only == "memory":
+def _compare_config(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], verdicts: list[Verdict],
+                    not_compared: list[NotCompared], notes: list[str], *, mem_tol: float | None,
+                    time_tol: float, time_k: float, only: str | None) -> None:
+    """One config present on both sides: its status, then memory, then time."""
+    bs, cs = str(b.get("status")), str(c.get("status"))
+    if bs != "ok" or cs != "ok":
+        if bs == cs:
+            not_compared.append(NotCompared(cfg, key, "*", f"{bs} on both sides"))
+        elif bs == "ok" or cs == "ok":
+            failed = c if bs == "ok" else b
+            verdicts.append(Verdict(cfg, key, "status", bs, cs, None, None,
+                                    REGRESSION if bs == "ok" else IMPROVEMENT, "status", str(failed.get("error") or "")))
+        else:
+            not_compared.append(NotCompared(cfg, key, "*", f"{bs} in baseline, {cs} now"))
+        return
+    if b.get("rules") != c.get("rules"):
+        notes.append(f"{cfg}: rules changed from `{b.get('rules')}` to `{c.get('rules')}`")
+    tol = _mem_tol_for(key[KEY_COLUMNS.index("probe")], mem_tol)
+    for m in MEMORY_METRICS if only != "time" else ():
+        old, newv = b.get(m), c.get(m)
+        if old is None and newv is None:
+            continue  # not measured on this probe/config
+        if old is None or newv is None:
+            side = "baseline" if old is None else "current"
+            not_compared.append(NotCompared(cfg, key, m, f"no value in {side}"))
             continue
-        reason = _time_incomparable(b, c)
-        if reason == "":
-            continue  # untimed on both sides (e.g. the fake probe)
-        if reason is not None:
-            not_compared.append(NotCompared(cfg, key, TIME_METRIC, reason))
-            continue
-        old, newv = float(b[TIME_METRIC]), float(c[TIME_METRIC])
-        iqr = float(b.get(TIME_IQR) or 0.0)
-        noise = time_k * iqr / old if old > 0 else 0.0
-        band = max(time_tol, noise)
-        detail = f"{time_k:g} x IQR/median" if noise > time_tol else ""
-        verdicts.append(Verdict(cfg, key, TIME_METRIC, old, newv, _rel(old, newv), band,
-                                _classify(old, newv, band), "ms", detail))
+        verdicts.append(Verdict(cfg, key, m, old, newv, _rel(old, newv), tol, _classify(old, newv, tol), "bytes"))
+    if only != "memory":
+        _compare_time(cfg, key, b, c, verdicts, not_compared, time_tol=time_tol, time_k=time_k)
 
-    def order(v: Verdict) -> tuple:
-        rank = {REGRESSION: 0, IMPROVEMENT: 1, UNCHANGED: 2}[v.verdict]
-        status_first = 0 if v.unit == "status" else 1
-        ch = v.change if v.change is not None else 0.0
-        severity = -ch if v.verdict == REGRESSION else ch  # biggest move first
-        return (rank, status_first, severity, v.config, v.metric)
 
+def _compare_time(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], verdicts: list[Verdict],
+                  not_compared: list[NotCompared], *, time_tol: float, time_k: float) -> None:
+    reason = _time_incomparable(b, c)
+    if reason == "":
+        return  # untimed on both sides (e.g. the fake probe)
+    if reason is not None:
+        not_compared.append(NotCompared(cfg, key, TIME_METRIC, reason))
+        return
+    old, newv = float(b[TIME_METRIC]), float(c[TIME_METRIC])
+    iqr = float(b.get(TIME_IQR) or 0.0)
+    noise = time_k * iqr / old if old > 0 else 0.0
+    band = max(time_tol, noise)
+    detail = f"{time_k:g} x IQR/median" if noise > time_tol else ""
+    verdicts.append(Verdict(cfg, key, TIME_METRIC, old, newv, _rel(old, newv), band,
+                            _classify(old, newv, band), "ms", detail))
+
+
+def _severity(v: Verdict) -> tuple:
+    """Regressions first (status before metrics, biggest move first), then improvements."""
+    rank = {REGRESSION: 0, IMPROVEMENT: 1, UNCHANGED: 2}[v.verdict]
+    status_first = 0 if v.unit == "status" else 1
+    ch = v.change if v.change is not None else 0.0
+    severity = -ch if v.verdict == REGRESSION else ch  # biggest move first
+    return (rank, status_first, severity, v.config, v.metric)
+
+
+def _settings_text(mem_tol: float | None, time_tol: float, time_k: float, only: str | None) -> str:
     if mem_tol is None:
         mem_words = "memory: 0 on tracked/fake probes, 1% on cuda"
     else:
         mem_words = f"memory: {_pct(mem_tol)}"
     time_words = f"time: max({_pct(time_tol)}, {time_k:g} x IQR/median), same device_name and torch only"
-    settings = {"memory": f"{mem_words}; time not compared (--only memory)",
-                "time": f"{time_words}; memory not compared (--only time)"}.get(only or "", f"{mem_words}; {time_words}")
-    return GateResult(
-        verdicts=tuple(sorted(verdicts, key=order)),
-        missing=missing,
-        new=new,
-        not_compared=tuple(not_compared),
-        notes=tuple(notes),
-        n_baseline=len(base),
-        n_current=len(cur),
-        settings=settings,
-    )
+    return {"memory": f"{mem_words}; time not compared (--only memory)",
+            "time": f"{time_words}; memory not compared (--only time)"}.get(only or "", f"{mem_words}; {time_words}")
 
 
 def _check_settings(mem_tol: float | None, time_tol: float, time_k: float) -> None:

@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 from ..record import PHASES, Record, phase_order
 from .frame import by_optimizer, load, series_labels
-from .plot import breakdown_rows
+from .plot import breakdown_rows, make_plots
 from ..units import fmt_bytes, fmt_ms
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
@@ -427,7 +427,6 @@ def default_output(first: str | Path) -> Path:
 def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None) -> Path:
     """Load `paths`, write PNG plots and `<stem>.csv` (every column, raw bytes) beside `out`,
     render the markdown to `out`; returns `out`. `out` defaults to `default_output`."""
-    from .plot import make_plots
 
     if isinstance(paths, (str, Path)):
         paths = [paths]

@@ -520,18 +520,7 @@ class CachingAllocator:
         # should_split / alloc_found_block
         rem = blk.size - size
         if rem and ((rem >= kMinBlockSize) if (small or self._exp) else (size < mss and rem > kSmallSize)):
-            b = _Block(blk.addr, size, small, blk.seg)
-            p = blk.prev
-            b.prev = p
-            if p is not None:
-                p.next = b
-            b.next = blk
-            blk.prev = b
-            blk.addr += size
-            blk.size = rem
-            insort(free, (rem << _SHIFT) | blk.addr)
-            fmap[blk.addr] = blk
-            blk = b
+            blk = self._split(blk, size, small, free, fmap)
         blk.allocated = True
         blk.req = nbytes
         live[key] = blk
@@ -544,6 +533,23 @@ class CachingAllocator:
         if r > self._peak_requested:
             self._peak_requested = r
         return blk.size
+
+    @staticmethod
+    def _split(blk: "_Block", size: int, small: bool, free: list, fmap: dict) -> "_Block":
+        """`alloc_found_block`'s split: the first `size` bytes become the allocated block, the
+        remainder stays in the pool as a free block (its neighbour in the segment's list)."""
+        b = _Block(blk.addr, size, small, blk.seg)
+        p = blk.prev
+        b.prev = p
+        if p is not None:
+            p.next = b
+        b.next = blk
+        blk.prev = b
+        blk.addr += size
+        blk.size = blk.size - size
+        insort(free, (blk.size << _SHIFT) | blk.addr)
+        fmap[blk.addr] = blk
+        return b
 
     def free(self, key: Hashable) -> None:
         """Free ``key``'s block (``free`` -> ``free_block``): it returns to its pool, merged with

@@ -73,7 +73,7 @@ from torch import nn
 from ..train import optimizers as registry
 from ..errors import UsageError
 from ..train.multi import MultiOptimizer, impl_of
-from ..units import round_alloc
+from ..units import fmt_bytes, fmt_ms, round_alloc
 from .probes import Probe, make_probe
 from .state import StateBytes, expected_state, measured_state
 
@@ -445,7 +445,6 @@ class Profile:
         and step times, as text."""
         from tabulate import tabulate
 
-        from ..units import fmt_bytes, fmt_ms
 
         probe = self.probe.name if self.probe else "?"
         lines = [f"multiopt.profile: {len(self.rows)} step(s), {probe} probe, "
@@ -496,7 +495,6 @@ def _fmt(v: Any, f: Callable[[Any], str]) -> str:
 
 
 def _bytes(v: Any) -> str:
-    from ..units import fmt_bytes
 
     return fmt_bytes(int(v))
 
