@@ -244,12 +244,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from .analyze.gate import parse_fraction, run_gate
+    from .analyze.gate import parse_tolerance, run_gate
 
     return run_gate(
         args.baseline, args.current,
-        mem_tol=None if args.mem_tol is None else parse_fraction(args.mem_tol, "--mem-tol"),
-        time_tol=parse_fraction(args.time_tol, "--time-tol"),
+        mem_tol=None if args.mem_tol is None else parse_tolerance(args.mem_tol, "--mem-tol"),
+        time_tol=parse_tolerance(args.time_tol, "--time-tol"),
         time_k=args.time_k,
         update_baseline=args.update_baseline,
         only=args.only,

@@ -129,9 +129,9 @@ def test_time_tol_accepts_percent_and_fraction(tmp_path):
     assert _gate(tmp_path / "a", base, cur)[0] == 1
     assert _gate(tmp_path / "b", base, cur, "--time-tol", "20%")[0] == 0
     assert _gate(tmp_path / "c", base, cur, "--time-tol", "0.2")[0] == 0
-    assert gate.parse_fraction("10%") == pytest.approx(0.1)
+    assert gate.parse_tolerance("10%") == pytest.approx(0.1)
     with pytest.raises(UsageError):
-        gate.parse_fraction("10")  # ambiguous: 10% or 1000%?
+        gate.parse_tolerance("10")  # ambiguous: 10% or 1000%?
 
 
 def test_improvement_passes_and_is_reported_before_unchanged(tmp_path):

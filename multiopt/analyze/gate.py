@@ -50,7 +50,7 @@ from ..errors import UsageError
 from ..store import write_jsonl_atomic
 from ..units import fmt_bytes, fmt_ms
 from .frame import load
-from ..units import parse_fraction as _parse_fraction
+from ..units import parse_fraction
 
 # Memory metrics the gate compares (bytes). `opt_state_expected` is a formula, not a
 # measurement; `mem_*` levels are implied by the peaks; n_params is not memory.
@@ -155,7 +155,7 @@ class GateResult:
 # compare
 
 
-def _py(value: Any) -> Any:
+def _plain(value: Any) -> Any:
     """A DataFrame cell as a plain Python value: NaN/NA -> None, numpy scalars -> Python."""
     if value is None:
         return None
@@ -187,7 +187,7 @@ def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, d
     out: dict[tuple, dict[str, Any]] = {}
     dups = 0
     for row in df.to_dict(orient="records"):
-        clean = {k: _py(v) for k, v in row.items()}
+        clean = {k: _plain(v) for k, v in row.items()}
         key = tuple(clean.get(c) for c in KEY_COLUMNS)
         if key in out:
             dups += 1
@@ -484,10 +484,10 @@ def render(result: GateResult) -> str:
 # CLI side: loading, printing, summary, baseline update
 
 
-def parse_fraction(text: str | float, what: str = "tolerance") -> float:
+def parse_tolerance(text: str | float, what: str = "tolerance") -> float:
     """`10%` or `0.1` -> 0.1. A bare number >= 1 is refused as ambiguous (write `10%`)."""
     try:
-        value = _parse_fraction(text)
+        value = parse_fraction(text)
     except UsageError as e:
         raise UsageError(f"{what}: {e}") from None
     s = str(text).strip()
@@ -510,7 +510,7 @@ def _records_for_baseline(df: pd.DataFrame) -> list[dict[str, Any]]:
     for row in df.to_dict(orient="records"):
         d: dict[str, Any] = {}
         for name in rec.FIELDS:
-            v = _py(row.get(name)) if name in row else dataclasses.fields(rec.Record)[rec.FIELDS.index(name)].default
+            v = _plain(row.get(name)) if name in row else dataclasses.fields(rec.Record)[rec.FIELDS.index(name)].default
             if isinstance(v, float) and hints[name].startswith("int") and v.is_integer():
                 v = int(v)
             elif isinstance(v, int) and not isinstance(v, bool) and hints[name].startswith("float"):
