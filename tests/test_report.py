@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from multiopt.analyze.frame import series_labels
-from multiopt.analyze import frame, plot, report
+from multiopt.analyze import frame, plot, report, select
 from multiopt.cli import main
 from multiopt.units import fmt_bytes, fmt_ms
 
@@ -314,3 +314,99 @@ def test_cli_report_missing_file_exits_2(run_cli, tmp_path):
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0] and err[0].startswith("multiopt report: error:")
     assert res.stdout == ""
+
+
+# --------------------------------------------------------------------------- bounded, at a glance
+
+DEFAULT_CPU = Path(__file__).parent.parent / "reports" / "default-cpu"
+
+
+def _all_tables(md: str) -> list[list[str]]:
+    return [b.splitlines() for b in re.findall(r"((?:^\|.*\n?)+)", md, flags=re.M)]
+
+
+def _check_figures(figs) -> None:
+    for name, p in figs.items():
+        axes = p.figure.axes
+        assert 1 <= len(axes) <= 12, name
+        for ax in axes:
+            lines = ax.get_lines()
+            assert len(lines) + len(ax.containers) <= 12, name
+            colours = [l.get_color() for l in lines]
+            assert len(colours) == len(set(colours)), f"{name}: a colour repeats"
+            bars = max((len(c.patches) for c in ax.containers), default=0)
+            assert bars <= select.MAX_BARS, name
+
+
+@pytest.fixture(scope="module")
+def default_cpu():
+    d = frame.load(DEFAULT_CPU)
+    return d, report.render(d)
+
+
+def test_default_report_tables_fit_a_screen(default_cpu):
+    d, md = default_cpu
+    tables = _all_tables(md)
+    assert len(tables) >= 10
+    for t in tables:
+        assert len(_cells(t[0])) <= 12, t[0]
+        assert len(t) - 2 <= select.MAX_ROWS
+    # the summary tables hold each model's usual variants, one row per (model, combo)
+    rows = table(md, "Optimizer state")
+    assert {(r["model"], r["combo"]) for r in rows} == {
+        (m, c) for m, c in zip(d.model, d.combo) if not (m == "mlp" and c == "muon+adamw-emb")}
+    for r in rows:
+        same = d[(d.model == r["model"]) & (d.combo == r["combo"]) & (d.impl == "default") & (d.dtype == "float32")
+                 & (d.zero_grad_at == "end")]
+        assert int(r["width"]) == same.width.max()
+
+
+def test_default_plots_are_bounded(default_cpu):
+    d, _md = default_cpu
+    _check_figures(plot.figures(d))
+
+
+def test_many_distinct_configs_stay_bounded():
+    """600 records, every one a distinct width, batch and seed (bench/report_scale.py's data)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report_scale", Path(__file__).parent.parent / "bench" / "report_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = frame.records_to_frame(mod.synthetic(600))
+    md = report.render(d)
+    for t in _all_tables(md):
+        assert len(_cells(t[0])) <= 12 and len(t) - 2 <= select.MAX_ROWS
+    assert "rows; the rest are in the CSV." in md
+    _check_figures(plot.figures(d))
+    # the summary still reads the records: each combo's largest ok width
+    rows = table(md, "Optimizer state")
+    for r in rows[:3]:
+        same = d[(d.model == r["model"]) & (d.combo == r["combo"]) & (d.status == "ok")]
+        assert int(r["width"]) == same[(same.impl == "default") & (same.dtype == "float32")
+                                       & (same.zero_grad_at == "end")].width.max()
+
+
+def test_reserved_and_slack_shown(df):
+    d = df.copy()
+    d["peak_reserved"] = d["peak_total"] + 2048.0
+    md = report.render(d)
+    r = pick(table(md, "Peak memory"), combo="adam")
+    assert (r["reserved"], r["slack"]) == (fmt_bytes(669696 + 2048), fmt_bytes(2048))
+    bar = plot.figures(d)["peak_breakdown"].data[plot.breakdown_bar_label("adam", 128, 8)]
+    assert bar[plot.SLACK] == 2048.0 and sum(bar.values()) == 669696 + 2048
+
+
+def test_report_with_baseline(tmp_path):
+    base = tmp_path / "base.jsonl"
+    lines = (RUN / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(l) for l in lines]
+    for r in rows:
+        if r["combo"] == "adam" and r["width"] == 64 and r["batch"] == 8 and r["impl"] == "default":
+            r["peak_total"] -= 1024  # the current run is 1 KiB worse here
+    base.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r.md"
+    assert main(["report", str(RUN), "-o", str(out), "--baseline", str(base)]) == 0
+    md = out.read_text()
+    assert f"Gate against `{base}`: **FAIL: 1 regression**" in section(md, "Summary")
+    assert "## Gate: FAIL: 1 regression" in md
+    assert "| peak_total |" in section(md, "Gate: FAIL")
