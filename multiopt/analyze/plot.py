@@ -221,7 +221,7 @@ def _peak_breakdown(ok: pd.DataFrame) -> Plot:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("bytes at the step's peak")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles[::-1], labels[::-1], loc="outside right upper", fontsize="small")
+    fig.legend(handles[::-1], labels[::-1], loc="outside right center", fontsize="small")  # clear of the title
     fig.suptitle(f"{title} (each combo at its largest config)")
     return Plot(title, fig, data)
 
@@ -246,7 +246,8 @@ def _lines(ok: pd.DataFrame, title: str, *, panel: str, x: str, y: str, ylabel: 
         for colour, combo in zip(_PALETTE, combos):
             line = at[at["combo"] == combo].drop_duplicates(x, keep="last").sort_values(x)
             if not line.empty:
-                ax.plot(line[x].to_numpy(float), line[y].to_numpy(float), color=colour, marker="o", label=combo)
+                dots = "o" if len(line) <= 50 else None  # a marker per point hides a dense line
+                ax.plot(line[x].to_numpy(float), line[y].to_numpy(float), color=colour, marker=dots, label=combo)
         xs = at[x].astype(float)
         if len(xs) and xs.min() > 0 and xs.max() / xs.min() > 20:
             ax.set_xscale("log", base=2)

@@ -29,7 +29,7 @@ from .frame import by_optimizer, load, series_labels
 from .gate import GateResult, compare
 from .gate import render as gate_render
 from .plot import breakdown_rows, make_plots
-from .select import cap, evenly, labelled_ok, largest
+from .select import MAX_ROWS, cap, evenly, labelled_ok, largest
 from ..units import fmt_bytes, fmt_ms
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
@@ -437,20 +437,21 @@ def _zero(ok: pd.DataFrame) -> str:
 def _implementations(df: pd.DataFrame, ok: pd.DataFrame) -> str:
     if ok["impl"].nunique() < 2:
         return ""
-    base = series_labels(df.drop(columns=["impl"]).assign(impl="")).loc[ok.index]
+    base = series_labels(df.drop(columns=["impl", "seed"], errors="ignore").assign(impl="")).loc[ok.index]
     ok = ok.assign(_base=base)
-    groups = []
-    for key, g in ok.groupby(["_base", "width", "batch"], sort=False):
-        if g["impl"].nunique() > 1:
-            groups.append((key, g))
-    if not groups:
+    keys = ["_base", "width", "batch"]
+    # one groupby pass, not a Python loop per config: a run can hold thousands of configs
+    multi = ok[ok.groupby(keys, sort=False)["impl"].transform("nunique") > 1]
+    if multi.empty:
         return _section("Implementations", "No config was measured with more than one implementation.")
     headers = ["combo", "width", "batch", "impl", "step peak", "step transient", "step temp (largest optimizer)", "peak", "step"]
-    rows = []
-    for (label, w, b), g in groups:
-        for _, r in g.drop_duplicates("impl", keep="last").iterrows():
-            rows.append([label, w, b, r["impl"], _b(r["peak_step"]), _b(r["transient_step"]),
-                         _b(r["step_temp_bytes"]), _b(r["peak_total"]), _ms(r["step_ms_median"])])
+    shown = _last_per(multi, keys + ["impl"])
+    order = {k: i for i, k in enumerate(dict.fromkeys(zip(*(shown[k] for k in keys))))}
+    shown = shown.assign(_o=[order[k] for k in zip(*(shown[k] for k in keys))]).sort_values("_o", kind="stable")
+    rows = [[r["_base"], r["width"], r["batch"], r["impl"], _b(r["peak_step"]), _b(r["transient_step"]),
+             _b(r["step_temp_bytes"]), _b(r["peak_total"]), _ms(r["step_ms_median"])]
+            for _, r in shown.head(MAX_ROWS + 1).iterrows()]
+    rows = rows + [None] * (len(shown) - len(rows))  # counted for the note, never formatted
     rows, more = cap(rows)
     note = ("foreach / fused / forloop optimizer steps of the same config. Step transient = step peak "
             "minus memory before the step; step temp = the largest single optimizer's step temporaries.")
