@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="markdown report + plots from run dirs, results JSONL or pytest-benchmark JSON")
     rp.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run directory, results .jsonl or --benchmark-json file")
     rp.add_argument("-o", "--out", default=None, help="output markdown, e.g. reports/NAME.md (default: report.md beside the first run)")
+    rp.add_argument("--baseline", default=None, metavar="B",
+                    help="baseline records (as for `multiopt gate`): add the gate's verdict to the report")
     rp.set_defaults(func=_cmd_report)
     return p
 
@@ -260,7 +262,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analyze.report import write_report
 
-    print(f"report: {write_report(args.paths, args.out)}")
+    print(f"report: {write_report(args.paths, args.out, baseline=args.baseline)}")
     return 0
 
 

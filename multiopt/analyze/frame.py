@@ -283,22 +283,19 @@ def source_names(df: pd.DataFrame) -> pd.Series:
 def series_labels(df: pd.DataFrame) -> pd.Series:
     """A name per row for tables and plot legends: the combo, plus ``col=value`` for every
     SERIES_COLUMNS column whose value differs from that column's most common value in `df`
-    (``adam (impl=foreach)``), plus ``run=NAME`` when `df` holds several sources."""
-    extras: list[tuple[str, Any]] = []
+    (``adam (impl=foreach)``), plus ``run=NAME`` when `df` holds several sources.
+    Column-wise string operations, so 10,000 rows take milliseconds."""
+    bits = pd.Series([""] * len(df), index=df.index, dtype="object")
     for c in SERIES_COLUMNS:
         if c in df.columns and df[c].nunique(dropna=False) > 1:
-            counts = df[c].astype(str).value_counts(sort=False)
-            extras.append((c, counts.idxmax()))
-    many_sources = "source" in df.columns and df["source"].nunique() > 1
-    runs = source_names(df) if many_sources else None
-    labels = []
-    for i, (idx, row) in enumerate(df.iterrows()):
-        bits = [f"{c}={row[c]}" for c, mode in extras if str(row[c]) != mode]
-        if runs is not None:
-            bits.append(f"run={runs.loc[idx]}")
-        combo = str(row["combo"])
-        labels.append(f"{combo} ({', '.join(bits)})" if bits else combo)
-    return pd.Series(labels, index=df.index, dtype="object")
+            text = df[c].astype(str)
+            mode = text.value_counts(sort=False).idxmax()
+            bits = bits.where(text == mode, bits + ", " + c + "=" + text)
+    if "source" in df.columns and df["source"].nunique() > 1:
+        bits = bits + ", run=" + source_names(df).astype(str)
+    combo = df["combo"].astype(str)
+    bits = bits.str[2:]
+    return combo.where(bits == "", combo + " (" + bits + ")").astype("object")
 
 
 # --------------------------------------------------------------------------- per optimizer

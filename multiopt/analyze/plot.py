@@ -1,10 +1,16 @@
-"""Report plots: PNG files from a `frame.load` DataFrame (matplotlib, Agg canvas, no pyplot).
+"""Report plots: matplotlib Figures (Agg canvas, no pyplot) from a `frame.load` DataFrame.
 
-Each `plot_*(df, path)` draws only ok records, writes a PNG and returns a `Plot`: the path
-plus the data read back from the drawn artists (lines' x/y, bars' heights), in raw units
-(bytes, parameters, ms), so a test can check that a plot shows exactly the report's
-numbers. Series are named by `frame.series_labels` (the combo, plus any config column that
-differs from the run's usual value), the same names the report's tables use.
+`figures(df)` builds every plot without writing anything: {name: Plot}, each with its
+Figure and the data read back from the drawn artists (lines' x/y, bars' heights) in raw
+units (bytes, B/param, ms), so a test can check that a plot shows exactly the report's
+numbers and count its panels and series. `make_plots` writes them as PNGs.
+
+Every plot is bounded by what it shows, not by the run's size (see `select`): bars per
+model for state per parameter and for the peak breakdown (one panel per model, at most
+`MAX_PANELS`, `MAX_BARS` bars each, short labels), and lines for peak vs batch and step
+time vs width (the main model's usual variants, at most `MAX_SERIES` lines in a few evenly
+chosen panels). Colours come from one qualitative palette (tab10) and never repeat within
+a plot; figure sizes are fixed.
 
 No global matplotlib state is touched: figures are built on a `FigureCanvasAgg` directly,
 so importing this module never changes the caller's backend.
@@ -22,18 +28,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, Locator
 
-from .frame import PEAK_PARTS, series_labels
+from .frame import PEAK_PARTS
+from .select import MAX_BARS, MAX_PANELS, MAX_SERIES, evenly, labelled_ok, largest, main_model
 from ..units import fmt_bytes, fmt_ms
 
-__all__ = [
-    "Plot",
-    "plot_state_vs_params",
-    "plot_peak_vs_batch",
-    "plot_step_time_vs_width",
-    "plot_peak_breakdown",
-    "make_plots",
-    "PLOTS",
-]
+__all__ = ["Plot", "figures", "make_plots", "breakdown_rows", "breakdown_bar_label", "PLOTS", "SLACK"]
 
 PART_LABELS = {
     "peak_params": "params",
@@ -42,45 +41,20 @@ PART_LABELS = {
     "peak_activations": "activations",
     "peak_temporaries": "temporaries",
 }
+SLACK = "slack"  # reserved - allocated at the peak: what the caching allocator holds unused
+_PALETTE = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
 
 
 @dataclass(frozen=True)
 class Plot:
-    """A written plot. `data` maps a series (line) or bar name to what was drawn:
-    lines -> (xs, ys) tuples; stacked bars -> {part: height}."""
+    """A built plot. `data` maps a series (line) or bar name to what was drawn:
+    lines -> (xs, ys) tuples; bars -> a number; stacked bars -> {part: height}.
+    `path` is set once written."""
 
-    path: Path
     title: str
+    figure: Figure
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def _legend(fig: Figure) -> None:
-    """One legend for every panel, outside the axes to the right: a sweep has dozens of
-    series, and a legend inside the axes hides the data."""
-    seen: dict[str, Any] = {}
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    if seen:
-        w, h = fig.get_size_inches()
-        fig.set_size_inches(w + 3, max(h, 0.19 * len(seen) + 1))  # room for every entry
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize="x-small")
-
-
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    out = df[df["status"] == "ok"].copy()
-    out["_label"] = series_labels(df).loc[out.index]
-    return out
-
-
-_STYLES = ("-", "--", ":", "-.")
-
-
-def _style(ok: pd.DataFrame, label: str) -> dict[str, Any]:
-    """The same color (and line style past ten series) for a series in every panel and plot."""
-    i = list(pd.unique(ok["_label"])).index(label)
-    return {"color": f"C{i % 10}", "linestyle": _STYLES[(i // 10) % len(_STYLES)], "marker": "o", "label": label}
-
+    path: Path | None = None
 
 class _BinaryLocator(Locator):
     """Ticks at multiples of a power of two (times 1, KiB, MiB, GiB), so labels read 64.00 KiB, not 97.66 KiB."""
@@ -137,164 +111,191 @@ def _empty(fig: Figure, title: str, why: str) -> None:
     ax.set_axis_off()
 
 
-def _first_per(ok: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One row per key: the first ok record (optimizer state does not depend on batch)."""
-    return ok.sort_values(keys + ["batch"], kind="stable").drop_duplicates(keys, keep="first")
 
 
-def plot_state_vs_params(df: pd.DataFrame, path: str | Path) -> Plot:
-    """Optimizer state bytes (requested) against parameter count, one line per series.
-
-    Each (series, width) point is the first ok record by batch: the state does not depend
-    on the batch."""
-    title = "Optimizer state vs parameter count"
-    ok = _ok(df)
+def _empty(title: str, why: str) -> Plot:
     fig = Figure(layout="constrained", figsize=(7, 4.5))
-    if ok.empty or ok["opt_state_bytes"].isna().all():
-        _empty(fig, title, "no ok records")
-        return Plot(_save(fig, path), title, {})
     ax = fig.add_subplot(1, 1, 1)
-    pts = _first_per(ok, ["_label", "width"])
-    for label in pd.unique(ok["_label"]):
-        sub = pts[pts["_label"] == label].sort_values("n_params")
-        ax.plot(sub["n_params"].to_numpy(float), sub["opt_state_bytes"].to_numpy(float), **_style(ok, label))
-    xs = pts["n_params"].astype(float)
-    if xs.min() > 0 and xs.max() / xs.min() > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("optimizer state")
-    _bytes_axis(ax)
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    _legend(fig)
-    return Plot(_save(fig, path), title, _lines_data(fig))
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return Plot(title, fig, {})
 
 
-def _panels(full: pd.DataFrame, ok: pd.DataFrame, path: str | Path, title: str, *, panel: str, x: str, y: str,
-            ylabel: str, yaxis: Callable[[Any], None]) -> Plot:
-    """One panel per value of `panel`, one line per series of `y` against `x`. Data keys:
-    "<panel>=V / series". `full` fixes each series' style, so colours match across plots."""
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
-    values = sorted(pd.unique(ok[panel]))
-    fig.set_size_inches(max(7, 5 * len(values)), 4.5)
-    for i, v in enumerate(values):
-        ax = fig.add_subplot(1, len(values), i + 1)
-        sub_v = ok[ok[panel] == v]
-        for label in pd.unique(sub_v["_label"]):
-            sub = sub_v[sub_v["_label"] == label].drop_duplicates(x, keep="last").sort_values(x)
-            ax.plot(sub[x].to_numpy(float), sub[y].to_numpy(float), **_style(full, label))
-        ax.set_title(f"{panel}={v}")
-        ax.set_xlabel(x)
-        ax.set_ylabel(ylabel)
-        yaxis(ax)
-        ax.grid(alpha=0.3)
-    _legend(fig)
-    fig.suptitle(title)
-    return Plot(_save(fig, path), title, _lines_data(fig, prefix_by_axes=True))
+def _panels(fig: Figure, n: int, width: float, height: float, ratios: list[float] | None = None) -> list[Any]:
+    """`n` panels side by side; `ratios` (relative widths) sum to `n` when given."""
+    fig.set_size_inches(width * n + 2.5, height)
+    return list(fig.subplots(1, n, squeeze=False, width_ratios=ratios)[0])
 
 
-def plot_peak_vs_batch(df: pd.DataFrame, path: str | Path) -> Plot:
-    """Peak memory (peak_total) against batch: one panel per width ("width=W"), one line per
-    series. Data keys: "width=W / series"."""
-    title = "Peak memory vs batch"
-    ok = _ok(df)
-    if ok.empty or ok["peak_total"].isna().all():
-        fig = Figure(layout="constrained", figsize=(7, 4.5))
-        _empty(fig, title, "no ok records")
-        return Plot(_save(fig, path), title, {})
-    return _panels(ok, ok, path, title, panel="width", x="batch", y="peak_total", ylabel="peak allocated",
-                   yaxis=_bytes_axis)
-
-
-def plot_step_time_vs_width(df: pd.DataFrame, path: str | Path) -> Plot:
-    """Median step time (ms) against width: one panel per batch ("batch=B"), one line per
-    series. Data keys: "batch=B / series"."""
-    title = "Step time vs width"
-    full = _ok(df)
-    ok = full[full["step_ms_median"].notna()]
-    if ok.empty:
-        fig = Figure(layout="constrained", figsize=(7, 4.5))
-        _empty(fig, title, "no timed ok records")
-        return Plot(_save(fig, path), title, {})
-
-    def ms_axis(ax: Any) -> None:
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
-
-    return _panels(full, ok, path, title, panel="batch", x="width", y="step_ms_median",
-                   ylabel="median step time", yaxis=ms_axis)
+def _state_per_param(ok: pd.DataFrame) -> Plot:
+    """Horizontal bars: state bytes per parameter of each combo (the model's usual variant at
+    its largest config), one panel per model. Data: {"model / combo": B/param}."""
+    title = "Optimizer state per parameter"
+    rows = largest(ok[ok["_main"] & ok["state_bytes_per_param"].notna()], ["model", "combo"])
+    if rows.empty:
+        return _empty(title, "no ok records with optimizer state")
+    models = list(dict.fromkeys(rows["model"]))[:MAX_PANELS]
+    fig = Figure(layout="constrained")
+    data: dict[str, Any] = {}
+    for ax, model in zip(_panels(fig, len(models), 4.0, 4.5), models):
+        sub = rows[rows["model"] == model].head(MAX_BARS).sort_values("state_bytes_per_param", kind="stable")
+        names, vals = list(sub["combo"].astype(str)), sub["state_bytes_per_param"].to_numpy(float)
+        bars = ax.barh(range(len(names)), vals, color=_PALETTE[0])
+        ax.set_yticks(range(len(names)), names)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], padding=3, fontsize="small")
+        ax.set_xlim(0, max(float(vals.max()) * 1.25, 1.0))  # room for the value labels
+        ax.set(title=model, xlabel="state bytes per parameter")
+        ax.grid(axis="x", alpha=0.3)
+        data.update({f"{model} / {n}": float(p.get_width()) for n, p in zip(names, bars.patches)})
+    fig.suptitle(f"{title} (each combo at its largest width)")
+    return Plot(title, fig, data)
 
 
 def breakdown_bar_label(label: str, width: Any, batch: Any) -> str:
     return f"{label} w={width} b={batch}"
 
 
-def breakdown_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The records the breakdown shows: per series (combo, impl, ...), its largest ok config
-    (widest, then largest batch) with a measured peak, ordered by model then first appearance.
-    One bar per series keeps the chart readable for a sweep of hundreds of configs."""
-    ok = _ok(df)
+def breakdown_rows(ok: pd.DataFrame) -> pd.DataFrame:
+    """The records a breakdown shows: per series (``_label``, from `select.labelled_ok`) its
+    largest ok config with a measured peak, ordered by model then first appearance."""
     ok = ok[ok["peak_phase"].notna()]
     if ok.empty:
         return ok
-    order = {label: i for i, label in enumerate(dict.fromkeys(ok["_label"]))}
-    best = ok.sort_values(["width", "batch"], kind="stable").groupby("_label", sort=False).tail(1)
+    best = largest(ok, ["_label"])
     models = list(dict.fromkeys(ok["model"]))
-    return best.assign(_order=best["_label"].map(order), _model=best["model"].map(models.index)) \
-        .sort_values(["_model", "_order"], kind="stable").drop(columns=["_order", "_model"])
+    return best.assign(_model=best["model"].map(models.index)).sort_values("_model", kind="stable").drop(columns="_model")
 
 
-def plot_peak_breakdown(df: pd.DataFrame, path: str | Path) -> Plot:
-    """One stacked bar per series at its largest ok config (`breakdown_rows`): params, grads,
-    optimizer state, activations and temporaries at the peak (see `frame._peak_breakdown` for
-    which phase's peak and what each part means); one panel per model, since their scales
-    differ. Data: {bar: {part column: height}}; the parts of a bar sum to its peak_total."""
+def _slack(rows: pd.DataFrame) -> pd.Series | None:
+    """reserved - allocated at the peak, where the records carry peak_reserved (CUDA, or a
+    CPU probe's cuda target); None when none does."""
+    if "peak_reserved" not in rows.columns or rows["peak_reserved"].isna().all():
+        return None
+    return (rows["peak_reserved"] - rows["peak_total"]).clip(lower=0.0).fillna(0.0)
+
+
+def _stack(ax: Any, sub: pd.DataFrame, slack: pd.Series | None) -> dict[str, dict[str, float]]:
+    """One stacked bar per row of `sub`: the peak's parts, then the allocator's slack."""
+    names = [breakdown_bar_label(l, w, b) for l, w, b in zip(sub["_label"], sub["width"], sub["batch"])]
+    xs = list(range(len(names)))
+    bottom = [0.0] * len(names)
+    parts = [(p, PART_LABELS[p], sub[p].fillna(0.0), _PALETTE[i]) for i, p in enumerate(PEAK_PARTS)]
+    if slack is not None:
+        parts.append((SLACK, "slack (reserved - allocated)", slack.loc[sub.index], "lightgray"))
+    data: dict[str, dict[str, float]] = {n: {} for n in names}
+    for key, text, heights, colour in parts:
+        hs = heights.to_numpy(float).tolist()
+        bars = ax.bar(xs, hs, bottom=bottom, label=text, color=colour, hatch="//" if key == SLACK else None)
+        for n, patch in zip(names, bars.patches):
+            data[n][key] = float(patch.get_height())
+        bottom = [b + h for b, h in zip(bottom, hs)]
+    one = sub["width"].nunique() == 1 and sub["batch"].nunique() == 1  # then the panel title says it
+    ticks = sub["combo"] if one else [f"{c}\nw={w} b={b}" for c, w, b in zip(sub["combo"], sub["width"], sub["batch"])]
+    ax.set_xticks(xs, list(ticks), rotation=45, ha="right", fontsize="small")
+    return data
+
+
+def _peak_breakdown(ok: pd.DataFrame) -> Plot:
+    """Stacked bars of what was live at the step's peak (`frame._peak_breakdown`), one bar
+    per combo (the model's usual variant at its largest config), one panel per model.
+    Data: {breakdown_bar_label: {part column (or SLACK): height}}; the parts sum to peak_total
+    (to peak_reserved with the slack)."""
     title = "What the peak is made of"
-    rows = breakdown_rows(df)
-    fig = Figure(layout="constrained", figsize=(7, 4.5))
+    rows = breakdown_rows(ok[ok["_main"]])
     if rows.empty:
-        _empty(fig, title, "no ok records with a measured peak")
-        return Plot(_save(fig, path), title, {})
-    models = list(dict.fromkeys(rows["model"]))
-    counts = [int((rows["model"] == m).sum()) for m in models]
-    fig.set_size_inches(max(7, 0.6 * sum(counts) + 2.5 * len(models)), 5.5)
-    axes = fig.subplots(1, len(models), squeeze=False, width_ratios=[max(c, 2) for c in counts])[0]
-    data: dict[str, dict[str, float]] = {}
-    for ax, model in zip(axes, models):
-        sub = rows[rows["model"] == model]
-        names = [breakdown_bar_label(l, w, b) for l, w, b in zip(sub["_label"], sub["width"], sub["batch"])]
-        xs = list(range(len(names)))
-        bottom = [0.0] * len(names)
-        for part in PEAK_PARTS:
-            heights = sub[part].fillna(0.0).to_numpy(float).tolist()
-            ax.bar(xs, heights, bottom=bottom, label=PART_LABELS[part])
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_xticks(xs)
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize="small")
+        return _empty(title, "no ok records with a measured peak")
+    slack = _slack(rows)
+    models = list(dict.fromkeys(rows["model"]))[:MAX_PANELS]
+    fig = Figure(layout="constrained")
+    data: dict[str, Any] = {}
+    subs = [rows[rows["model"] == m].head(MAX_BARS) for m in models]
+    bars = [max(len(s), 3) for s in subs]
+    axes = _panels(fig, len(models), 5.0, 5.5, [len(models) * b / sum(bars) for b in bars])
+    for ax, model, sub in zip(axes, models, subs):
+        data.update(_stack(ax, sub, slack))
         _bytes_axis(ax)
-        ax.set_title(model if len(models) > 1 else title, fontsize="medium")
+        one = sub["width"].nunique() == 1 and sub["batch"].nunique() == 1
+        ax.set_title(f"{model}, width {sub['width'].iloc[0]}, batch {sub['batch'].iloc[0]}" if one else model,
+                     fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-        for part, container in zip(PEAK_PARTS, ax.containers):
-            for n, patch in zip(names, container.patches):
-                data.setdefault(n, {})[part] = float(patch.get_height())
     axes[0].set_ylabel("bytes at the step's peak")
-    axes[0].legend(fontsize="small")
-    if len(models) > 1:
-        fig.suptitle(title)
-    return Plot(_save(fig, path), title, data)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles[::-1], labels[::-1], loc="outside right center", fontsize="small")  # clear of the title
+    fig.suptitle(f"{title} (each combo at its largest config)")
+    return Plot(title, fig, data)
 
 
-# name -> function; the report links them in this order under these keys
-PLOTS = {
-    "state_vs_params": plot_state_vs_params,
-    "peak_vs_batch": plot_peak_vs_batch,
-    "step_time_vs_width": plot_step_time_vs_width,
-    "peak_breakdown": plot_peak_breakdown,
+def _lines(ok: pd.DataFrame, title: str, *, panel: str, x: str, y: str, ylabel: str,
+           yaxis: Callable[[Any], None]) -> Plot:
+    """`y` against `x`, one line per combo (the main model's usual variants, at most
+    MAX_SERIES), one panel per value of `panel` (at most MAX_PANELS, chosen evenly among
+    those where a line has two points). Data keys: "<panel>=V / combo"."""
+    model = main_model(ok)
+    sub = ok[ok["_main"] & (ok["model"] == model) & ok[y].notna()]
+    if sub.empty:
+        return _empty(title, f"no ok records with {y}")
+    combos = list(dict.fromkeys(sub["combo"]))[:MAX_SERIES]
+    sub = sub[sub["combo"].isin(combos)]
+    points = sub.groupby([panel, "combo"])[x].nunique()
+    several = points[points >= 2].index.get_level_values(0)
+    values = evenly(several if len(several) else sub[panel], MAX_PANELS)
+    fig = Figure(layout="constrained")
+    for ax, v in zip(_panels(fig, len(values), 4.2, 4.2), values):
+        at = sub[sub[panel] == v]
+        for colour, combo in zip(_PALETTE, combos):
+            line = at[at["combo"] == combo].drop_duplicates(x, keep="last").sort_values(x)
+            if not line.empty:
+                dots = "o" if len(line) <= 50 else None  # a marker per point hides a dense line
+                ax.plot(line[x].to_numpy(float), line[y].to_numpy(float), color=colour, marker=dots, label=combo)
+        xs = at[x].astype(float)
+        if len(xs) and xs.min() > 0 and xs.max() / xs.min() > 20:
+            ax.set_xscale("log", base=2)
+        ax.set(title=f"{panel}={v}", xlabel=x, ylabel=ylabel)
+        yaxis(ax)
+        ax.grid(alpha=0.3)
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize="small")
+    several_models = ok["model"].nunique() > 1
+    fig.suptitle(f"{title} ({model})" if several_models else title)
+    return Plot(title, fig, _lines_data(fig, prefix_by_axes=True))
+
+
+def _peak_vs_batch(ok: pd.DataFrame) -> Plot:
+    return _lines(ok, "Peak memory vs batch", panel="width", x="batch", y="peak_total", ylabel="peak allocated",
+                  yaxis=_bytes_axis)
+
+
+def _step_time_vs_width(ok: pd.DataFrame) -> Plot:
+    def ms_axis(ax: Any) -> None:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
+
+    return _lines(ok, "Step time vs width", panel="batch", x="width", y="step_ms_median",
+                  ylabel="median step time", yaxis=ms_axis)
+
+
+# name -> builder over `select.labelled_ok` records; the report links them under these keys
+PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
+    "state_per_param": _state_per_param,
+    "peak_breakdown": _peak_breakdown,
+    "peak_vs_batch": _peak_vs_batch,
+    "step_time_vs_width": _step_time_vs_width,
 }
 
 
-def make_plots(df: pd.DataFrame, out_dir: str | Path, stem: str = "report") -> dict[str, Plot]:
-    """Write every plot as `<out_dir>/<stem>_<name>.png`; {name: Plot}. Nothing when no ok record."""
+def figures(df: pd.DataFrame) -> dict[str, Plot]:
+    """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record."""
     if len(df) == 0 or not (df["status"] == "ok").any():
         return {}
+    ok = labelled_ok(df)
+    return {name: build(ok) for name, build in PLOTS.items()}
+
+
+def make_plots(df: pd.DataFrame, out_dir: str | Path, stem: str = "report") -> dict[str, Plot]:
+    """Write every plot as `<out_dir>/<stem>_<name>.png`; {name: Plot with its path}."""
     out_dir = Path(out_dir)
-    return {name: fn(df, out_dir / f"{stem}_{name}.png") for name, fn in PLOTS.items()}
+    return {name: Plot(p.title, p.figure, p.data, _save(p.figure, out_dir / f"{stem}_{name}.png"))
+            for name, p in figures(df).items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,13 +26,19 @@ from tabulate import tabulate
 
 from ..record import PHASES, Record, phase_order
 from .frame import by_optimizer, load, series_labels
+from .gate import GateResult, compare
+from .gate import render as gate_render
 from .plot import breakdown_rows, make_plots
+from .select import MAX_ROWS, cap, evenly, labelled_ok, largest
 from ..units import fmt_bytes, fmt_ms
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
 
 CHECK = "✓"
-_PHASE_TITLES = {"zero_grad": "zero_grad", "forward": "forward", "backward": "backward", "step": "step"}
+_STEP_WIDTHS = 6  # widths in a step-time table
+_DETAIL_WIDTHS = 2  # widths per series in a detail table: smallest and largest
+_DETAIL_BATCHES = 2
+_SCALE_BATCHES = 4  # batches in the batch-scaling table
 
 
 # --------------------------------------------------------------------------- formatting
@@ -84,10 +91,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
         col = [r[i] for r in rows if r[i] != ""]
         align.append("right" if col and all(_NUMERIC.match(c) for c in col) else "left")
     return tabulate(rows, headers=[_cell(h) for h in headers], tablefmt="pipe", disable_numparse=True, colalign=align)
-
-
-def _width_sort(values: Iterable[Any]) -> list[Any]:
-    return sorted(pd.unique(pd.Series(list(values))), key=lambda v: (_nan(v), v if not _nan(v) else 0))
 
 
 # --------------------------------------------------------------------------- sections
@@ -157,133 +160,192 @@ def _last_per(ok: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return ok.drop_duplicates(keys, keep="last")
 
 
-def _first_per(ok: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The smallest-batch record per key, keys in order of first appearance."""
-    order = {k: i for i, k in enumerate(dict.fromkeys(zip(*(ok[k] for k in keys))))}
-    rank = pd.Series([order[k] for k in zip(*(ok[k] for k in keys))], index=ok.index)
-    return (ok.assign(_rank=rank).sort_values(["_rank", "batch"], kind="stable")
-            .drop_duplicates(keys, keep="first").drop(columns="_rank"))
+def _at_widths(ok: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Per series, its smallest-batch record at `k` evenly chosen widths (state does not
+    depend on the batch), series in order of first appearance."""
+    rows = ok.sort_values("batch", kind="stable").drop_duplicates(["_label", "width"], keep="first")
+    keep = [i for _l, g in rows.groupby("_label", sort=False) for i in g[g["width"].isin(evenly(g["width"], k))].index]
+    order = {l: i for i, l in enumerate(dict.fromkeys(ok["_label"]))}
+    out = rows.loc[keep]
+    return out.assign(_o=out["_label"].map(order)).sort_values(["_o", "width"], kind="stable").drop(columns="_o")
 
 
-def _peak_vs_sgd(r: pd.Series) -> str:
-    if _nan(r["peak_overhead_vs_sgd"]):
+def _vs_sgd(delta: Any, ratio: Any = None) -> str:
+    if _nan(delta):
         return "-"
-    return f"{_signed_b(r['peak_overhead_vs_sgd'])} ({_ratio(r['peak_ratio_vs_sgd'])})"
+    return _signed_b(delta) + ("" if ratio is None or _nan(ratio) else f" ({_ratio(ratio)})")
 
 
-def _headline(df: pd.DataFrame, ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
-    widths = _width_sort(ok["width"])
-    metrics = [
-        ("state B/param", lambda r: _num(r["state_bytes_per_param"])),
-        ("state/weights", lambda r: _ratio(r["state_weight_ratio"])),
-        ("state vs SGD", lambda r: _signed_b(r["state_overhead_vs_sgd"])),
-        ("peak", lambda r: _b(r["peak_total"])),
-        ("peak vs SGD", _peak_vs_sgd),
-        ("step", lambda r: _ms(r["step_ms_median"])),
-    ]
-    labels = series_labels(df)
-    allrec = df.assign(_label=labels)
-    cells = _last_per(ok, ["_label", "batch", "width"]).set_index(["_label", "batch", "width"])
-    failed = (allrec[allrec["status"] != "ok"].drop_duplicates(["_label", "batch", "width"], keep="last")
-              .set_index(["_label", "batch", "width"])["status"])
-    order = list(dict.fromkeys(ok["_label"]))
-    keys = [k for k in dict.fromkeys(zip(allrec["_label"], allrec["batch"])) if k[0] in order]
-    keys.sort(key=lambda k: (order.index(k[0]), k[1]))
-    headers = ["combo", "batch"] + [f"{m} w={w}" for m, _f in metrics for w in widths]
+def _summary(ok: pd.DataFrame, gate: Any) -> str:
+    """Three sentences computed from the data, and the gate's verdict when given."""
+    st = largest(ok[ok["_main"]], ["model", "combo"])
+    lines = []
+    named = st[st["state_weight_ratio"].notna()]
+    if not named.empty:
+        r = named.loc[named["state_weight_ratio"].idxmax()]
+        lines.append(f"Largest state overhead: **{r['combo']}** ({r['model']}, width {r['width']}) keeps "
+                     f"{_b(r['opt_state_bytes'])} of optimizer state, {_ratio(r['state_weight_ratio'])} its weights "
+                     f"({_vs_sgd(r['state_overhead_vs_sgd'])} vs SGD).")
+    per = st[st["state_bytes_per_param"].notna() & (st["combo"] != "sgd")]
+    if not per.empty:
+        low = per["state_bytes_per_param"].min()
+        names = _unique(f"**{c}** ({m})" for c, m in per[per["state_bytes_per_param"] == low][["combo", "model"]].itertuples(index=False))
+        lines.append(f"Cheapest per parameter besides plain SGD: {', '.join(names[:3])} at {low:.2f} B/param.")
+    pk = st[st["peak_overhead_vs_sgd"].notna()]
+    if not pk.empty:
+        r = pk.loc[pk["peak_overhead_vs_sgd"].abs().idxmax()]
+        lines.append(f"Biggest peak change vs SGD: **{r['combo']}** ({r['model']}, width {r['width']}, batch {r['batch']}) "
+                     f"{_vs_sgd(r['peak_overhead_vs_sgd'], r['peak_ratio_vs_sgd'])}: {_b(r['peak_total'])}.")
+    if gate is not None:
+        head = gate_render(gate).splitlines()[0].removeprefix("## multiopt gate: ")
+        lines.append(f"Gate against `{gate.baseline_label}`: **{head}** (details under Gate).")
+    return _section("Summary", " ".join(lines) if lines else "No ok record of a model's usual config.")
+
+
+def _state(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
+    st = largest(ok[ok["_main"]], ["model", "combo"])
+    rows = [[r["model"], r["combo"], r["width"], _int(r["n_params"]), _b(r["opt_state_bytes"]),
+             _num(r["state_bytes_per_param"]), _ratio(r["state_weight_ratio"]), _vs_sgd(r["state_overhead_vs_sgd"])]
+            for _, r in st.iterrows()]
+    rows, more = cap(rows)
+    note = ("What each combo's optimizer state costs, at its largest width (state does not depend on the batch): "
+            "requested bytes (exact storage sizes); B/param excludes per-tensor scalars such as Adam's `step`; "
+            "vs SGD compares with the plain-SGD record of the same config (`-`: the run has none).")
+    headers = ["model", "combo", "width", "params", "state", "B/param", "state/weights", "vs SGD"]
+    return _section("Optimizer state", note + "\n\n" + _table(headers, rows) + more
+                    + _image(plots, "state_per_param", "optimizer state per parameter"))
+
+
+def _peak(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
+    st = largest(ok[ok["_main"]], ["model", "combo"])
+    slack = st["peak_reserved"].notna().any() if "peak_reserved" in st.columns else False
+    headers = ["model", "combo", "width", "batch", "peak", "vs SGD", "peak phase"] + (["reserved", "slack"] if slack else [])
     rows = []
-    for label, batch in keys:
-        row: list[Any] = [label, batch]
-        for m, fmt in metrics:
-            for w in widths:
-                key = (label, batch, w)
-                if key in cells.index:
-                    row.append(fmt(cells.loc[key]))
-                elif key in failed.index and m in ("peak", "step"):
-                    row.append(failed.loc[key])
-                else:
-                    row.append("")
+    for _, r in st.iterrows():
+        row = [r["model"], r["combo"], r["width"], r["batch"], _b(r["peak_total"]),
+               _vs_sgd(r["peak_overhead_vs_sgd"], r["peak_ratio_vs_sgd"]), r["peak_phase"] if isinstance(r["peak_phase"], str) else "-"]
+        if slack:
+            row += [_b(r["peak_reserved"]), _b(r["peak_reserved"] - r["peak_total"])]
         rows.append(row)
-    note = (
-        "Optimizer state in requested bytes (exact storage sizes); B/param excludes per-tensor "
-        "scalars such as Adam's `step`. Peak = the step's highest allocated memory (max over phases). "
-        "SGD columns compare with the plain-SGD record of the same config (`-`: the run has none). "
-        "A failed config shows its status (oom, diverged, error) under peak and step."
-    )
-    return _section("Headline", note + "\n\n" + _table(headers, rows)
-                    + _image(plots, "state_vs_params", "optimizer state vs parameter count")
+    rows, more = cap(rows)
+    note = ("What each combo does to peak memory, at its largest ok config (widest, then largest batch): "
+            "the step's highest allocated memory (max over phases), against the plain-SGD record of the same config."
+            + (" Reserved = the caching allocator's peak reserved memory; slack = reserved - allocated." if slack else ""))
+    return _section("Peak memory", note + "\n\n" + _table(headers, rows) + more
+                    + _image(plots, "peak_breakdown", "peak memory breakdown")
+                    + _image(plots, "peak_vs_batch", "peak memory vs batch"))
+
+
+def _step_batch(main: pd.DataFrame) -> Any:
+    """The batch a model's step-time table reads: the one timed at the most widths (largest on ties)."""
+    n = main.groupby("batch")["width"].nunique()
+    return max(n.index, key=lambda b: (n[b], b))
+
+
+def _step_time(df: pd.DataFrame, ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
+    tables = []
+    timed = ok[ok["_main"] & ok["step_ms_median"].notna()]
+    failed = df[df["status"] != "ok"]
+    for model, main in timed.groupby("model", sort=False):
+        batch = _step_batch(main)
+        at = _last_per(main[main["batch"] == batch], ["combo", "width"]).set_index(["combo", "width"])
+        gone = _last_per(failed[(failed["model"] == model) & (failed["batch"] == batch)], ["combo", "width"])
+        gone = gone.set_index(["combo", "width"])["status"]
+        widths = evenly(main[main["batch"] == batch]["width"], _STEP_WIDTHS)
+        rows = []
+        for combo in dict.fromkeys(main["combo"]):
+            cells = [_ms(at.at[(combo, w), "step_ms_median"]) if (combo, w) in at.index
+                     else gone.get((combo, w), "") for w in widths]
+            rows.append([combo, batch, *cells])
+        rows, more = cap(rows)
+        tables.append(f"### {model}\n\n" + _table(["combo", "batch", *(f"w={w}" for w in widths)], rows) + more)
+    if not tables:
+        return _section("Step time", "No timed ok records.")
+    note = (f"Median step time, at the batch timed at the most widths and up to {_STEP_WIDTHS} widths chosen evenly "
+            "(every width is in the CSV). A failed config shows its status.")
+    return _section("Step time", note + "\n\n" + "\n\n".join(tables)
                     + _image(plots, "step_time_vs_width", "step time vs width"))
 
 
-def _per_optimizer(df: pd.DataFrame, ok: pd.DataFrame) -> str:
-    rec = _first_per(ok, ["_label", "width"])
+def _per_optimizer(ok: pd.DataFrame) -> str:
+    rec = _at_widths(ok, _DETAIL_WIDTHS)
     opt = by_optimizer(rec)
     if opt.empty:
         return _section("Per optimizer", "No per-optimizer state in these records.")
-    labels = rec["_label"]
-    totals = rec["n_params"]
     rows = []
     for _, o in opt.iterrows():
-        total = totals.loc[o["record"]]
-        share = "-" if _nan(total) or not total or _nan(o["n_params"]) else f"{100.0 * o['n_params'] / total:.1f}%"
+        total = rec.at[o["record"], "n_params"]
+        share = "" if _nan(total) or not total or _nan(o["n_params"]) else f" ({100.0 * o['n_params'] / total:.1f}%)"
         rows.append([
-            labels.loc[o["record"]], o["width"], o["name"], o["optimizer"], o.get("opt_impl", "") if not _nan(o.get("opt_impl")) else "",
-            _int(o["n_params"]), share, _int(o.get("n_param_tensors")), _b(o["state_bytes"]),
+            rec.at[o["record"], "_label"], o["width"], o["name"], o["optimizer"], "" if _nan(o.get("opt_impl")) else o.get("opt_impl"),
+            _int(o["n_params"]) + share, _int(o.get("n_param_tensors")), _b(o["state_bytes"]),
             _num(o["state_bytes_per_param"]), _int(o["n_tensors"]), _b(o["state_alloc_bytes"]), _b(o["step_temp_bytes"]),
         ])
-    headers = ["combo", "width", "rule", "optimizer", "impl", "params", "share", "param tensors", "state",
-               "state B/param", "state tensors", "state allocated", "step temp"]
-    note = "Who owns which parameters, and what their state costs (first ok record per combo and width; state does not depend on the batch)."
-    return _section("Per optimizer", note + "\n\n" + _table(headers, rows))
+    rows, more = cap(rows)
+    headers = ["combo", "width", "rule", "optimizer", "impl", "params (share)", "param tensors", "state",
+               "B/param", "state tensors", "state allocated", "step temp"]
+    note = (f"Who owns which parameters, and what their state costs, per series at up to {_DETAIL_WIDTHS} widths "
+            "(smallest and largest; first ok record by batch: state does not depend on the batch).")
+    return _section("Per optimizer", note + "\n\n" + _table(headers, rows) + more)
+
+
+def _grid(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per series, the last record at up to _DETAIL_WIDTHS widths x _DETAIL_BATCHES batches chosen evenly."""
+    last = _last_per(ok, ["_label", "width", "batch"])
+    keep = []
+    for _l, g in last.groupby("_label", sort=False):
+        keep += list(g[g["width"].isin(evenly(g["width"], _DETAIL_WIDTHS))
+                       & g["batch"].isin(evenly(g["batch"], _DETAIL_BATCHES))].index)
+    return last.loc[keep].sort_values(["width", "batch"], kind="stable")
 
 
 def _phases(ok: pd.DataFrame) -> str:
-    headers = ["combo", "width", "batch", "zero_grad_at"]
-    for p in PHASES:
-        headers += [f"{p} allocated", f"{p} peak"]
-    headers += ["activations", "peak phase"]
-    rows = []
-    for _, r in ok.sort_values(["width", "batch"], kind="stable").iterrows():
-        row: list[Any] = [r["_label"], r["width"], r["batch"], r["zero_grad_at"]]
-        for p in PHASES:
-            row += [_b(r[f"mem_after_{p}"]), _b(r[f"peak_{p}"])]
-        row += [_b(r["activation_bytes"]), r["peak_phase"] if isinstance(r["peak_phase"], str) else "-"]
-        rows.append(row)
+    grid = _grid(ok)
+    key = lambda r: [r["_label"], r["width"], r["batch"]]  # noqa: E731
+    peaks = [key(r) + [_b(r[f"peak_{p}"]) for p in PHASES] + [_b(r["activation_bytes"]),
+             r["peak_phase"] if isinstance(r["peak_phase"], str) else "-"] for _, r in grid.iterrows()]
+    after = [key(r) + [_b(r[f"mem_after_{p}"]) for p in PHASES] for _, r in grid.iterrows()]
+    peaks, more = cap(peaks)
+    after, _ = cap(after)
     orders = "; ".join(f"zero_grad_at={z}: {', '.join(phase_order(z))}" for z in _unique(ok["zero_grad_at"]))
-    note = (
-        "Allocated memory after each phase and its peak (the peak counter is reset before each phase). "
-        f"Execution order: {orders}. Activations = what forward left allocated."
-    )
-    return _section("Phases", note + "\n\n" + _table(headers, rows))
+    note = (f"Per series at up to {_DETAIL_WIDTHS} widths and {_DETAIL_BATCHES} batches (smallest and largest). "
+            "The peak counter is reset before each phase. "
+            f"Execution order: {orders}. Activations = what forward left allocated.")
+    head = ["combo", "width", "batch"]
+    return _section("Phases", note + "\n\n### Peak within each phase\n\n"
+                    + _table(head + [f"{p} peak" for p in PHASES] + ["activations", "peak phase"], peaks) + more
+                    + "\n\n### Allocated after each phase\n\n" + _table(head + [f"{p} allocated" for p in PHASES], after))
 
 
-def _breakdown(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
-    headers = ["combo", "width", "batch", "peak phase", "params", "grads", "state", "activations", "temporaries", "peak"]
-    rows = []
+def _breakdown(ok: pd.DataFrame) -> str:
     sub = breakdown_rows(ok)
-    for _, r in sub.iterrows():
-        rows.append([r["_label"], r["width"], r["batch"], r["peak_phase"], _b(r["peak_params"]), _b(r["peak_grads"]),
-                     _b(r["peak_state"]), _b(r["peak_activations"]), _b(r["peak_temporaries"]), _b(r["peak_total"])])
-    if not rows:
+    if sub.empty:
         return _section("What the peak is made of", "No ok record has per-phase peaks.")
+    slack = sub["peak_reserved"].notna().any() if "peak_reserved" in sub.columns else False
+    headers = ["combo", "width", "batch", "peak phase", "params", "grads", "state", "activations", "temporaries", "peak"]
+    headers += ["reserved", "slack"] if slack else []
+    rows = []
+    for _, r in sub.iterrows():
+        row = [r["_label"], r["width"], r["batch"], r["peak_phase"], _b(r["peak_params"]), _b(r["peak_grads"]),
+               _b(r["peak_state"]), _b(r["peak_activations"]), _b(r["peak_temporaries"]), _b(r["peak_total"])]
+        rows.append(row + ([_b(r["peak_reserved"]), _b(r["peak_reserved"] - r["peak_total"])] if slack else []))
+    rows, more = cap(rows)
     note = (
-        "Each combo at its largest ok config. The step's peak, reached in the phase named, split into what was live then: params, grads "
+        "Each series at its largest ok config. The step's peak, reached in the phase named, split into what was live then: params, grads "
         "(in backward/step, or when zero_grad keeps them), optimizer state (allocated), activations "
         "(in forward/backward) and temporaries (the rest: the phase's transient buffers, the batch, "
         "memory live before the model). In backward grads grow as activations shrink, so counting "
         "both in full over-states them; temporaries are floored at 0."
     )
-    return _section("What the peak is made of", note + "\n\n" + _table(headers, rows)
-                    + _image(plots, "peak_breakdown", "peak memory breakdown"))
+    return _section("What the peak is made of", note + "\n\n" + _table(headers, rows) + more)
 
 
-def _batch_scaling(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
-    batches = _width_sort(ok["batch"])
+def _batch_scaling(ok: pd.DataFrame) -> str:
+    batches = evenly(ok["batch"], _SCALE_BATCHES)
     if len(batches) < 2:
         return _section("Batch scaling", f"One batch size only ({batches[0] if batches else '-'}); nothing to scale.")
     cells = _last_per(ok, ["_label", "width", "batch"]).set_index(["_label", "width", "batch"])
-    keys = list(dict.fromkeys(zip(ok["_label"], ok["width"])))
-    order = list(dict.fromkeys(ok["_label"]))
-    keys.sort(key=lambda k: (order.index(k[0]), k[1]))
+    keys = list(dict.fromkeys(zip(_at_widths(ok, _DETAIL_WIDTHS)["_label"], _at_widths(ok, _DETAIL_WIDTHS)["width"])))
     headers = ["combo", "width", "state"] + [f"peak b={b}" for b in batches] + [f"activations b={b}" for b in batches]
     rows = []
     for label, w in keys:
@@ -296,14 +358,30 @@ def _batch_scaling(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
         row += [_b(cells.at[(label, w, b), "activation_bytes"]) if g else "" for b, g in zip(batches, got)]
         rows.append(row)
     if not rows:
-        return _section("Batch scaling", "No combo has ok records at two batch sizes.")
-    note = "Peak memory against batch: activations grow with the batch, optimizer state does not."
-    return _section("Batch scaling", note + "\n\n" + _table(headers, rows)
-                    + _image(plots, "peak_vs_batch", "peak memory vs batch"))
+        return _section("Batch scaling", "No combo has ok records at two of the batch sizes shown.")
+    rows, more = cap(rows)
+    note = (f"Peak memory against batch (up to {_SCALE_BATCHES} batches chosen evenly, per series at up to "
+            f"{_DETAIL_WIDTHS} widths): activations grow with the batch, optimizer state does not.")
+    return _section("Batch scaling", note + "\n\n" + _table(headers, rows) + more)
+
+
+def _variants(ok: pd.DataFrame) -> str:
+    """Series other than a model's usual config (dtype, impl, zero_grad placement, ...) at their largest config."""
+    st = largest(ok[~ok["_main"]], ["_label"])
+    if st.empty:
+        return ""
+    rows = [[r["_label"], r["width"], r["batch"], _b(r["opt_state_bytes"]), _num(r["state_bytes_per_param"]),
+             _b(r["peak_total"]), _vs_sgd(r["peak_overhead_vs_sgd"], r["peak_ratio_vs_sgd"]), _ms(r["step_ms_median"])]
+            for _, r in st.iterrows()]
+    rows, more = cap(rows)
+    note = ("Configs other than each model's usual one (another dtype, implementation, zero_grad placement, ...), "
+            "each at its largest ok config; the summary tables above show only the usual ones.")
+    headers = ["series", "width", "batch", "state", "B/param", "peak", "peak vs SGD", "step"]
+    return _section("Variants", note + "\n\n" + _table(headers, rows) + more)
 
 
 def _expected(ok: pd.DataFrame) -> str:
-    rec = _first_per(ok, ["_label", "width"])
+    rec = _at_widths(ok, _DETAIL_WIDTHS)
     opt = by_optimizer(rec)
     rows = []
     for idx, r in rec.iterrows():
@@ -324,10 +402,11 @@ def _expected(ok: pd.DataFrame) -> str:
         rows.append([r["_label"], r["width"], _int(exp), _int(got), verdict])
     if not rows:
         return _section("Expected vs measured state", "No ok records.")
+    rows, more = cap(rows)
     note = (f"Measured optimizer state against the registry's formula, in bytes: {CHECK} when equal, "
             "else measured minus expected (and which optimizer differs).")
     return _section("Expected vs measured state", note + "\n\n"
-                    + _table(["combo", "width", "expected (B)", "measured (B)", "check"], rows))
+                    + _table(["combo", "width", "expected (B)", "measured (B)", "check"], rows) + more)
 
 
 def _zero(ok: pd.DataFrame) -> str:
@@ -348,72 +427,92 @@ def _zero(ok: pd.DataFrame) -> str:
         rows.append([r["_label"], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
                      _b(total / ranks) if total else "-", share, f"{1 / ranks:.3f}",
                      _b(twin["peak_total"]) if twin is not None else "-", _b(r["peak_total"])])
+    rows, more = cap(rows)
     note = ("Optimizer state under ZeRO-1 (`torch.distributed.optim.ZeroRedundancyOptimizer`): what each rank "
             "holds, against the ZeRO model (unsharded state / ranks). Partitions are whole parameters, so a "
             "rank can hold up to one tensor's state more than its ideal share.")
-    return _section("ZeRO: optimizer state per rank", note + "\n\n" + _table(headers, rows))
+    return _section("ZeRO: optimizer state per rank", note + "\n\n" + _table(headers, rows) + more)
 
 
 def _implementations(df: pd.DataFrame, ok: pd.DataFrame) -> str:
     if ok["impl"].nunique() < 2:
         return ""
-    base = series_labels(df.drop(columns=["impl"]).assign(impl="")).loc[ok.index]
+    base = series_labels(df.drop(columns=["impl", "seed"], errors="ignore").assign(impl="")).loc[ok.index]
     ok = ok.assign(_base=base)
-    groups = []
-    for key, g in ok.groupby(["_base", "width", "batch"], sort=False):
-        if g["impl"].nunique() > 1:
-            groups.append((key, g))
-    if not groups:
+    keys = ["_base", "width", "batch"]
+    # one groupby pass, not a Python loop per config: a run can hold thousands of configs
+    multi = ok[ok.groupby(keys, sort=False)["impl"].transform("nunique") > 1]
+    if multi.empty:
         return _section("Implementations", "No config was measured with more than one implementation.")
     headers = ["combo", "width", "batch", "impl", "step peak", "step transient", "step temp (largest optimizer)", "peak", "step"]
-    rows = []
-    for (label, w, b), g in groups:
-        for _, r in g.drop_duplicates("impl", keep="last").iterrows():
-            rows.append([label, w, b, r["impl"], _b(r["peak_step"]), _b(r["transient_step"]),
-                         _b(r["step_temp_bytes"]), _b(r["peak_total"]), _ms(r["step_ms_median"])])
+    shown = _last_per(multi, keys + ["impl"])
+    order = {k: i for i, k in enumerate(dict.fromkeys(zip(*(shown[k] for k in keys))))}
+    shown = shown.assign(_o=[order[k] for k in zip(*(shown[k] for k in keys))]).sort_values("_o", kind="stable")
+    rows = [[r["_base"], r["width"], r["batch"], r["impl"], _b(r["peak_step"]), _b(r["transient_step"]),
+             _b(r["step_temp_bytes"]), _b(r["peak_total"]), _ms(r["step_ms_median"])]
+            for _, r in shown.head(MAX_ROWS + 1).iterrows()]
+    rows = rows + [None] * (len(shown) - len(rows))  # counted for the note, never formatted
+    rows, more = cap(rows)
     note = ("foreach / fused / forloop optimizer steps of the same config. Step transient = step peak "
             "minus memory before the step; step temp = the largest single optimizer's step temporaries.")
-    return _section("Implementations", note + "\n\n" + _table(headers, rows))
+    return _section("Implementations", note + "\n\n" + _table(headers, rows) + more)
 
 
 def _failures(df: pd.DataFrame) -> str:
     bad = df[df["status"] != "ok"]
     if bad.empty:
         return ""
-    labels = series_labels(df).loc[bad.index]
-    rows = [[r["status"], labels.loc[i], r["width"], r["batch"], r["impl"], r["error"] if not _nan(r["error"]) else "(no message)"]
-            for i, r in bad.iterrows()]
-    return _section(f"Failures ({len(bad)})", _table(["status", "combo", "width", "batch", "impl", "message"], rows))
+    rows = [[r["status"], r["model"], r["combo"], r["width"], r["batch"], r["dtype"], r["impl"],
+             r["error"] if not _nan(r["error"]) else "(no message)"] for _, r in bad.iterrows()]
+    rows, more = cap(rows)
+    return _section(f"Failures ({len(bad)})",
+                    _table(["status", "model", "combo", "width", "batch", "dtype", "impl", "message"], rows) + more)
+
+
+def _gate(gate: GateResult | None) -> str:
+    """The gate's own markdown, one heading level down."""
+    if gate is None:
+        return ""
+    text = gate_render(gate).replace("\n### ", "\n#### ")
+    return text.replace("## multiopt gate: ", "## Gate: ", 1).rstrip()
 
 
 # --------------------------------------------------------------------------- public
 
 
-def render(df: pd.DataFrame, plots: dict[str, str] | None = None) -> str:
+def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResult | None = None) -> str:
     """The markdown report of a `frame.load` DataFrame; `plots` maps plot names
-    (`plot.PLOTS` keys) to relative paths to link. Pure: same input, same text."""
+    (`plot.PLOTS` keys) to relative paths to link; `gate` (a `gate.compare` result) adds its
+    verdict. Pure: same input, same text. Summary tables first (one question each), then
+    details; every table is bounded (see `select`), the rest is in the CSV."""
     parts = [_header(df)]
     if len(df) == 0:
         parts.append("No records.")
         return "\n\n".join(parts) + "\n"
-    ok = df[df["status"] == "ok"].copy()
-    ok["_label"] = series_labels(df).loc[ok.index]
+    ok = labelled_ok(df)
     if ok.empty:
         counts = df["status"].value_counts()
         parts.append(f"No ok records: all {len(df)} configs failed "
                      f"({', '.join(f'{int(n)} {s}' for s, n in counts.items())}); nothing to tabulate.")
-        parts.append(_failures(df))
+        parts += [_failures(df), _gate(gate)]
         return "\n\n".join(p for p in parts if p) + "\n"
     parts += [
-        _headline(df, ok, plots),
-        _per_optimizer(df, ok),
+        _summary(ok, gate),
+        _state(ok, plots),
+        _peak(ok, plots),
+        _step_time(df, ok, plots),
+        _failures(df),
+        _gate(gate),
+        _section("Details", "Per optimizer, per phase, per series (implementation, dtype, zero_grad placement, "
+                 "model), ZeRO: each table bounded like the ones above, every record in the CSV."),
+        _per_optimizer(ok),
         _phases(ok),
-        _breakdown(ok, plots),
-        _batch_scaling(ok, plots),
+        _breakdown(ok),
+        _batch_scaling(ok),
         _expected(ok),
+        _variants(ok),
         _implementations(df, ok),
         _zero(ok),
-        _failures(df),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
 
@@ -424,10 +523,11 @@ def default_output(first: str | Path) -> Path:
     return (first if first.is_dir() else first.parent) / "report.md"
 
 
-def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None) -> Path:
+def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | None = None,
+                 baseline: str | Path | None = None) -> Path:
     """Load `paths`, write PNG plots and `<stem>.csv` (every column, raw bytes) beside `out`,
-    render the markdown to `out`; returns `out`. `out` defaults to `default_output`."""
-
+    render the markdown to `out`; returns `out`. `out` defaults to `default_output`.
+    `baseline` (records the gate reads) adds the gate's verdict, at its default tolerances."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = list(paths)
@@ -436,7 +536,9 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     made = make_plots(df, out.parent, stem=out.stem)
     links = {name: p.path.name for name, p in made.items()}
-    text = render(df, links)
+    gate = None if baseline is None else replace(compare(load(baseline), df), baseline_label=str(baseline),
+                                                  current_label=", ".join(str(p) for p in paths))
+    text = render(df, links, gate)
     csv = out.with_suffix(".csv")
     df.to_csv(csv, index=False)
     text += f"\nRaw data (every column, bytes and ms): [{csv.name}]({csv.name})\n"
