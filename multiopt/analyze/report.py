@@ -182,10 +182,12 @@ def _summary(ok: pd.DataFrame, gate: Any) -> str:
     lines = []
     named = st[st["state_weight_ratio"].notna()]
     if not named.empty:
-        r = named.loc[named["state_weight_ratio"].idxmax()]
+        # ratios equal to three places (Adam on any model: 2.00x) are a tie: the larger state wins
+        ranked = named.assign(_r=named["state_weight_ratio"].round(3)).sort_values(["_r", "opt_state_bytes"], kind="stable")
+        r = ranked.iloc[-1]
+        vs = "" if _nan(r["state_overhead_vs_sgd"]) else f" ({_vs_sgd(r['state_overhead_vs_sgd'])} vs SGD)"
         lines.append(f"Largest state overhead: **{r['combo']}** ({r['model']}, width {r['width']}) keeps "
-                     f"{_b(r['opt_state_bytes'])} of optimizer state, {_ratio(r['state_weight_ratio'])} its weights "
-                     f"({_vs_sgd(r['state_overhead_vs_sgd'])} vs SGD).")
+                     f"{_b(r['opt_state_bytes'])} of optimizer state, {_ratio(r['state_weight_ratio'])} its weights{vs}.")
     per = st[st["state_bytes_per_param"].notna() & (st["combo"] != "sgd")]
     if not per.empty:
         low = per["state_bytes_per_param"].min()
