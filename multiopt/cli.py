@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
-    _config_arguments(m, probe="auto", steps=20)
+    _config_arguments(m, probe="auto", steps=20, target="cpu")
     e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
-    _config_arguments(e, probe="fake", steps=0)
+    _config_arguments(e, probe="fake", steps=0, target="cuda")
 
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
+    _target_arguments(r, "cpu")
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
     r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, default=4)
     f.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     f.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    _target_arguments(f, "cuda")
+    f.add_argument("--context", default=None, help="CUDA context bytes outside torch's counters, e.g. 512MiB, "
+                   "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
     f.set_defaults(func=_cmd_fit)
 
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
@@ -103,8 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int) -> None:
+def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
+    m.add_argument("--target", default=target, choices=["cpu", "cuda"],
+                   help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
+    m.add_argument("--alloc-conf", default=None, metavar="TEXT",
+                   help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
+
+
+def _alloc_conf(args: argparse.Namespace) -> str | None:
+    """--alloc-conf, checked now so a bad value is a usage error before any work."""
+    from .instrument.allocator import AllocatorConfig
+
+    if args.alloc_conf is not None:
+        AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
+    elif args.target == "cuda":
+        AllocatorConfig.from_env()
+    return args.alloc_conf
+
+
+def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
     """One config's flags, shared by `measure` and `estimate`."""
+    _target_arguments(m, target)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
     m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
@@ -172,9 +195,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
     config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
                     amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device)
+                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                        limit_bytes=parse_bytes(args.limit) if args.limit else None)
+                        limit_bytes=parse_bytes(args.limit) if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
     record = measure(config, protocol)
     print(dumps(record) if args.json else record_text(record))
@@ -188,6 +211,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     """A preset, narrowed or replaced by explicit lists; the report written at the end."""
     import time
+    from dataclasses import replace
     from pathlib import Path
 
     from .analyze.report import write_report
@@ -207,7 +231,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"],
+    configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
+    protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -225,7 +250,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     """0 when every question was answered, 1 when a fake run failed, 2 bad input."""
     import gc
 
-    from .run.fit import DEFAULT_COMBOS, fit, render
+    from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render
     from .run.presets import combos, user_combo
     from .units import parse_bytes
 
@@ -240,7 +265,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
-                  dtype=args.dtype, impl=args.impl)
+                  dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
+                  context=context_bytes(args.context) if args.target == "cuda" else 0)
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 

@@ -60,14 +60,20 @@ class Config:
     # `ranks` ranks together (torchrun); 0 = one process, ranks == 1
     zero: int = 0
     ranks: int = 1
+    # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
+    # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
+    target: str = "cpu"
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
-        return f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} amp={self.amp} {self.impl}{zero}"
+        target = f" target={self.target}" if self.target != "cpu" else ""
+        return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
+                f"amp={self.amp} {self.impl}{zero}{target}")
 
     def record_key(self, probe: str) -> tuple:
         """The key a record of this config, measured on `probe`, will have (see config_key)."""
-        return config_key({**dataclasses.asdict(self), "probe": probe})
+        target = "cuda" if probe == "cuda" else self.target  # a cuda probe reports CUDA's numbers
+        return config_key({**dataclasses.asdict(self), "probe": probe, "target": target})
 
 
 # Columns that identify a config. Two records with equal values here measured the same thing.
@@ -76,7 +82,16 @@ CONFIG_COLUMNS: tuple[str, ...] = ("probe", *(f.name for f in dataclasses.fields
 # Config columns added after records were first written: a record without one of them was
 # measured at this value (`upgrade` fills it in, `config_key` reads it), so old results and
 # baselines keep loading and keep their keys.
-CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1}
+# `target` came later too: an older record reported what its own device allocates, so its
+# target is its device ("cuda" for cuda-probe records), see `_column_default`.
+CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu"}
+
+
+def _column_default(row: Mapping[str, Any], column: str) -> Any:
+    """The value a row written before `column` existed was measured at."""
+    if column == "target":
+        return "cuda" if row.get("probe") == "cuda" or str(row.get("device", "")).startswith("cuda") else "cpu"
+    return CONFIG_DEFAULTS.get(column)
 
 # Memory metrics in bytes, compared exactly on deterministic probes.
 MEMORY_COLUMNS: tuple[str, ...] = (
@@ -178,9 +193,11 @@ class Record(Config):
     peak_step: int | None = None
     step_temp_bytes: int | None = None
     peak_total: int | None = None
-    # CUDA-only (None elsewhere)
+    # reserved memory: the cuda probe's, or the allocator model's on a CPU probe with
+    # target "cuda" (None elsewhere); alloc_model names that model and the torch rules it follows
     reserved_after_step: int | None = None
     peak_reserved: int | None = None
+    alloc_model: str | None = None
     # time
     step_ms_median: float | None = None
     step_ms_iqr: float | None = None
@@ -250,7 +267,7 @@ def _lists(value: Any) -> Any:
 def config_key(row: Mapping[str, Any]) -> tuple:
     """The config key of a record dict (JSON round-trips keep these values comparable); a
     column the row lacks takes its `CONFIG_DEFAULTS` value."""
-    return tuple(row.get(c, CONFIG_DEFAULTS.get(c)) for c in CONFIG_COLUMNS)
+    return tuple(row[c] if c in row else _column_default(row, c) for c in CONFIG_COLUMNS)
 
 
 def upgrade(row: dict[str, Any]) -> dict[str, Any]:
@@ -262,8 +279,9 @@ def upgrade(row: dict[str, Any]) -> dict[str, Any]:
                 text = row.pop(old)
                 row[new] = json.loads(text) if isinstance(text, str) and text else (text or [])
         row["schema"] = SCHEMA
-    for c, default in CONFIG_DEFAULTS.items():  # written before the column existed
-        row.setdefault(c, default)
+    for c in CONFIG_DEFAULTS:  # written before the column existed
+        if c not in row:
+            row[c] = _column_default(row, c)
     return row
 
 

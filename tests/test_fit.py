@@ -75,7 +75,7 @@ def test_search_is_exact_on_stepped_curves():
 
 
 def test_cli_prints_one_table_per_combo(capsys):
-    rc = cli.main(["fit", "--budget", BUDGET, "--width", str(WIDTH), "--batch", str(BATCH), "--depth", str(DEPTH),
+    rc = cli.main(["fit", "--budget", BUDGET, "--width", str(WIDTH), "--batch", str(BATCH), "--depth", str(DEPTH), "--target", "cpu",
                    "--rules", "split::layer1=sgd(lr=0.01); rest=adam"])
     out = capsys.readouterr().out
     assert rc == 0

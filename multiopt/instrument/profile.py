@@ -90,14 +90,16 @@ def profile(
     probe: str | Probe = "auto",
     *,
     track: Iterable[Any] = (),
+    target: str = "cpu",
 ) -> "Profile":
     """Instruments for a hand-written training loop; use as `with profile(...) as prof:`.
 
     probe: "auto" (cuda when torch sees a GPU and the model is on it, else tracked), "cuda",
     "tracked", or a Probe instance (entered here unless already active; an active one is
     left active on exit). track: tensors/modules/optimizers made before the block that the
-    loop uses (the model and the optimizers are tracked anyway)."""
-    return Profile(model, optimizer, probe, track=track)
+    loop uses (the model and the optimizers are tracked anyway). target: "cuda" makes the
+    tracked probe report what a CUDA device would (allocator blocks, reserved, workspaces)."""
+    return Profile(model, optimizer, probe, track=track, target=target)
 
 
 class Profile:
@@ -110,12 +112,14 @@ class Profile:
         probe: str | Probe = "auto",
         *,
         track: Iterable[Any] = (),
+        target: str = "cpu",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"profile() needs the model (a torch.nn.Module) first, got {type(model).__name__}")
         self.model = model
         self._tops, self.optimizers = _optimizers(optimizer, model)
         self._probe_arg = probe
+        self._target = target
         self._track = list(track)
         self.probe: Probe | None = None
         self._owns_probe = False
@@ -194,7 +198,9 @@ class Profile:
             raise UsageError("profile() runs your loop on real tensors; use probe='tracked' (CPU) or 'cuda'")
         if name == "tracked" and device.type != "cpu":
             raise UsageError(f"the tracked probe measures CPU tensors, and the model is on {device}; use probe='cuda'")
-        return make_probe(name, device=device if name == "cuda" else "cpu")
+        if name == "cuda":
+            return make_probe(name, device=device)
+        return make_probe(name, device="cpu", target=self._target)
 
     def _install(self) -> None:
         m = self.model

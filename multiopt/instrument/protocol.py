@@ -22,12 +22,13 @@ from ..env import device_name, rank_env
 from ..errors import UsageError
 from ..record import PHASES, Config, OptimizerRecord, Record
 from ..train import models, optimizers as registry
-from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
+from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimizer, plan
 from ..train.spec import Rule, canonical, rules_from
 from ..train.trainer import Trainer
 from ..units import round_alloc
-from .probes import Probe, make_probe
-from .state import StateBytes, expected_state, measured_state
+from .allocator import AllocatorConfig
+from .probes import Probe, Workspaces, make_probe
+from .state import StateBytes, expected_state, host_state, measured_state
 from .timing import time_steps
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_factory", "training", "validate"]
@@ -48,6 +49,10 @@ class Protocol:
     min_block_ms: float = 10.0
     # CPU threads for the config (torch.set_num_threads); None = torch's default
     threads: int | None = None
+    # target cuda (Config.target): PYTORCH_CUDA_ALLOC_CONF text for the allocator model
+    # (None: read from the environment) and the library workspaces it adds
+    alloc_conf: str | None = None
+    workspaces: Workspaces = Workspaces()
 
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
@@ -78,6 +83,8 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"unknown amp {config.amp!r}; choose one of {', '.join(AMPS)}")
     if config.impl not in IMPLS:
         raise UsageError(f"unknown impl {config.impl!r}; choose one of {', '.join(IMPLS)}")
+    if config.target not in TARGETS:
+        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
     if config.zero_grad_at not in ("end", "start"):
         raise UsageError(f"zero_grad_at must be 'end' or 'start', got {config.zero_grad_at!r}")
     if config.batch < 1:
@@ -113,6 +120,8 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "probe": protocol.probe,
+        # a cuda probe reports CUDA's numbers whatever the config asked for
+        "target": "cuda" if protocol.probe == "cuda" else config.target,
         **meta,
     }
     return fields
@@ -134,7 +143,8 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
             torch.set_num_threads(protocol.threads)
         if config.device.startswith("cuda") and torch.cuda.is_available():
             _fresh_cuda(config.device)
-        probe = make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes)
+        probe = _probe(config, protocol)
+        fields["alloc_model"] = getattr(probe, "alloc_model", None)
         _run(config, protocol, probe, fields)
         fields["status"] = "ok"
     except torch.OutOfMemoryError as e:
@@ -153,6 +163,18 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
     return Record.from_dict(fields)
+
+
+def _probe(config: Config, protocol: Protocol) -> Probe:
+    """The protocol's probe for `config`; target cuda on a CPU probe reads the allocator
+    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF."""
+    alloc = None
+    if config.target == "cuda" and protocol.probe != "cuda":
+        alloc = (AllocatorConfig.parse(protocol.alloc_conf) if protocol.alloc_conf is not None
+                 else AllocatorConfig.from_env())
+    target = "cpu" if protocol.probe == "cuda" else config.target
+    return make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes, target=target,
+                      alloc_config=alloc, workspaces=protocol.workspaces)
 
 
 def _fresh_cuda(device: str) -> None:
@@ -195,7 +217,8 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str)
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them."""
     spec = models.resolve(config.model)
-    optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero))
+    optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
+                                         target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
                       zero_grad_at=config.zero_grad_at)
     gen = torch.Generator(device=device).manual_seed(config.seed)
@@ -220,8 +243,14 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
             if probe.computes and not math.isfinite(loss.item()):
                 raise _Diverged(f"loss became {loss.item()} at {where}; lower the learning rate")
 
+        # Target cuda: state torch keeps on the host (non-fused `step` counters) leaves the
+        # device's allocator as soon as each optimizer's step made it.
+        hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
+                 for o in optimizer.optimizers.values()] if getattr(probe, "target", "cpu") == "cuda" else []
         for i in range(protocol.warmup):
             step(f"warm-up step {i + 1}")
+        for h in hooks:
+            h.remove()
         # ZeRO: the state lives in each wrapper's local optimizer, over this rank's partition
         local = {k: local_optimizer(o) for k, o in optimizer.optimizers.items()}
         rules = optimizer.rules or (None,) * len(local)
@@ -229,11 +258,11 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         temps = _instrumented_step(probe, trainer, step, out)
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key))
                              for (key, opt), rule in zip(local.items(), rules)]
+        extra = probe.extra()
+        out["reserved_after_step"] = extra.get("reserved")
+        out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes:
             _check_finite(model)
-            extra = probe.extra()
-            out["reserved_after_step"] = extra.get("reserved")
-            out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             _time(config, protocol, probe, step, out)
 

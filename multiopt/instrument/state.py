@@ -34,7 +34,7 @@ from ..train.optimizers import name_of
 # One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
 from ..units import round_alloc
 
-__all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula"]
+__all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula", "host_state"]
 
 _CPU = torch.device("cpu")
 
@@ -326,3 +326,32 @@ def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device 
                 alloc += round_alloc(t.nbytes)
                 n += 1
     return StateBytes(elem, scalar, alloc, n)
+
+
+class _OnCuda(NamedTuple):
+    """A parameter as the formulas see it, placed on a CUDA device (shape, dtype, device)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device = torch.device("cuda")
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def host_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The 0-dim state tensors (`step`, NAdam's `mu_product`) this optimizer would keep on the
+    host if its parameters were on CUDA, read from the same formulas as `expected_state`
+    (e.g. non-fused, non-capturable Adam's `step`). Empty for classes without a formula."""
+    formula = _FORMULAS.get(name_of(optimizer))
+    if formula is None:
+        return []
+    out: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            planned = formula(_OnCuda(p.shape, p.dtype), group)  # type: ignore[arg-type]
+            if not any(t.shape == () and t.device == _CPU for t in planned):
+                continue
+            state = optimizer.state.get(p, {})
+            out += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() == 0]
+    return out

@@ -2,7 +2,15 @@
 compute, milliseconds a config at any size), the largest batch that fits the budget at a
 given width, and the largest width that fits at a given batch.
 
-"Fits" means exactly what a device of `budget` bytes would say: the whole protocol
+Target cuda (the CLI's default): a config fits when its predicted peak *reserved* memory
+(the caching-allocator model, workspaces included) plus the CUDA context stays within the
+budget: the protocol runs with the allocator's limit at `budget - context`, as
+`torch.cuda.set_per_process_memory_fraction` would cap it, cached blocks released and
+retried before an out-of-memory error, as CUDA does. The context lives outside torch's
+counters; `CONTEXT` holds a default per GPU family (an estimate: measure yours with
+nvidia-smi after `torch.cuda.init()` and pass `--context`).
+
+Target cpu: "fits" means exactly what a device of `budget` bytes would say: the whole protocol
 (build, warm-up, the instrumented step) runs on the fake probe with `limit_bytes=budget`,
 and the config fits when no allocation takes `memory_allocated` past the budget (status
 ok; oom otherwise). The tracked probe with the same limit gives the same answer to the
@@ -33,7 +41,29 @@ from ..errors import UsageError
 from ..instrument.protocol import Config, Protocol, measure, validate
 from ..record import Record
 from ..train.spec import canonical
-from ..units import fmt_bytes
+from ..instrument.probes import Workspaces
+from ..units import fmt_bytes, parse_bytes
+
+_MiB = 1 << 20
+#: CUDA context bytes per GPU family (driver, kernels loaded lazily, cuBLAS handles): what
+#: nvidia-smi shows for a process after `torch.cuda.init()` and a first matmul, torch 2.x
+#: with CUDA 12 lazy loading. Estimates, not measured by this project: set --context.
+CONTEXT: dict[str, int] = {"hopper": 512 * _MiB, "ampere": 448 * _MiB, "ada": 448 * _MiB, "turing": 384 * _MiB}
+DEFAULT_CONTEXT = "hopper"
+
+
+def context_bytes(text: str | None) -> int:
+    """--context: a GPU family name from CONTEXT, or bytes ("512MiB"); None: the default family's."""
+    if text is None:
+        return CONTEXT[DEFAULT_CONTEXT]
+    if text.strip().lower() in CONTEXT:
+        return CONTEXT[text.strip().lower()]
+    try:
+        return parse_bytes(text)
+    except UsageError:
+        raise UsageError(f"--context {text!r} is neither bytes (e.g. 512MiB) nor a GPU family "
+                         f"({', '.join(CONTEXT)})") from None
+
 
 #: Searches stop here (a model whose peak does not grow with the axis, e.g. `simple` in width).
 CAPS = {"batch": 1 << 24, "width": 1 << 20}
@@ -59,17 +89,21 @@ class Answer:
     over_peak: int | None  # its peak_total without a limit: what it would need
     runs: int  # fake runs the search took
     error: str | None = None
+    context: int = 0  # CUDA context bytes counted against the budget (target cuda)
 
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
-            cap: int | None = None) -> Answer:
-    """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`."""
+            cap: int | None = None, alloc_conf: str | None = None, context: int = 0) -> Answer:
+    """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`
+    (target cuda: peak reserved + `context`; target cpu: peak allocated)."""
     if axis not in CAPS:
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
     limited = Protocol(probe="fake", warmup=Protocol.warmup if warmup is None else warmup, steps=0,
-                       limit_bytes=budget)
+                       limit_bytes=max(budget - context, 0), alloc_conf=alloc_conf)
     unlimited = replace(limited, limit_bytes=None)
+    budget = limited.limit_bytes
+    metric = "peak_reserved" if config.target == "cuda" else "peak_total"
     runs = {"n": 0}
     peaks: dict[int, int] = {}
     checked: dict[int, Record] = {}
@@ -83,7 +117,7 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
 
     def peak(n: int) -> int:
         if n not in peaks:
-            peaks[n] = run(n, unlimited).peak_total
+            peaks[n] = getattr(run(n, unlimited), metric)
         return peaks[n]
 
     def ok(n: int) -> bool:  # what a device of `budget` bytes says
@@ -105,7 +139,7 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
         return Answer(**base, value=0, capped=False, record=None, over=None, over_peak=None,
                       runs=runs["n"], error=str(e))
     return Answer(**base, value=value, capped=capped, record=checked[value] if value else None,
-                  over=over, over_peak=over_peak, runs=runs["n"])
+                  over=over, over_peak=over_peak, runs=runs["n"], context=context)
 
 
 def _interpolate(peak: Callable[[int], int], budget: int, cap: int) -> tuple[int, bool]:
@@ -194,14 +228,16 @@ def _search(ok: Callable[[int], bool], cap: int) -> tuple[int, bool]:
 
 
 def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
-        depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None) -> list[Answer]:
-    """Both questions for every combo: largest batch at `width`, largest width at `batch`."""
+        depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
+        target: str = "cpu", alloc_conf: str | None = None, context: int = 0) -> list[Answer]:
+    """Both questions for every combo: largest batch at `width`, largest width at `batch`.
+    target "cuda": on predicted peak reserved plus `context` bytes (see the module doc)."""
     if budget < 1:
         raise UsageError(f"the budget must be at least 1 byte, got {budget}")
     if width < 1 or batch < 1 or depth < 1:
         raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
     configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=canonical(rules),
-                      impl=impl) for name, rules in combos]
+                      impl=impl, target=target) for name, rules in combos]
     fake = Protocol(probe="fake", steps=0, limit_bytes=budget)
     for c in configs:
         try:
@@ -210,25 +246,25 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
             raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
     out = []
     for c in configs:
-        out.append(largest(c, "batch", budget, warmup=warmup))
-        out.append(largest(c, "width", budget, warmup=warmup))
+        for axis in ("batch", "width"):
+            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=alloc_conf, context=context))
     return out
 
 
 def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dtype: str) -> str:
     """Markdown: one table per combo, human units."""
-    lines = [
-        f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)",
-        "",
-        f"{model}, depth {depth}, {dtype}; fake probe (`memory_allocated` semantics: live tensor bytes, "
-        "512-byte blocks). A GPU needs more on top: the CUDA context, library workspaces and fragmentation.",
-    ]
+    cuda = [a for a in answers if a.record is not None and a.record.target == "cuda"]
+    semantics = (f"fake probe, target cuda: peak = predicted peak reserved (CUDA caching-allocator model, "
+                 f"cuBLAS workspaces) + CUDA context {fmt_bytes(cuda[0].context)}" if cuda else
+                 "fake probe (`memory_allocated` semantics: live tensor bytes, 512-byte blocks). A GPU needs more "
+                 "on top: the CUDA context, library workspaces and fragmentation (use --target cuda)")
+    lines = [f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)", "", f"{model}, depth {depth}, {dtype}; {semantics}."]
     by_combo: dict[str, list[Answer]] = {}
     for a in answers:
         by_combo.setdefault(a.combo, []).append(a)
     for combo, group in by_combo.items():
         lines += ["", f"## {combo}: `{canonical(group[0].rules)}`", ""]
-        rows = []
+        rows, splits = [], []
         for a in group:
             question = f"largest {a.axis} at {a.fixed[0]} {a.fixed[1]:,}"
             if a.error:
@@ -240,10 +276,36 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                 rows.append((question, f"none ({a.axis} 1 {need})", "-", "-", "-", "-", "-", "-"))
                 continue
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
-            nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak - budget)} over"
-            rows.append((question, answer, fmt_bytes(r.peak_total), fmt_bytes(budget - r.peak_total),
+            used = _used(r, a.context)
+            nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
+            if r.target == "cuda":
+                splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
+            rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
                          fmt_bytes(r.param_bytes), fmt_bytes(r.grad_bytes), fmt_bytes(r.opt_state_alloc_bytes), nxt))
         lines.append(tabulate(rows, headers=["question", "fits", "peak", "headroom", "weights", "grads",
                                              "optimizer state", "first that does not fit"],
                               tablefmt="github", disable_numparse=True))
+        if splits:
+            lines += ["", "How the budget splits at the peak (target cuda):", "", *splits]
     return "\n".join(lines) + "\n"
+
+
+def _used(r: Record, context: int) -> int:
+    """What counts against the budget: peak reserved + context (target cuda), else peak allocated."""
+    if r.target == "cuda" and r.peak_reserved is not None:
+        return r.peak_reserved + context
+    return r.peak_total or 0
+
+
+def split(r: Record, context: int, workspaces: Workspaces = Workspaces()) -> dict[str, int]:
+    """The budget a target-cuda record uses, by kind: weights, grads, optimizer state (walked;
+    host step counters included, at most 512 B per parameter tensor), activations (held
+    from forward into backward), temporaries (the rest of the allocated peak), workspaces,
+    allocator slack (peak reserved - peak allocated) and the CUDA context. Sums to `_used`."""
+    peak = r.peak_total or 0
+    fixed = {"weights": r.param_bytes or 0, "grads": r.grad_bytes or 0, "optimizer state": r.opt_state_alloc_bytes or 0}
+    room = max(peak - sum(fixed.values()) - workspaces.total, 0)
+    # backward frees activations as it makes grads: at the peak, at most what is left is held
+    activations = min(max((r.mem_after_forward or 0) - (r.mem_step_start or 0), 0), room)
+    return {**fixed, "activations": activations, "temporaries": room - activations, "workspaces": workspaces.total,
+            "allocator slack": (r.peak_reserved or peak) - peak, "CUDA context": context}

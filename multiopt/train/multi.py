@@ -20,14 +20,26 @@ from .spec import Rule, assign, format_rules, rules_from
 IMPLS = ("default", "foreach", "fused", "forloop")
 
 
-def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any]) -> dict[str, Any]:
+TARGETS = ("cpu", "cuda")
+
+
+def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any],
+                target: str = "cpu") -> dict[str, Any]:
     """Keywords that select an implementation, where the optimizer has that choice and the
     user did not already choose. `fused` on an optimizer without a fused kernel keeps torch's
-    default; the record says which implementation each optimizer really used."""
+    default; the record says which implementation each optimizer really used.
+
+    `target="cuda"` with impl "default": the choice torch makes for CUDA parameters, made
+    explicit so CPU parameters get it too (see `_torch_defaults_to_foreach`)."""
     if impl not in IMPLS:
         raise UsageError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    if impl == "default" or "foreach" in given or "fused" in given:
+    if target not in TARGETS:
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if "foreach" in given or "fused" in given:
         return {}
+    if impl == "default":
+        cuda_picks_foreach = target == "cuda" and not given.get("differentiable") and _torch_defaults_to_foreach(spec)
+        return {"foreach": True} if cuda_picks_foreach else {}
     accepted = spec.accepted_keywords() or set()
     if impl == "fused" and "fused" in accepted:
         return {"fused": True}
@@ -36,6 +48,22 @@ def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any
     if impl == "forloop" and "foreach" in accepted:
         return {"foreach": False}
     return {}
+
+
+def _torch_defaults_to_foreach(spec: registry.OptimizerSpec) -> bool:
+    """True where torch's own step, given foreach=None, asks
+    `torch.optim.optimizer._default_to_fused_or_foreach`, which picks foreach when every
+    parameter is on a foreach-capable device (CUDA) and the optimizer is not differentiable.
+    Read from the module of each class in the optimizer's MRO, so AdamW (whose step is Adam's)
+    counts and Adafactor (foreach None -> for-loop everywhere) does not."""
+    if "foreach" not in (spec.accepted_keywords() or set()):
+        return False
+    for cls in spec.cls.__mro__:
+        if cls is torch.optim.Optimizer:
+            break
+        if hasattr(sys.modules.get(cls.__module__), "_default_to_fused_or_foreach"):
+            return True
+    return False
 
 
 def impl_of(optimizer: torch.optim.Optimizer) -> str:
@@ -110,15 +138,17 @@ class MultiOptimizer(torch.optim.Optimizer):
         impl: str = "default",
         zero: bool = False,
         process_group: Any = None,
+        target: str = "cpu",
     ) -> "MultiOptimizer":
         """One optimizer per rule over the parameters it claims (first match wins).
 
         `zero=True` wraps each rule's optimizer in `ZeroRedundancyOptimizer` over the default
-        (or the given) process group: ZeRO-1 optimizer-state sharding, one partition per rank."""
+        (or the given) process group: ZeRO-1 optimizer-state sharding, one partition per rank.
+        `target="cuda"`: impl "default" resolved as torch resolves it for CUDA parameters."""
         children: OrderedDict[str, torch.optim.Optimizer] = OrderedDict()
         parsed = rules_from(rules)
         for rule, spec, group in plan(model, parsed):
-            kwargs = {**rule.options, **impl_kwargs(spec, impl, rule.options)}
+            kwargs = {**rule.options, **impl_kwargs(spec, impl, rule.options, target)}
             params = [p for _, p in group]
             try:
                 if zero:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 
 from ...errors import UsageError
+from ..allocator import AllocatorConfig
 from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
 from .cuda import CudaProbe
 from .fake import FakeProbe
+from .target import CudaTarget, Workspaces
 from .tracked import StorageLedger, TrackedProbe
 
 PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
@@ -29,6 +31,8 @@ __all__ = [
     "Probe",
     "StorageLedger",
     "TrackedProbe",
+    "CudaTarget",
+    "Workspaces",
     "iter_tensors",
     "make_probe",
     "resolve_probe",
@@ -41,11 +45,16 @@ def make_probe(
     *,
     device: torch.device | str | int | None = None,
     limit_bytes: int | None = None,
+    target: str = "cpu",
+    alloc_config: AllocatorConfig | None = None,
+    workspaces: Workspaces = Workspaces(),
 ) -> Probe:
     """The probe called `name` ("auto", "cuda", "tracked" or "fake"), not yet entered.
 
     `limit_bytes` makes an allocation that would take `allocated()` past it raise
-    `torch.OutOfMemoryError`, as a smaller device would.
+    `torch.OutOfMemoryError`, as a smaller device would (target cuda: `reserved` past it).
+    `target="cuda"` makes a tracked or fake probe report what a CUDA device would
+    (probes/target.py); `alloc_config` (default: PYTORCH_CUDA_ALLOC_CONF) and `workspaces` tune it.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key == "auto":
@@ -53,9 +62,9 @@ def make_probe(
     if key == "cuda":
         return CudaProbe(device, limit_bytes=limit_bytes)
     if key == "tracked":
-        return TrackedProbe(device, limit_bytes=limit_bytes)
+        return TrackedProbe(device, limit_bytes, target, alloc_config, workspaces)
     if key == "fake":
-        return FakeProbe(device, limit_bytes=limit_bytes)
+        return FakeProbe(device, limit_bytes, target, alloc_config, workspaces)
     raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")
 
 

@@ -20,7 +20,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ...errors import UsageError
-from .tracked import LedgerProbe, Sizer, StorageLedger
+from ..allocator import AllocatorConfig
+from .target import Workspaces
+from .tracked import LedgerProbe, Sizer
 
 
 class FakeProbe(LedgerProbe):
@@ -29,11 +31,12 @@ class FakeProbe(LedgerProbe):
     name = "fake"
     computes = False
 
-    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None) -> None:
-        super().__init__(device, limit_bytes)
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None,
+                 target: str = "cpu", alloc_config: AllocatorConfig | None = None,
+                 workspaces: Workspaces = Workspaces()) -> None:
+        super().__init__(device, limit_bytes, target, alloc_config, workspaces, sizers=_real_storage_sizers())
         # Real tensors made outside (e.g. a user's input batch) may meet fake ones.
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        self._ledger = StorageLedger(self.name, self._ledger.limit, sizers=_real_storage_sizers())
 
     @property
     def fake_mode(self) -> FakeTensorMode:

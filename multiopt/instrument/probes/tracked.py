@@ -39,7 +39,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
 from ...errors import UsageError
+from ..allocator import AllocatorConfig
 from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .target import CudaTarget, Workspaces
 
 _Tensor = torch.Tensor
 
@@ -106,8 +108,13 @@ class StorageLedger(TorchDispatchMode):
         self.requested = 0
         self.peak = 0
         self.peak_requested = 0
-        self._kinds: dict[Any, tuple[int, Callable[..., Any]]] = {}
+        self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[[], None] | None]] = {}
         self._sizers: dict[Any, Sizer] = dict(sizers or {})
+        # The target hook (probes/target.py): told of every storage born (key, exact bytes)
+        # and dying (key), and called after each op listed in `watch`. None: CPU semantics.
+        self.on_alloc: Callable[[int, int], None] | None = None
+        self.on_free: Callable[[int], None] | None = None
+        self.watch: dict[Any, Callable[[], None]] = {}
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -126,8 +133,8 @@ class StorageLedger(TorchDispatchMode):
         if entry is None:
             # OpOverload.__call__ only forwards to ._op: calling that skips a Python frame.
             kind = _SIZED if func in self._sizers else _classify(func)
-            entry = self._kinds[func] = (kind, getattr(func, "_op", func))
-        kind, op = entry
+            entry = self._kinds[func] = (kind, getattr(func, "_op", func), self.watch.get(func))
+        kind, op, watch = entry
         out = op(*args, **kwargs) if kwargs else op(*args)
         if kind == _FRESH:
             if isinstance(out, _Tensor):
@@ -138,6 +145,8 @@ class StorageLedger(TorchDispatchMode):
             self._resized(out)
         elif kind == _SIZED:
             self.add(out, self._sizers[func](args, kwargs or {}, out))
+        if watch is not None:
+            watch()
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
@@ -156,6 +165,8 @@ class StorageLedger(TorchDispatchMode):
         total = self.allocated + alloc
         if self.limit is not None and total > self.limit:
             raise self._oom(alloc)
+        if self.on_alloc is not None:
+            self.on_alloc(key, req)  # may raise OutOfMemoryError: then nothing is counted
         self.live[key] = (weakref.ref(st, partial(self._release, key)), alloc, req)
         self.allocated = total
         self.requested += req
@@ -175,6 +186,8 @@ class StorageLedger(TorchDispatchMode):
         # Runs inside the storage's deallocation, before its address can be reused.
         entry = self.live.pop(key, None)
         if entry is not None:
+            if self.on_free is not None:
+                self.on_free(key)
             self.allocated -= entry[1]
             self.requested -= entry[2]
 
@@ -198,6 +211,9 @@ class StorageLedger(TorchDispatchMode):
             total = self.allocated - entry[1] + alloc
             if self.limit is not None and alloc > entry[1] and total > self.limit:
                 raise self._oom(alloc - entry[1])
+            if self.on_alloc is not None and self.on_free is not None:
+                self.on_free(key)  # a grown storage is a new block (resize_ reallocates)
+                self.on_alloc(key, req)
             self.live[key] = (entry[0], alloc, req)
             self.allocated = total
             self.requested += req - entry[2]
@@ -243,20 +259,44 @@ def _components(t: torch.Tensor) -> list[torch.Tensor]:
 class LedgerProbe(Probe):
     """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API."""
 
-    def __init__(self, device: torch.device | str | None, limit_bytes: int | None) -> None:
+    def __init__(self, device: torch.device | str | None, limit_bytes: int | None, target: str = "cpu",
+                 alloc_config: AllocatorConfig | None = None, workspaces: Workspaces = Workspaces(),
+                 sizers: Mapping[Any, Sizer] | None = None) -> None:
         device = torch.device("cpu" if device is None else device)
         if device.type != "cpu":
             raise UsageError(
                 f"the {self.name} probe measures CPU tensors; got device {str(device)!r} "
                 "(use the cuda probe for a GPU)"
             )
+        if target not in ("cpu", "cuda"):
+            raise UsageError(f"unknown target {target!r} for the {self.name} probe; choose cpu or cuda")
         self.device = device
-        self._ledger = StorageLedger(self.name, limit_bytes)
+        self.target = target
+        # target cuda: the allocator model holds the limit (on reserved bytes, as CUDA's does)
+        self._ledger = StorageLedger(self.name, limit_bytes if target == "cpu" else None, sizers)
+        self._cuda: CudaTarget | None = None
+        if target == "cuda":
+            self._cuda = CudaTarget(self.name, alloc_config, limit_bytes, workspaces)
+            self._cuda.attach(self._ledger)
         self._active = False
 
     @property
     def limit_bytes(self) -> int | None:
-        return self._ledger.limit
+        return self._ledger.limit if self._cuda is None else self._cuda.allocator.limit
+
+    @property
+    def alloc_model(self) -> str | None:
+        """The allocator model behind the numbers (target cuda), else None."""
+        return None if self._cuda is None else self._cuda.alloc_model
+
+    def host(self, *tensors: torch.Tensor) -> None:
+        """Tensors that live on the host under the target (CUDA: non-fused optimizers' `step`
+        counters): not device memory. A no-op for target cpu."""
+        if self._cuda is not None:
+            self._cuda.host(tensors)
+
+    def extra(self) -> dict[str, int]:
+        return {} if self._cuda is None else self._cuda.extra()
 
     @property
     def active(self) -> bool:
@@ -270,20 +310,22 @@ class LedgerProbe(Probe):
             )
 
     def allocated(self) -> int:
-        return self._ledger.allocated
+        return self._ledger.allocated if self._cuda is None else self._cuda.allocator.allocated
 
     def requested(self) -> int:
-        return self._ledger.requested
+        return self._ledger.requested if self._cuda is None else self._cuda.allocator.requested
 
     def peak(self) -> int:
-        return self._ledger.peak
+        return self._ledger.peak if self._cuda is None else self._cuda.allocator.peak_allocated
 
     def peak_requested(self) -> int:
-        return self._ledger.peak_requested
+        return self._ledger.peak_requested if self._cuda is None else self._cuda.allocator.peak_requested
 
     def reset_peak(self) -> None:
         self._ledger.peak = self._ledger.allocated
         self._ledger.peak_requested = self._ledger.requested
+        if self._cuda is not None:
+            self._cuda.allocator.reset_peak()
 
     @contextmanager
     def _tracking(self) -> Iterator[None]:
@@ -311,8 +353,10 @@ class TrackedProbe(LedgerProbe):
     name = "tracked"
     computes = True
 
-    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None) -> None:
-        super().__init__(device, limit_bytes)
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None,
+                 target: str = "cpu", alloc_config: AllocatorConfig | None = None,
+                 workspaces: Workspaces = Workspaces()) -> None:
+        super().__init__(device, limit_bytes, target, alloc_config, workspaces)
 
     def __enter__(self) -> "TrackedProbe":
         self._check_not_active()

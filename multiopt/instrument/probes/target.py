@@ -1,0 +1,112 @@
+"""Target "cuda" for the CPU probes: what a CUDA device would report for the same program.
+
+The tracked and fake probes see every storage born and dying, in order. `CudaTarget` replays
+those events through the caching-allocator model (`instrument/allocator.py`), so allocated
+(blocks, as `torch.cuda.memory_allocated` counts them), reserved and their peaks are CUDA's,
+and adds what only CUDA allocates through the caching allocator: library workspaces.
+
+Workspaces (torch 2.11, checked against the H200 records in reports/gpu-h200: at step start
+`mem_step_start - params - state - batch` is 65 MiB on every config, reserved 66 MiB on the
+smallest; see bench/cuda_target_check.py):
+
+- cuBLAS keeps one workspace per (handle, stream) (`aten/src/ATen/cuda/CublasHandlePool.cpp`,
+  `getCurrentCUDABlasHandle` / `cublas_handle_stream_to_workspace`), allocated through the
+  caching allocator when a thread first runs a matmul. Its size is `getChosenWorkspaceSize()`:
+  `CUBLAS_WORKSPACE_CONFIG` if set, else `:4096:8` = 32 MiB on Hopper (sm90+) and
+  `:4096:2:16:8` = 8.125 MiB before it. A training step has two matmul threads: the caller
+  (forward, optimizer steps) and autograd's device thread (backward) -> 2 x 32 MiB.
+- 1 MiB more, once, at the first forward matmul: the cuBLASLt workspace of the bias-fused
+  `addmm` path (`getCUDABlasLtWorkspace`, `TORCH_CUBLASLT_WORKSPACE_SIZE`, default 1024 KiB).
+
+Set them with `Workspaces` (e.g. for another GPU family or `CUBLAS_WORKSPACE_CONFIG`).
+Non-fused Adam-family `step` counters are host tensors on CUDA: `host()` takes them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..allocator import ALLOC_MODEL, AllocatorConfig, AllocatorOOM, CachingAllocator
+
+_MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Workspaces:
+    """Bytes CUDA libraries allocate through the caching allocator, and when (see module doc).
+    Defaults: torch 2.11 on an H200 (sm90)."""
+
+    cublas: int = 32 * _MiB  # per matmul thread: forward/optimizer thread, autograd thread
+    cublaslt: int = 1 * _MiB  # once, at the first matmul outside backward
+
+    @property
+    def total(self) -> int:
+        return 2 * self.cublas + self.cublaslt
+
+
+def _matmul_ops() -> list[Any]:
+    aten = torch.ops.aten
+    ops = []
+    for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "_addmm_activation",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"):
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            ops += [getattr(packet, o) for o in packet.overloads()]
+    return ops
+
+
+class CudaTarget:
+    """The ledger's hook for target "cuda": its allocator model, workspaces and host tensors."""
+
+    def __init__(self, label: str, config: AllocatorConfig | None = None, limit: int | None = None,
+                 workspaces: Workspaces = Workspaces()) -> None:
+        self.label = label
+        self.allocator = CachingAllocator(config or AllocatorConfig.from_env(), limit)
+        self.workspaces = workspaces
+        self._host: set[int] = set()
+        self._threads_seen: set[str] = set()
+
+    @property
+    def alloc_model(self) -> str:
+        return ALLOC_MODEL
+
+    def attach(self, ledger: Any) -> None:
+        ledger.on_alloc = self.on_alloc
+        ledger.on_free = self.on_free
+        ledger.watch = dict.fromkeys(_matmul_ops(), self.on_matmul)
+
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        try:
+            self.allocator.malloc(key, nbytes)
+        except AllocatorOOM as e:
+            raise torch.OutOfMemoryError(f"{self.label} probe (target cuda) out of memory: {e}") from None
+
+    def on_free(self, key: int) -> None:
+        if key in self._host:
+            self._host.discard(key)
+        else:
+            self.allocator.free(key)
+
+    def on_matmul(self) -> None:
+        # Autograd runs CUDA backward on its own device thread, with its own cuBLAS handle.
+        thread = "backward" if torch._C._current_graph_task_id() != -1 else "main"
+        if thread in self._threads_seen:
+            return
+        self._threads_seen.add(thread)
+        self.on_alloc(("cublas", thread), self.workspaces.cublas)  # type: ignore[arg-type]
+        if thread == "main":
+            self.on_alloc(("cublaslt", thread), self.workspaces.cublaslt)  # type: ignore[arg-type]
+
+    def host(self, tensors: Callable[[], Any] | Any) -> None:
+        """These storages live on the host under CUDA: out of the device's allocator."""
+        for t in tensors:
+            key = id(t.untyped_storage())
+            if key in self.allocator and key not in self._host:
+                self.allocator.free(key)
+                self._host.add(key)
+
+    def extra(self) -> dict[str, int]:
+        return {"reserved": self.allocator.reserved, "peak_reserved": self.allocator.peak_reserved}
