@@ -96,6 +96,13 @@ def test_trainer_puts_schedulefree_children_in_train_mode():
     trainer.train_step((torch.randn(3, 4), torch.randn(3, 1)))  # refuses to step in eval mode
     trainer.eval()
     assert not sf.param_groups[0]["train_mode"] and not model.training
+    # and so the protocol: schedulefree keeps z (and AdamW's second moment) per parameter
+    config = Config(model="tests.usermodels_bn:factory", width=8, batch=4,
+                    rules="rest=schedulefree:AdamWScheduleFree(lr=0.001)")
+    rec = measure(config, Protocol(steps=0, warmup=1))
+    assert rec.status == "ok", rec.error
+    n = rec.optimizers[0].n_params
+    assert rec.optimizers[0].state_bytes - rec.optimizers[0].state_scalar_bytes == 2 * 4 * n
 
 
 # --- a transformers GPT-2 built from its config ----------------------------------------------
@@ -146,6 +153,7 @@ def test_gpt2_runs_and_trains_from_the_cli(hf, gpt2_record, tmp_path, capsys):
     (row,) = read_jsonl(out / "results.jsonl")
     assert row["status"] == "ok", row["error"]
     assert (row["width"], row["depth"], row["param_bytes"]) == (0, 0, gpt2_record.param_bytes)
+    assert row["peak_total"] == gpt2_record.peak_total  # the fake probe agrees with tracked to the byte
     assert {o["name"]: o["state_bytes"] for o in row["optimizers"]} == {o.name: o.expected for o in gpt2_record.optimizers}
     capsys.readouterr()
     assert main(["train", "--model", GPT2, "--rules", RULES, "--steps", "1", "--batch", "2"]) == 0
