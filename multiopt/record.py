@@ -163,6 +163,9 @@ class Record(Config):
     # sizes (param/grad/state in allocated semantics unless said otherwise)
     n_params: int | None = None
     param_bytes: int | None = None
+    # the model's buffers (BatchNorm running stats, ...), apart from its parameters; None in
+    # records written before it was measured (param_bytes then held both)
+    buffer_bytes: int | None = None
     grad_bytes: int | None = None
     # exact bytes of the unique storages in every optimizer's state (requested semantics),
     # of which per-tensor scalars (step, mu_product, ...); alloc = rounded to 512 per storage

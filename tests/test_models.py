@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from torch import nn
 
 from multiopt.train import models
 from multiopt.errors import UsageError
-from multiopt.instrument.protocol import Config, Protocol, measure, validate
+from multiopt.instrument.protocol import Config, Protocol, measure, model_bytes, model_factory, validate
 from multiopt.train.multi import MultiOptimizer
-from multiopt.instrument.probes import round_alloc
+from multiopt.instrument.probes import make_probe, round_alloc
 from multiopt.run.presets import COMBOS, preset_configs
 
 LM_RULES = "*emb*=adamw(lr=3e-4); @matrix=muon(lr=0.02); rest=adamw(lr=3e-4)"
@@ -215,3 +216,25 @@ def test_user_model_sweeps_reports_and_gates(run_cli, tmp_path):
     assert "sgd+adam" in path.read_text()
     assert "tests.usermodels:factory" in (tmp_path / "report.csv").read_text()
     assert gate.run_gate(str(out / "results.jsonl"), [str(out)], summary=str(tmp_path / "summary.md")) == 0
+
+
+@pytest.mark.parametrize("probe_name", ["tracked", "fake"])
+def test_parameters_and_buffers_are_all_the_model_allocates(probe_name):
+    """param_bytes + buffer_bytes is what building the model allocated, on either CPU probe."""
+    probe = make_probe(probe_name)
+    with probe:
+        base = probe.allocated()
+        model = probe.build_model(model_factory(Config(model="tests.usermodels_bn:factory", width=8)))
+        params, buffers = model_bytes(model)
+        assert probe.allocated() - base == params + buffers
+    # weight and bias of Linear(8, 8), BatchNorm1d(8), Linear(8, 1): six blocks; running
+    # mean, running var, num_batches_tracked: three
+    assert (params, buffers) == (6 * round_alloc(1), 3 * round_alloc(1))
+
+
+def test_a_mapping_batch_becomes_a_dict_on_the_device_in_the_dtype():
+    batch = UserDict(  # transformers' BatchEncoding is a UserDict
+        {"input_ids": torch.arange(3), "scale": torch.ones(2, dtype=torch.float64)})
+    placed = models._place(batch, torch.device("cpu"), torch.bfloat16)
+    assert type(placed) is dict and placed["input_ids"].dtype == torch.int64
+    assert placed["scale"].dtype == torch.bfloat16

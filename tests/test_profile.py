@@ -268,3 +268,24 @@ def test_cuda_probe_around_the_transformer():
     assert last["peak_total"] == max(last[f"peak_{p}"] for p in ("forward", "backward", "step", "zero_grad"))
     for s in prof.state().values():
         assert s["measured"] == s["expected"]
+
+
+def test_step_temporaries_are_those_of_the_steps_after_the_first(prof, record):
+    """The first step creates the state lazily; the summary's figure is the later steps',
+    which is what measure() reports after its warm-up."""
+    df, frame = prof.to_frame(), prof.optimizer_frame().set_index("name")
+    for o in record.by_optimizer():
+        col = df[f"step_temp_bytes:{o['name']}"]
+        assert frame.loc[o["name"], "step_temp_bytes"] == col.iloc[1:].max() == o["step_temp_bytes"]
+        assert col.iloc[0] > col.iloc[1:].max()
+    assert "step temporaries (steps 2+)" in prof.summary()
+
+
+def test_one_step_has_no_step_temporaries_yet():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters())
+    with multiopt.profile(model, opt, probe="tracked") as prof:
+        model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+    assert prof.to_frame()["step_temp_bytes"].notna().all()
+    assert prof.optimizer_frame()["step_temp_bytes"].isna().all()

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from multiopt.errors import UsageError
+from multiopt.train.multi import plan
 from multiopt.train.spec import Rule, assign, format_rules, from_dicts, parse, rules_from
 
 
@@ -110,3 +111,34 @@ def test_unclaimed_parameters_are_listed_by_name_and_frozen_ones_ignored():
     msg = str(e.value)
     assert "layer2.weight, layer2.bias, norm.weight, norm.bias" in msg
     assert "emb.weight" not in msg
+
+
+class _ConvNet(nn.Module):
+    """A 4-D conv kernel, a 3-D token (ViT's cls_token), a 2-D head and biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.head = nn.Linear(4, 2)
+
+
+def test_2d_selects_exactly_the_matrices():
+    m = _ConvNet()
+    groups = assign(m.named_parameters(), parse("@2d=muon; @matrix=adamw; rest=sgd"))
+    assert [[n for n, _ in g] for g in groups] == [["head.weight"], ["cls_token", "conv.weight"],
+                                                   ["conv.bias", "head.bias"]]
+    assert format_rules(parse("@2d=muon; rest=adamw")) == "@2d=muon; rest=adamw"
+
+
+@pytest.mark.parametrize("rules, culprit, hint", [
+    # a later rule would take the 3-D token: narrow @matrix, to @2d
+    ("@matrix=muon; rest=adamw", "cls_token of shape (1, 1, 4)", "narrow the selector to @2d"),
+    # nothing later would: a rule for it, or @2d and a rest rule
+    ("@matrix=muon; *.bias=sgd", "cls_token of shape (1, 1, 4)", "'cls_token=adamw', or narrow the selector to @2d"),
+])
+def test_muon_refusing_a_kernel_suggests_2d_never_matrix_again(rules, culprit, hint):
+    with pytest.raises(UsageError, match="only takes 2-D") as e:
+        plan(_ConvNet(), parse(rules))
+    msg = str(e.value)
+    assert culprit in msg and hint in msg and "e.g. @matrix" not in msg and "\n" not in msg

@@ -27,7 +27,9 @@ probe the numbers equal the sweep's record for the same model, rules and batch.
 - **step**: from the optimizer's step pre-hook to its post-hook (a MultiOptimizer's own
   hooks; for a list, each optimizer's step is a window of the phase). Each child
   optimizer's own step pre/post hooks give its temporaries (`step_temp_bytes:<name>`: its
-  peak above the memory at its start), as in the record's `opt_state_by_optimizer`.
+  peak above the memory at its start), as in the record's `optimizers`. The first step's
+  figure includes the state it creates (lazily, in that step), so the summary and
+  `optimizer_frame()` report the largest over the steps after the first.
 - **zero_grad**: the optimizer's (or the model's) `zero_grad()`, wrapped for the duration
   of the block and restored on exit.
 - Anything between phases (data loading, logging, clipping between backward and step) is
@@ -73,8 +75,9 @@ from torch import nn
 from ..train import optimizers as registry
 from ..errors import UsageError
 from ..train.multi import MultiOptimizer, impl_of
-from ..units import fmt_bytes, fmt_ms, round_alloc
+from ..units import fmt_bytes, fmt_ms
 from .probes import Probe, make_probe
+from .protocol import storage_bytes
 from .state import StateBytes, expected_state, measured_state
 
 __all__ = ["Profile", "profile", "PHASES"]
@@ -411,13 +414,15 @@ class Profile:
 
     def optimizer_frame(self) -> Any:
         """One row per optimizer: state bytes measured and expected, their match, and the
-        largest step temporaries seen."""
+        largest step temporaries seen in steps after the first (None until there is one):
+        the first step also creates the lazily built state, which is not a temporary."""
         import pandas as pd
 
         rows = []
         for key, s in self.state().items():
             m, e = s["measured"], s["expected"]
-            temps = [r.get(f"step_temp_bytes:{key}") for r in self.rows if r.get(f"step_temp_bytes:{key}") is not None]
+            col = f"step_temp_bytes:{key}"
+            temps = [r[col] for r in self._rows_after_first() if r.get(col) is not None]
             rows.append({
                 "name": key, "optimizer": s["optimizer"], "impl": s["impl"], "n_params": s["n_params"],
                 "n_param_tensors": s["n_param_tensors"], "n_tensors": m.n_tensors,
@@ -427,6 +432,11 @@ class Profile:
                 "step_temp_bytes": max(temps) if temps else None,
             })
         return pd.DataFrame(rows)
+
+    def _rows_after_first(self) -> list[dict[str, Any]]:
+        """The rows after the first row that stepped (rows before it hold no step)."""
+        first = next((i for i, r in enumerate(self.rows) if r.get("stepped")), len(self.rows))
+        return self.rows[first + 1:]
 
     def to_frame(self) -> Any:
         """One row per step (pandas DataFrame), columns in a stable order; absent values NaN."""
@@ -478,7 +488,7 @@ class Profile:
               "-" if r["matches"] is None or _nan(r["matches"]) else ("yes" if r["matches"] else "NO"),
               _fmt(r["step_temp_bytes"], _bytes)) for _, r in opt.iterrows()],
             headers=["optimizer", "class", "impl", "params", "state", "state bytes", "expected bytes", "match",
-                     "step temporaries"],
+                     "step temporaries (steps 2+)"],
             tablefmt="github", disable_numparse=True)]
         times = [r["iter_ms"] for r in self.rows[1:] if r.get("iter_ms") is not None]
         if times:
@@ -515,9 +525,7 @@ def _probe_active(probe: Probe) -> bool:
 
 def _grad_bytes(model: nn.Module) -> int:
     """Unique gradient storages, each rounded as the allocator does (as measure() counts)."""
-    grads = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
-             for p in model.parameters() if (g := p.grad) is not None}
-    return sum(round_alloc(n) for n in grads.values())
+    return storage_bytes(p.grad for p in model.parameters())
 
 
 def _optimizers(optimizer: Any, model: nn.Module) -> tuple[list[torch.optim.Optimizer], "OrderedDict[str, torch.optim.Optimizer]"]:

@@ -1,8 +1,8 @@
 """The measurement protocol (DESIGN.md): one config in, one Record out.
 
-1. base = allocated(); 2. build the model: param_bytes; 3. build the optimizers;
-4. warm up, then count optimizer state (measured and expected); 5. one instrumented step,
-phase by phase; 6. time N un-instrumented steps with tracking paused; 7. status.
+1. base = allocated(); 2. build the model: param_bytes (parameters) and buffer_bytes;
+3. build the optimizers; 4. warm up, then count optimizer state (measured and expected);
+5. one instrumented step, phase by phase; 6. time N un-instrumented steps with tracking paused; 7. status.
 A failure (OOM, non-finite loss, exception) becomes the record's status, with every
 number measured before it.
 """
@@ -14,7 +14,7 @@ import gc
 import math
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -31,7 +31,8 @@ from .probes import Probe, Workspaces, make_probe
 from .state import StateBytes, expected_state, host_state, measured_state
 from .timing import time_steps
 
-__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_factory", "training", "validate"]
+__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
+           "storage_bytes", "training", "validate"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AMPS = ("none", "fp16", "bf16")
@@ -116,6 +117,7 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
     fields = {
         **asdict(config),
         "rules": rules,
+        **_sizes(config),
         "run_id": meta.pop("run_id", None) or uuid.uuid4().hex[:12],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -125,6 +127,16 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
         **meta,
     }
     return fields
+
+
+def _sizes(config: Config) -> dict[str, int]:
+    """width and depth as the record keeps them: 0 for one the model's factory does not take
+    (`ModelSpec.sizes`); as given when the model cannot be resolved (measure records why)."""
+    try:
+        width, depth = models.resolve(config.model).sizes(config.width, config.depth)
+    except UsageError:
+        return {}
+    return {"width": width, "depth": depth}
 
 
 def failed_record(config: Config, protocol: Protocol, status: str, error: str, **meta: Any) -> Record:
@@ -226,15 +238,31 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str)
     return optimizer, trainer, batch
 
 
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the unique storages under `tensors` (None skipped), each rounded up to 512
+    as every probe (and CUDA's memory_allocated) counts an allocation. Unique by storage, so
+    tied weights and views count once; on fake tensors too (their data pointers are all 0)."""
+    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return sum(round_alloc(n) for n in sizes.values())
+
+
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameter bytes, buffer bytes) of `model`, storages counted as the probes count them;
+    a buffer that shares a parameter's storage is counted with the parameters."""
+    params = storage_bytes(model.parameters())
+    both = storage_bytes([*model.parameters(), *model.buffers()])
+    return params, both - params
+
+
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     with probe:
         gc.collect()
         probe.sync()
-        base = out["mem_base"] = probe.allocated()
+        out["mem_base"] = probe.allocated()
         model = probe.build_model(model_factory(config))
         probe.sync()
-        out["param_bytes"] = probe.allocated() - base
+        out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
         optimizer, trainer, batch = training(config, model, probe.device)
 
@@ -323,9 +351,7 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
             out[f"mem_after_{phase}"] = probe.allocated()
             out[f"peak_{phase}"] = max(probe.peak(), running["peak"])
             if phase == "backward":
-                grads = {g.untyped_storage()._cdata: g.untyped_storage().nbytes()
-                         for p in trainer.model.parameters() if (g := p.grad) is not None}
-                out["grad_bytes"] = sum(round_alloc(n) for n in grads.values())
+                out["grad_bytes"] = storage_bytes(p.grad for p in trainer.model.parameters())
 
     handles = [trainer.register_phase_hook(on_phase)]
     for key, opt in trainer.optimizer.optimizers.items():

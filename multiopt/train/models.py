@@ -17,6 +17,7 @@ Your own model (`resolve("pkg.module:factory")`, see `from_path`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -74,15 +75,23 @@ class ModelSpec:
     """How the suite builds a model, makes its batches and computes its loss.
 
     `loss_fn(output, target)` when batches are (inputs, targets); None when the model's
-    output already is the loss."""
+    output already is the loss, or has one (`output.loss`; see `trainer.forward_loss`).
+    `takes`: the sizes (`width`, `depth`) the factory takes; it ignores the others."""
 
     name: str
     factory: Callable[..., nn.Module]
     batch_fn: Callable[..., Any]
     loss_fn: Callable[..., torch.Tensor] | None = None
+    takes: tuple[str, ...] = ("width", "depth")
 
     def build(self, width: int, depth: int) -> nn.Module:
         return self.factory(width=width, depth=depth)
+
+    def sizes(self, width: int, depth: int) -> tuple[int, int]:
+        """(width, depth) as a record keeps them: 0 for a size the factory does not take, so
+        records of a model that ignores it neither claim a size nor differ by one. The zoo
+        takes both (`simple` too, which ignores them), so its records keep their keys."""
+        return (width if "width" in self.takes else 0, depth if "depth" in self.takes else 0)
 
     def make_batch(self, model: nn.Module, batch: int, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Any:
@@ -293,10 +302,15 @@ def from_path(path: str) -> ModelSpec:
       `dtype=` keywords, and gets those it takes. The batch (tensors, or tuples/lists/dicts
       of them) is then moved to the suite's device, and its floating tensors cast to the
       config's dtype; integer tensors keep theirs.
+    - The factory may return a Hugging Face model built from its config (no download),
+      e.g. `GPT2LMHeadModel(GPT2Config(...))`, with a make_batch returning a dict
+      (`{"input_ids": ..., "labels": ...}`).
     - Loss: `pkg.module:loss_fn` if the module defines it, called as the Trainer calls a
-      loss (`loss_fn(model(x), y)` for a 2-tuple batch, else `loss_fn(model(batch))`);
-      without one, the model's output is the loss (the model gets the batch as its one
-      argument, and must return a scalar).
+      loss (`trainer.forward_loss`: `loss_fn(model(x), y)` for a 2-tuple batch, a dict
+      batch as keywords, tuple outputs' first element or `.logits` as the output); without
+      one, the model's output is the loss, or its `loss` (attribute or key).
+    - Sizes: width/depth are passed only if the factory takes them, and recorded as 0
+      when it does not (`ModelSpec.sizes`).
 
     Import failures, a missing or non-callable attribute, a factory that needs an argument
     the suite cannot give, and a factory that returns something other than an nn.Module are
@@ -330,7 +344,8 @@ def _from_path(path: str) -> ModelSpec:
     for name, fn in (("make_batch", make_batch), ("loss_fn", loss_fn)):
         if fn is not None and not callable(fn):
             raise UsageError(f"model {path!r}: {module_name}.{name} (of type {type(fn).__name__}) is not callable")
-    return ModelSpec(path, _UserFactory(path, factory), _UserBatch(path, module_name, make_batch), loss_fn)
+    takes = tuple(_accepted(factory, {"width": 0, "depth": 0}))
+    return ModelSpec(path, _UserFactory(path, factory), _UserBatch(path, module_name, make_batch), loss_fn, takes)
 
 
 def _one_line(e: BaseException) -> str:
@@ -430,13 +445,13 @@ class _UserBatch:
 
 
 def _place(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Tensors in `obj` on `device`; floating ones cast to `dtype`. Containers keep their type."""
+    """Tensors in `obj` on `device`; floating ones cast to `dtype`. Sequences keep their type; mappings become dicts."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(_place(o, device, dtype) for o in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_place(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _place(v, device, dtype)) for k, v in obj.items())
+    if isinstance(obj, Mapping):  # any mapping (transformers' BatchEncoding too) becomes a dict: model(**batch)
+        return {k: _place(v, device, dtype) for k, v in obj.items()}
     return obj

@@ -316,10 +316,14 @@ def _check_matrix_only(rule: Rule, spec: registry.OptimizerSpec, group: list, la
     for name, p in group:
         if p.ndim != 2:
             takers = [r for r in later if r.matches(name, p) and not registry.resolve(r.optimizer).matrix_only]
+            # @2d claims exactly the 2-D parameters, so it is the narrowing to suggest; a rule
+            # whose selector is @2d never gets here
             hint = (
-                f"rule '{takers[0]}' would take it if '{rule.selector}' did not claim it; narrow the selector (e.g. @matrix)"
+                f"rule '{takers[0]}' would take it if '{rule.selector}' did not claim it; narrow the selector to "
+                f"@2d (ndim == 2)"
                 if takers
-                else f"add a rule before '{rule}' for it, e.g. '{name}=adamw'"
+                else f"add a rule before '{rule}' for it, e.g. '{name}=adamw', or narrow the selector to @2d "
+                "(ndim == 2) and end with e.g. 'rest=adamw'"
             )
             raise UsageError(
                 f"{spec.name} (rule '{rule}') only takes 2-D parameters, but claims {name} of shape {tuple(p.shape)}; {hint}"

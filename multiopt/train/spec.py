@@ -2,11 +2,13 @@
 
     layer1=sgd(lr=0.01, momentum=0.9); layer2=adam(lr=1e-3)
     @matrix=muon(lr=0.02); rest=adamw(lr=3e-4, weight_decay=0.1)
+    *wte*=adamw; @2d=muon(lr=0.02); rest=adamw
     *.bias=sgd(lr=0.1); rest=adam
 
 A rule is `selector=optimizer(kwargs)`. Selectors: a module path (`layer1`, `blocks.0`),
-a glob over parameter names (`*.bias`), a kind (`@matrix`: ndim >= 2, `@vector`:
-ndim < 2), or `rest`. The first matching rule wins. Keyword values are parsed as Python
+a glob over parameter names (`*.bias`), a kind (`@matrix`: ndim >= 2, `@2d`: ndim == 2,
+`@vector`: ndim < 2), or `rest`. `@2d` is the one for Muon, which takes exactly 2-D
+parameters: `@matrix` also hands it conv kernels (3-D/4-D) and ViT's cls_token. The first matching rule wins. Keyword values are parsed as Python
 literals with `ast.literal_eval`: never evaluated as code.
 """
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..errors import UsageError
 
-KINDS = {"@matrix": "parameters with ndim >= 2", "@vector": "parameters with ndim < 2"}
+KINDS = {"@matrix": "parameters with ndim >= 2", "@2d": "parameters with ndim == 2", "@vector": "parameters with ndim < 2"}
 _GLOB_CHARS = set("*?[")
 
 
@@ -57,6 +59,8 @@ class Rule:
             return True
         if sel == "@matrix":
             return param.ndim >= 2
+        if sel == "@2d":
+            return param.ndim == 2
         if sel == "@vector":
             return param.ndim < 2
         if _GLOB_CHARS & set(sel):

@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
-from .multi import MultiOptimizer
+from .multi import MultiOptimizer, local_optimizer
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PhaseHook = Callable[[str, str], None]  # (phase, "before" | "after")
@@ -29,6 +29,10 @@ class Trainer:
     grad_accum: micro-batches per optimizer step; each `train_step` call is one micro-batch.
     zero_grad_at: "end" frees gradients right after the step; "start" keeps them until the
     next iteration begins, which changes the peak (gradients live through the forward).
+
+    Batches and losses follow `forward_loss` (Hugging Face conventions included). Optimizers
+    with a train/eval mode (schedulefree) are put in train mode here, every child of a
+    MultiOptimizer included: they refuse to step otherwise.
     """
 
     def __init__(
@@ -67,12 +71,24 @@ class Trainer:
         self._hooks: OrderedDict[int, PhaseHook] = OrderedDict()
         self._micro = 0
         self.steps = 0
+        # only the optimizers: the model's mode (dropout on or off) stays the caller's choice
+        _set_mode(self.children, "train")
 
     @property
     def children(self) -> list[torch.optim.Optimizer]:
         if isinstance(self.optimizer, MultiOptimizer):
             return list(self.optimizer.optimizers.values())
         return [self.optimizer]
+
+    def train(self) -> None:
+        """Model and every optimizer with a mode (schedulefree's train()/eval()) in train mode."""
+        self.model.train()
+        _set_mode(self.children, "train")
+
+    def eval(self) -> None:
+        """Model and every optimizer with a mode in eval mode (schedulefree: the averaged weights)."""
+        self.model.eval()
+        _set_mode(self.children, "eval")
 
     def register_phase_hook(self, hook: PhaseHook) -> RemovableHandle:
         """`hook(phase, when)` runs before and after each phase; remove it with the handle."""
@@ -115,10 +131,7 @@ class Trainer:
         return loss.detach()
 
     def _loss(self, batch: Any) -> torch.Tensor:
-        if isinstance(batch, (tuple, list)) and len(batch) == 2 and self.loss_fn is not None:
-            return self.loss_fn(self.model(batch[0]), batch[1])
-        out = self.model(batch)
-        return self.loss_fn(out) if self.loss_fn is not None else out
+        return forward_loss(self.model, self.loss_fn, batch)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp is None:
@@ -185,3 +198,49 @@ class Trainer:
         except FileNotFoundError:
             raise UsageError(f"{path}: no such checkpoint") from None
         self.load_state_dict(state)
+
+
+def _set_mode(optimizers: Sequence[Any], mode: str) -> None:
+    # ZeRO wraps the optimizer that has the mode; the wrapper itself has none.
+    for opt in optimizers:
+        switch = getattr(local_optimizer(opt), mode, None)
+        if callable(switch):
+            switch()
+
+
+def forward_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, batch: Any) -> torch.Tensor:
+    """The loss of one batch, the way the Trainer (and so every measurement) computes it.
+
+    - A Mapping batch is passed as keywords, `model(**batch)` (Hugging Face: input_ids,
+      attention_mask, labels, ...); a 2-tuple/list with a `loss_fn` is (inputs, targets),
+      `loss_fn(model(inputs), targets)`; anything else is the model's one argument.
+    - With a `loss_fn`, a tuple/list output gives its first element (the logits), and an
+      output with `logits` (a Hugging Face ModelOutput) gives those; a Mapping or
+      single-argument batch calls `loss_fn(output)`.
+    - Without one, a tensor output is the loss, else the output's `loss` (attribute or key),
+      which Hugging Face models compute when the batch holds `labels`."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+        return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and loss_fn is not None:
+        return loss_fn(_logits(model(batch[0])), batch[1])
+    out = model(batch)
+    return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
+
+
+def _logits(out: Any) -> Any:
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return out if logits is None else logits
+
+
+def _to_loss(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise UsageError(
+            f"the model returned a {type(out).__name__} without a loss and no loss_fn was given; return the loss, "
+            "give the batch 'labels' (Hugging Face models then compute .loss), or define loss_fn next to the factory")
+    return loss
