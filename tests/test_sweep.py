@@ -182,3 +182,22 @@ def test_presets_cover_the_documented_combos():
     assert max(c.width for c in preset_configs("wide")) == 16384
     # every documented combo, plus the transformer's embedding-aware Muon split
     assert {c.combo for c in preset_configs("quick")} == set(COMBOS) | {"muon+adamw-emb"}
+
+
+def test_a_size_the_factory_does_not_take_is_one_config_and_resume_finds_it(tmp_path):
+    """tests.usermodels_bn:factory takes width only: depths 2 and 3 are one config (depth 0),
+    and a resumed sweep finds every record instead of measuring again."""
+    from multiopt.instrument.protocol import Protocol
+    from multiopt.run.presets import Grid
+    from multiopt.run.sweep import sweep
+
+    grid = Grid(models=("tests.usermodels_bn:factory",), widths=(8, 16), depths=(2, 3), batches=(4,),
+                combos=(("sgd", COMBOS["sgd"]),))
+    configs = grid.configs()
+    assert [(c.width, c.depth) for c in configs] == [(8, 0), (16, 0)]
+    protocol = Protocol(probe="tracked", steps=0, warmup=1)
+    first = sweep(configs, tmp_path, protocol, isolate=False, progress=False)
+    assert [(r.width, r.depth, r.status) for r in first.records] == [(8, 0, "ok"), (16, 0, "ok")]
+    again = sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False)
+    assert again.records == () and again.already == 2
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 2

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
 from ..record import Config
+from ..train import models
 from ..train.spec import canonical, parse
 
 COMBOS: dict[str, str] = {
@@ -43,14 +44,18 @@ class Grid:
     def configs(self, device: str = "cpu", ranks: int = 1) -> list[Config]:
         """`ranks`: the world size a zero=1 config runs across (zero=0 configs run on one rank)."""
         out = []
+        specs = {m: models.resolve(m) for m in self.models}
         for model, depth, width, batch, dtype, amp, (combo, rules), impl, zg, zero in itertools.product(
             self.models, self.depths, self.widths, self.batches, self.dtypes, self.amps, self.combos,
             self.impls, self.zero_grad_ats, self.zeros,
         ):
+            # a size the model's factory does not take is 0, as its record keeps it: one config,
+            # not one per width, and --resume finds the record
+            width, depth = specs[model].sizes(width, depth)
             out.append(Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, amp=amp,
                               combo=combo, rules=canonical(rules), impl=impl, zero_grad_at=zg, seed=self.seed, device=device,
                               zero=zero, ranks=ranks if zero else 1))
-        return out
+        return dedupe(out)
 
 
 def combos(names: Iterable[str]) -> tuple[tuple[str, str], ...]:
