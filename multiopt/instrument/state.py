@@ -22,11 +22,17 @@ most torch optimizers keep `step` on the CPU unless `capturable` or `fused` is s
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import types
+import weakref
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -34,7 +40,8 @@ from ..train.optimizers import name_of
 # One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
 from ..units import round_alloc
 
-__all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula"]
+__all__ = ["StateBytes", "attributed_state", "constructing_optimizer", "expected_state", "has_formula",
+           "measured_state", "observed_impl", "round_alloc"]
 
 _CPU = torch.device("cpu")
 
@@ -81,8 +88,11 @@ def _as_device(device: str | torch.device | None) -> torch.device | None:
 
 def _tensors_in(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     """Every plain tensor reachable from a state value: torch optimizers keep flat dicts of
-    tensors, third-party ones nest lists/dicts and wrapper subclasses (DTensor) hold inner
-    tensors, whose storages are the real memory."""
+    tensors; third-party ones nest containers, keep state in Python objects (attributes,
+    `__slots__`, dataclasses: pytorch-optimizer's Shampoo preconditioners, GaLore's
+    projector) and in wrapper subclasses (DTensor, torchao's 8-bit state), whose inner
+    tensors' storages are the real memory. Modules, classes, functions and modules of code
+    are not state and are not entered."""
     if isinstance(obj, torch.Tensor):
         if is_traceable_wrapper_subclass(obj):
             attrs, _ = obj.__tensor_flatten__()
@@ -90,14 +100,38 @@ def _tensors_in(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
                 yield from _tensors_in(getattr(obj, a), seen)
         else:
             yield obj
+        if type(obj) is not torch.Tensor and not isinstance(obj, _PLAIN_TENSORS):
+            yield from _attributes_of(obj, seen)  # a subclass may carry more tensors
         return
-    if isinstance(obj, (dict, list, tuple, set, frozenset)):
-        if id(obj) in seen:  # cycles, and containers reachable twice
-            return
-        seen.add(id(obj))
+    if isinstance(obj, _ATOMS) or id(obj) in seen:  # id: cycles, and objects reachable twice
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (dict, list, tuple, set, frozenset, deque)):
         items = obj.values() if isinstance(obj, dict) else obj
         for item in items:
             yield from _tensors_in(item, seen)
+    elif not isinstance(obj, _NOT_STATE):
+        yield from _attributes_of(obj, seen)
+
+
+# Tensors whose attributes are torch's bookkeeping, not memory the program keeps (a fake
+# tensor's `constant` is the real value fake mode propagates for small tensors).
+_PLAIN_TENSORS = (torch.nn.Parameter, FakeTensor)
+# Values that hold no tensors, and objects that are not state even when state points at them.
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+              functools.partial, weakref.ref, torch.nn.Module)
+
+
+def _attributes_of(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
+    """The tensors in an object's `__dict__` and `__slots__` (dataclasses included)."""
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                values.append(getattr(obj, name))
+    for value in values:
+        yield from _tensors_in(value, seen)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -122,23 +156,25 @@ def _not_state_keys(optimizer: torch.optim.Optimizer) -> set[int]:
 
 
 def measured_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes:
-    """Unique storages across every tensor in `optimizer.state`, each counted once however
-    many entries (of one parameter or of several) alias it. A storage is `scalar` when every
+    """Unique storages across every tensor the optimizer object reaches (`optimizer.state`,
+    its other attributes, and objects inside them), each counted once however many entries
+    (of one parameter or of several) alias it; the parameters' and gradients' own storages
+    are not state. A storage is `scalar` when every
     tensor seen on it is 0-dim. `device` keeps only storages on that device."""
     want = _as_device(device)
     excluded = _not_state_keys(optimizer)
     storages: dict[int, tuple[int, torch.device]] = {}
     only_scalar: dict[int, bool] = {}
-    seen: set[int] = set()
-    for value in optimizer.state.values():
-        for t in _tensors_in(value, seen):
-            key = _storage_key(t)
-            if key in excluded:
-                continue
-            if key not in storages:
-                storages[key] = (t.untyped_storage().nbytes(), t.device)
-                only_scalar[key] = True
-            only_scalar[key] = only_scalar[key] and t.dim() == 0
+    # the whole object, not only `optimizer.state`: bitsandbytes keeps its shared quantization
+    # maps in `name2qmap`, which state reaches only for parameters large enough to quantize
+    for t in _attributes_of(optimizer, {id(optimizer)}):
+        key = _storage_key(t)
+        if key in excluded:
+            continue
+        if key not in storages:
+            storages[key] = (t.untyped_storage().nbytes(), t.device)
+            only_scalar[key] = True
+        only_scalar[key] = only_scalar[key] and t.dim() == 0
     elem = scalar = alloc = n = 0
     for key, (nbytes, dev) in storages.items():
         if not _device_matches(dev, want):
@@ -150,6 +186,55 @@ def measured_state(optimizer: torch.optim.Optimizer, device: str | torch.device 
         alloc += round_alloc(nbytes)
         n += 1
     return StateBytes(elem, scalar, alloc, n)
+
+
+# ---------------------------------------------------------------------------------------
+# attributed: what the ledger saw the optimizer allocate (see protocol.py, which watches
+# each optimizer's construction and steps with `probe.watching`)
+
+
+def constructing_optimizer() -> int | None:
+    """id() of the innermost optimizer whose method is running on this thread's stack, or
+    None: the owner of a storage born while optimizers are being built (a wrapper such as
+    ZeroRedundancyOptimizer builds its inner optimizer, which is then the innermost)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.optim.Optimizer):
+                return id(owner)
+        frame = frame.f_back
+    return None
+
+
+def attributed_state(optimizer: torch.optim.Optimizer, storages: Iterable[torch.UntypedStorage]) -> StateBytes:
+    """The storages an optimizer allocated (during its construction and steps) that are still
+    alive, less its parameters' and gradients' own: its state, found without reading it.
+    `elem` holds every byte (a storage carries no shape to tell scalars by)."""
+    excluded = _not_state_keys(optimizer)
+    unique = {st._cdata: st.nbytes() for st in storages}
+    kept = [n for key, n in unique.items() if key not in excluded]
+    return StateBytes(sum(kept), 0, sum(round_alloc(n) for n in kept), len(kept))
+
+
+def observed_impl(op_names: Iterable[str]) -> str | None:
+    """The implementation a step really ran, from the qualified names (`ns::op.overload`) of
+    the ops seen during it: any torch `_fused_*` kernel is fused, else any `_foreach_*` is
+    foreach, else an op of a library's own namespace (bitsandbytes' 8-bit update) is
+    `kernel:<namespace>`, else forloop; None when no op was seen."""
+    parsed = [name.partition("::") for name in op_names]
+    if not parsed:
+        return None
+    if any(op.startswith("_fused_") for ns, _, op in parsed if ns == "aten"):
+        return "fused"
+    if any(op.startswith("_foreach_") for ns, _, op in parsed if ns == "aten"):
+        return "foreach"
+    custom = sorted({ns for ns, _, _ in parsed if ns not in _TORCH_NAMESPACES})
+    return f"kernel:{custom[0]}" if custom else "forloop"
+
+
+_TORCH_NAMESPACES = {"aten", "prims", "prim", "profiler", "_c10d_functional", "c10d"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import UsageError
-from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .base import ALLOC_GRANULE, COMPILED, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
 from .cuda import CudaProbe
 from .fake import FakeProbe
 from .tracked import StorageLedger, TrackedProbe
@@ -23,6 +23,9 @@ PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
 
 __all__ = [
     "ALLOC_GRANULE",
+    "COMPILED",
+    "EAGER_UNDER_PROBE",
+    "Watch",
     "CudaProbe",
     "FakeProbe",
     "PROBE_NAMES",

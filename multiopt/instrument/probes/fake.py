@@ -47,6 +47,7 @@ class FakeProbe(LedgerProbe):
         except BaseException:
             self._fake_mode.__exit__(None, None, None)
             raise
+        self._eager()
         self._active = True
         self.reset_peak()  # entering starts a peak window, as on CUDA
         return self
@@ -54,6 +55,7 @@ class FakeProbe(LedgerProbe):
     def __exit__(self, *exc: Any) -> None:
         if self._active:
             self._active = False
+            self._compiled_again()
             try:
                 self._ledger.__exit__(*exc)
             finally:

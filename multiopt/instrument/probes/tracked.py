@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
 from ...errors import UsageError
-from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .base import ALLOC_GRANULE, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
 
 _Tensor = torch.Tensor
 
@@ -108,6 +108,8 @@ class StorageLedger(TorchDispatchMode):
         self.peak_requested = 0
         self._kinds: dict[Any, tuple[int, Callable[..., Any]]] = {}
         self._sizers: dict[Any, Sizer] = dict(sizers or {})
+        # set by LedgerProbe.watching: told every op run and every storage born
+        self.watch: Watch | None = None
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -128,6 +130,8 @@ class StorageLedger(TorchDispatchMode):
             kind = _SIZED if func in self._sizers else _classify(func)
             entry = self._kinds[func] = (kind, getattr(func, "_op", func))
         kind, op = entry
+        if self.watch is not None:
+            self.watch.ops.add(func)
         out = op(*args, **kwargs) if kwargs else op(*args)
         if kind == _FRESH:
             if isinstance(out, _Tensor):
@@ -157,6 +161,8 @@ class StorageLedger(TorchDispatchMode):
         if self.limit is not None and total > self.limit:
             raise self._oom(alloc)
         self.live[key] = (weakref.ref(st, partial(self._release, key)), alloc, req)
+        if self.watch is not None:
+            self.watch.born(st)
         self.allocated = total
         self.requested += req
         if total > self.peak:
@@ -241,7 +247,15 @@ def _components(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 class LedgerProbe(Probe):
-    """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API."""
+    """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API.
+
+    While active, `torch.compile`d code runs eagerly (stance "force_eager"): Dynamo cannot
+    trace through the ledger's dispatch mode ("missing tp_iter"), and eager runs the same
+    ops, so the bytes are the eager program's; records say so (`compile_mode`).
+    """
+
+    compile_mode = EAGER_UNDER_PROBE
+    sees_births = True
 
     def __init__(self, device: torch.device | str | None, limit_bytes: int | None) -> None:
         device = torch.device("cpu" if device is None else device)
@@ -253,6 +267,7 @@ class LedgerProbe(Probe):
         self.device = device
         self._ledger = StorageLedger(self.name, limit_bytes)
         self._active = False
+        self._stance: Any = None  # the force_eager stance while active
 
     @property
     def limit_bytes(self) -> int | None:
@@ -261,6 +276,24 @@ class LedgerProbe(Probe):
     @property
     def active(self) -> bool:
         return self._active
+
+    def _eager(self) -> None:
+        self._stance = torch.compiler.set_stance("force_eager")  # sets it now; __exit__ restores
+
+    def _compiled_again(self) -> None:
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
+
+    @contextmanager
+    def watching(self, watch: Watch) -> Iterator[Watch]:
+        """Record into `watch` the storages born, the ops run and the compiled calls entered."""
+        previous, self._ledger.watch = self._ledger.watch, watch
+        try:
+            with watch.counting_compiled_calls():
+                yield watch
+        finally:
+            self._ledger.watch = previous
 
     def _check_not_active(self) -> None:
         if self._active:
@@ -317,6 +350,7 @@ class TrackedProbe(LedgerProbe):
     def __enter__(self) -> "TrackedProbe":
         self._check_not_active()
         self._ledger.__enter__()
+        self._eager()
         self._active = True
         self.reset_peak()  # entering starts a peak window, as on CUDA
         return self
@@ -324,6 +358,7 @@ class TrackedProbe(LedgerProbe):
     def __exit__(self, *exc: Any) -> None:
         if self._active:
             self._active = False
+            self._compiled_again()
             self._ledger.__exit__(*exc)
 
     def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
