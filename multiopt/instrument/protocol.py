@@ -144,10 +144,7 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
     except _Diverged as e:
         fields.update(status="diverged", error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        msg = f"{type(e).__name__}: {_one_line(e)}"
-        if type(e).__name__ == "DataDependentOutputException":
-            msg = f"the fake probe cannot run this config: an optimizer or the model reads tensor values ({msg})"
-        fields.update(status="error", error=msg)
+        fields.update(status="error", error=_reads_values(e) or f"{type(e).__name__}: {_one_line(e)}")
     finally:
         torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
@@ -231,11 +228,11 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         local = {k: local_optimizer(o) for k, o in optimizer.optimizers.items()}
         rules = optimizer.rules or (None,) * len(local)
         counted = _count_state(local, out)
+        # attributed at the same moment as walked: later steps may replace state tensors
+        watched = {k: _attributed(probe, built, stepped[k], optimizer.optimizers[k], o) for k, o in local.items()}
         temps = _instrumented_step(probe, trainer, step, out)
-        out["optimizers"] = [
-            _optimizer_record(key, rule, opt, *counted[key], temps.get(key),
-                              _attributed(probe, built, stepped[key], optimizer.optimizers[key], opt), probe)
-            for (key, opt), rule in zip(local.items(), rules)]
+        out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
+                             for (key, opt), rule in zip(local.items(), rules)]
         if probe.computes:
             _check_finite(model)
             extra = probe.extra()
@@ -381,6 +378,22 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
     for k in [k for k in out if k.startswith("_before_")]:
         out.pop(k)
     return temps
+
+
+def _reads_values(e: BaseException) -> str | None:
+    """The fake probe's refusal, naming its cause, when `e` (or what it was raised from or
+    while handling: the UsageError a rule's construction becomes keeps it as context) is fake
+    mode refusing to read a tensor's value; else None."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    if not any(type(x).__name__ == "DataDependentOutputException" or "_local_scalar_dense" in str(x) for x in chain):
+        return None
+    first = _one_line(chain[0])
+    who = first.split(": ", 1)[0] if first.startswith("rule '") else "an optimizer or the model"
+    return (f"the fake probe cannot run this config: {who} reads tensor values (.item(), .tolist(): "
+            "aten._local_scalar_dense), which fake tensors do not have; use --probe tracked")
 
 
 def _one_line(e: BaseException) -> str:
