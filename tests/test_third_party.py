@@ -1,0 +1,143 @@
+"""Optimizers nobody here wrote: state found by walking and by allocation, compiled steps,
+observed kernels, and the fake probe's refusal. Third-party packages are optional (the
+`test` extra): each test skips when its package is missing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from multiopt.instrument.probes import EAGER_UNDER_PROBE, TrackedProbe, Watch
+from multiopt.instrument.protocol import Config, Protocol, measure
+from multiopt.instrument.state import attributed_state, constructing_optimizer, measured_state, observed_impl
+
+# a small MLP (two matrices, two vectors), memory only
+_SMALL = dict(model="mlp", width=16, depth=1, batch=2, combo="x")
+
+
+def _measure(rules: str, probe: str = "tracked") -> Any:
+    return measure(Config(rules=rules, **_SMALL), Protocol(probe=probe, steps=0, warmup=2))
+
+
+@pytest.mark.parametrize("rules, package", [
+    ("rest=torchao.optim:AdamW8bit", "torchao"),
+    ("rest=heavyball:AdamW", "heavyball"),
+])
+def test_compiled_step_is_measured_eagerly_and_exactly(rules: str, package: str) -> None:
+    pytest.importorskip(package)
+    r = _measure(rules)
+    assert r.status == "ok", r.error
+    (o,) = r.optimizers
+    assert o.compiled == EAGER_UNDER_PROBE
+    assert o.state_bytes > 0 and o.state_attributed_bytes == o.state_bytes and o.state_gap_bytes == 0
+
+
+class _Holder:
+    """State kept in a plain Python object, as pytorch-optimizer's Shampoo does."""
+
+    __slots__ = ("momentum", "count")
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.momentum = torch.zeros_like(p)
+        self.count = torch.zeros((), dtype=torch.int64)
+
+
+_HIDDEN: dict[int, list[torch.Tensor]] = {}  # out of the walk's reach: keyed by id(optimizer)
+
+
+class _ObjectState(torch.optim.Optimizer):
+    """SGD with momentum in a `_Holder` per parameter; `hide=True` also keeps a copy of every
+    gradient where no walk of the optimizer can find it (a module-level dict)."""
+
+    def __init__(self, params: Any, lr: float = 0.01, hide: bool = False) -> None:
+        super().__init__(params, {"lr": lr})
+        self.hide = hide
+        self.scratch = {"shared": torch.zeros(3)}  # made at construction, kept as an attribute
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                holder = self.state[p].setdefault("holder", _Holder(p))
+                holder.momentum.mul_(0.9).add_(p.grad)
+                holder.count += 1
+                p.add_(holder.momentum, alpha=-group["lr"])
+                if self.hide:
+                    _HIDDEN.setdefault(id(self), []).append(p.grad.clone())
+
+
+def _watched_steps(hide: bool) -> tuple[torch.optim.Optimizer, Any, Any]:
+    probe = TrackedProbe()
+    with probe:
+        model = probe.build_model(lambda: nn.Linear(4, 3))
+        with probe.watching(Watch(constructing_optimizer)) as built:
+            opt = _ObjectState(model.parameters(), hide=hide)
+        steps = Watch()
+        model(torch.ones(2, 4)).sum().backward()
+        with probe.watching(steps):
+            opt.step()
+        return opt, measured_state(opt), attributed_state(opt, built.alive(id(opt)) + steps.alive(None))
+
+
+def test_state_in_objects_and_attributes_is_walked_to_the_byte() -> None:
+    opt, walked, attributed = _watched_steps(hide=False)
+    # momentum like weight (12 floats) and bias (3), an int64 count per parameter, scratch (3 floats)
+    assert walked.total == (12 + 3) * 4 + 2 * 8 + 3 * 4 == attributed.total
+    assert walked.n_tensors == 5 == attributed.n_tensors
+
+
+def test_state_the_walk_cannot_reach_is_caught_by_attribution() -> None:
+    opt, walked, attributed = _watched_steps(hide=True)
+    try:
+        assert attributed.total - walked.total == (12 + 3) * 4  # the hidden gradient copies
+    finally:
+        _HIDDEN.pop(id(opt), None)
+
+
+def test_measure_records_the_gap_for_hidden_state() -> None:
+    r = _measure("rest=tests.test_third_party:_ObjectState(hide=True)")
+    _HIDDEN.clear()
+    assert r.status == "ok", r.error
+    (o,) = r.optimizers
+    # two warm-up steps, each hiding a float32 copy of every gradient
+    assert o.state_gap_bytes == 2 * r.n_params * 4 == o.state_attributed_bytes - o.state_bytes
+    assert o.compiled is None
+
+
+@pytest.mark.parametrize("names, want", [
+    ({"aten::_fused_adam_", "aten::_foreach_add_.Scalar"}, "fused"),
+    ({"aten::_foreach_mul_.Scalar", "aten::add_.Tensor"}, "foreach"),
+    ({"aten::add_.Tensor"}, "forloop"),
+    ({"bitsandbytes::optimizer_update_8bit_blockwise", "aten::add_.Tensor"}, "kernel:bitsandbytes"),
+    (set(), None),
+])
+def test_observed_impl(names: set[str], want: str | None) -> None:
+    assert observed_impl(names) == want
+
+
+@pytest.mark.parametrize("rules, want", [
+    ("rest=adam(foreach=True)", "foreach"),
+    ("rest=adam", "forloop"),  # torch picks foreach by default only on CUDA
+])
+def test_impl_is_observed_by_the_ledger(rules: str, want: str) -> None:
+    r = _measure(rules)
+    assert r.status == "ok", r.error
+    assert r.optimizers[0].impl == want
+
+
+def test_lion_foreach_on_cpu_is_observed() -> None:
+    pytest.importorskip("pytorch_optimizer")
+    r = _measure("rest=pytorch_optimizer:Lion(foreach=True)")
+    assert r.status == "ok", r.error
+    assert r.optimizers[0].impl == "foreach"
+
+
+def test_fake_probe_refusal_names_the_cause() -> None:
+    pytest.importorskip("bitsandbytes")
+    r = _measure("rest=bitsandbytes.optim:Adam8bit", probe="fake")
+    assert r.status == "error"
+    assert "rule 'rest=bitsandbytes.optim:Adam8bit' reads tensor values" in r.error
+    assert "--probe tracked" in r.error and "refused its settings" not in r.error
