@@ -141,3 +141,68 @@ def test_fake_probe_refusal_names_the_cause() -> None:
     assert r.status == "error"
     assert "rule 'rest=bitsandbytes.optim:Adam8bit' reads tensor values" in r.error
     assert "--probe tracked" in r.error and "refused its settings" not in r.error
+
+
+class _Mixed(nn.Module):
+    """An embedding and matrices above the 8-bit thresholds (4096 elements, whole blocks),
+    a matrix and vectors below them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 128)
+        self.big = nn.Linear(128, 32)
+        self.small = nn.Linear(32, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.small(self.big(self.emb(idx))).sum()
+
+
+# (import path, package, runs on the fake probe)
+_WITH_FORMULAS = [
+    ("bitsandbytes.optim:Adam8bit", "bitsandbytes", False),  # builds its maps with .tolist()
+    ("bitsandbytes.optim:AdamW8bit", "bitsandbytes", False),
+    ("bitsandbytes.optim:Lion8bit", "bitsandbytes", False),
+    ("torchao.optim:AdamW8bit", "torchao", True),
+    ("torchao.optim:AdamW4bit", "torchao", True),
+    ("torchao.optim:AdamWFp8", "torchao", True),
+    ("pytorch_optimizer:Lion", "pytorch_optimizer", True),
+    ("pytorch_optimizer:Adan", "pytorch_optimizer", True),
+    ("pytorch_optimizer:SOAP", "pytorch_optimizer", True),
+    ("schedulefree:AdamWScheduleFree", "schedulefree", True),
+    ("schedulefree:SGDScheduleFree", "schedulefree", True),
+]
+
+
+def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any]:
+    """walked, attributed and expected state after two steps of `path` on `_Mixed`."""
+    from multiopt.instrument.probes import make_probe
+    from multiopt.instrument.state import expected_state
+    from multiopt.train.optimizers import resolve
+
+    probe = make_probe(probe_name)
+    with probe:
+        model = probe.build_model(_Mixed)
+        with probe.watching(Watch(constructing_optimizer)) as built:
+            opt = resolve(path).cls(model.parameters())
+        if hasattr(opt, "train"):
+            opt.train()  # schedulefree refuses to step in eval mode
+        steps = Watch()
+        for _ in range(2):
+            model(torch.arange(8) % 64).backward()
+            with probe.watching(steps):
+                opt.step()
+            opt.zero_grad()
+        born = built.alive(id(opt)) + steps.alive(None)
+        return measured_state(opt), attributed_state(opt, born), expected_state(opt)
+
+
+@pytest.mark.parametrize("probe_name", ["tracked", "fake"])
+@pytest.mark.parametrize("path, package, on_fake", _WITH_FORMULAS, ids=[c[0] for c in _WITH_FORMULAS])
+def test_third_party_state_walked_attributed_expected(path: str, package: str, on_fake: bool, probe_name: str) -> None:
+    pytest.importorskip(package)
+    if probe_name == "fake" and not on_fake:
+        pytest.skip(f"{path} reads tensor values: not on the fake probe")
+    walked, attributed, expected = _state_three_ways(path, probe_name)
+    assert expected is not None
+    assert walked.total == attributed.total == expected.total, (walked, attributed, expected)
+    assert walked.alloc == attributed.alloc == expected.alloc

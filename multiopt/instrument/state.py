@@ -380,34 +380,131 @@ _FORMULAS: dict[str, _Formula] = {
 }
 
 
+# ---------------------------------------------------------------------------------------
+# third-party optimizers, by the import path `name_of` gives their class. Each formula was
+# read from the installed source of the version named beside it and takes the optimizer too:
+# these libraries keep options outside param_groups (bitsandbytes' `args`, torchao's
+# `block_size`). `_SHARED` adds the per-optimizer storages all parameters share.
+# bitsandbytes 0.50.2 (optim/optimizer.py), torchao 0.18.0 (optim/adam.py, subclass_*.py),
+# pytorch-optimizer 4.1.0 (optimizer/lion.py, adan.py, soap.py), schedulefree 1.4.1.
+
+_F32 = torch.float32
+_U8 = torch.uint8
+
+
+def _bnb(n_states: int) -> Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]:
+    """bitsandbytes Optimizer1State/Optimizer2State, blockwise: per parameter `n_states`
+    buffers, float32 like the parameter below `min_8bit_size` elements, else uint8 codes plus
+    one float32 absmax per 256-element block; `unorm_vec` (one float32) when max_unorm > 0.
+    `step` is a Python int."""
+    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+        args = opt.args
+        n = p.numel()
+        if args.optim_bits == 32 or n < args.min_8bit_size:
+            state = [_Planned(tuple(p.shape), _F32, p.device)] * n_states
+        else:
+            blocks = -(-n // 256)
+            state = [_Planned(tuple(p.shape), _U8, p.device), _Planned((blocks,), _F32, p.device)] * n_states
+        return state + ([_Planned((1,), _F32, p.device)] if args.max_unorm > 0 else [])
+    return formula
+
+
+def _bnb_qmaps(opt: Any) -> list[_Planned]:
+    """The two 256-entry float32 quantization maps (signed, unsigned) `fill_qmap` makes in
+    __init__ for 8-bit optimizers, shared by every parameter (state holds them by reference)."""
+    dev = opt.param_groups[0]["params"][0].device
+    return [_Planned((256,), _F32, dev), _Planned((256,), _F32, dev)] if opt.args.optim_bits == 8 else []
+
+
+def _torchao(codes: Callable[[int], tuple[int, torch.dtype]], qmap: int) -> Callable[..., list[_Planned]]:
+    """torchao low-bit AdamW: `step` = torch.tensor(0.0) (default dtype, CPU); exp_avg and
+    exp_avg_sq (and max_exp_avg_sq under amsgrad) each a quantized subclass when the parameter
+    has >= 4096 elements divisible by `block_size` (codes, one float32 scale per block, and
+    its own `qmap`-entry float32 map), else zeros like the parameter."""
+    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+        n, bs = p.numel(), opt.block_size
+        if n >= 4096 and n % bs == 0:
+            numel, dtype = codes(n)
+            one = [_Planned((numel,), dtype, p.device), _Planned((n // bs,), _F32, p.device)]
+            one += [_Planned((qmap,), _F32, p.device)] if qmap else []
+        else:
+            one = _like(p)
+        return _scalars(1, _CPU, torch.get_default_dtype()) + one * (3 if g["amsgrad"] else 2)
+    return formula
+
+
+def _adanorm(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """pytorch-optimizer's AdaNorm option: one (1,)-shaped running gradient norm."""
+    return [_Planned((1,), p.dtype, p.device)] if g.get("adanorm") else []
+
+
+def _soap(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+    """SOAP (merge_dims=False): exp_avg and exp_avg_sq like the parameter, and per dimension
+    of size <= max_precondition_dim a preconditioner GG and its eigenbasis Q, both dim x dim;
+    a vector only when precondition_1d."""
+    if g["merge_dims"]:
+        raise NotImplementedError("SOAP with merge_dims=True has no formula")
+    dims = [] if p.dim() == 1 and not g["precondition_1d"] else list(p.shape)
+    square = [_Planned((d, d), p.dtype, p.device) for d in dims if d <= g["max_precondition_dim"]]
+    return _like(p, 2) + square * 2
+
+
+_THIRD_PARTY: dict[str, Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]] = {
+    "bitsandbytes.optim.adam:Adam8bit": _bnb(2),
+    "bitsandbytes.optim.adamw:AdamW8bit": _bnb(2),
+    "bitsandbytes.optim.lion:Lion8bit": _bnb(1),
+    "bitsandbytes.optim.sgd:SGD8bit": _bnb(1),
+    "torchao.optim.adam:AdamW8bit": _torchao(lambda n: (n, _U8), 256),
+    "torchao.optim.adam:AdamW4bit": _torchao(lambda n: (n // 2, _U8), 16),
+    "torchao.optim.adam:AdamWFp8": _torchao(lambda n: (n, torch.float8_e4m3fn), 0),
+    "pytorch_optimizer.optimizer.lion:Lion": lambda p, g, opt: _like(p) + _adanorm(p, g),
+    # exp_avg, exp_avg_sq, exp_avg_diff, previous_grad
+    "pytorch_optimizer.optimizer.adan:Adan": lambda p, g, opt: _like(p, 4) + _adanorm(p, g),
+    "pytorch_optimizer.optimizer.soap:SOAP": _soap,
+    # z (the averaged iterate) and exp_avg_sq; SGD keeps only z
+    "schedulefree.adamw_schedulefree:AdamWScheduleFree": lambda p, g, opt: _like(p, 2),
+    "schedulefree.sgd_schedulefree:SGDScheduleFree": lambda p, g, opt: _like(p),
+}
+
+
+def _torchao_lr(opt: Any) -> list[_Planned]:
+    """torchao's add_param_group turns each group's float lr into a float32 0-dim CPU tensor
+    (so a changed lr does not recompile the step)."""
+    return _scalars(len(opt.param_groups), _CPU, _F32)
+
+
+_SHARED: dict[str, Callable[[Any], list[_Planned]]] = {
+    **{name: _bnb_qmaps for name in _THIRD_PARTY if name.startswith("bitsandbytes.")},
+    **{name: _torchao_lr for name in _THIRD_PARTY if name.startswith("torchao.")},
+}
+
+
 def has_formula(name: str) -> bool:
-    """Whether `expected_state` knows the registry name's algorithm."""
-    return name in _FORMULAS
+    """Whether `expected_state` knows the registry name's (or import path's) algorithm."""
+    return name in _FORMULAS or name in _THIRD_PARTY
 
 
 def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes | None:
     """State the optimizer's algorithm creates after at least one step() in which every
     parameter had a gradient, from each parameter's shape/dtype/device and its group's options
-    only (never `optimizer.state`). None for classes outside the registry (import paths,
+    only (never `optimizer.state`). None for classes without a formula (other import paths,
     subclasses), whose state layout is unknown.
 
     Parameters that never receive a gradient get no state in torch (except Adagrad, which
     creates it in __init__), so for them measured < expected: that gap is information.
     """
-    formula = _FORMULAS.get(name_of(optimizer))
-    if formula is None:
+    name = name_of(optimizer)
+    if name in _FORMULAS:
+        formula = _FORMULAS[name]
+        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula(p, g)]
+    elif name in _THIRD_PARTY:
+        formula3 = _THIRD_PARTY[name]
+        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula3(p, g, optimizer)]
+        planned += _SHARED.get(name, lambda opt: [])(optimizer)
+    else:
         return None
     want = _as_device(device)
-    elem = scalar = alloc = n = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for t in formula(p, group):
-                if not _device_matches(t.device, want):
-                    continue
-                if t.shape == ():
-                    scalar += t.nbytes
-                else:
-                    elem += t.nbytes
-                alloc += round_alloc(t.nbytes)
-                n += 1
-    return StateBytes(elem, scalar, alloc, n)
+    kept = [t for t in planned if _device_matches(t.device, want)]
+    scalar = sum(t.nbytes for t in kept if t.shape == ())
+    elem = sum(t.nbytes for t in kept if t.shape != ())
+    return StateBytes(elem, scalar, sum(round_alloc(t.nbytes) for t in kept), len(kept))
