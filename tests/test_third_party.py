@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from multiopt.instrument.probes import EAGER_UNDER_PROBE, TrackedProbe, Watch
+from multiopt.instrument.probes import EAGER_UNDER_PROBE, TrackedProbe, Watch, make_probe
 from multiopt.instrument.protocol import Config, Protocol, measure
-from multiopt.instrument.state import attributed_state, constructing_optimizer, measured_state, observed_impl
+from multiopt.instrument.state import (attributed_state, constructing_optimizer, expected_state, measured_state,
+                                       observed_impl)
+from multiopt.train.optimizers import resolve
 
 # a small MLP (two matrices, two vectors), memory only
 _SMALL = dict(model="mlp", width=16, depth=1, batch=2, combo="x")
@@ -175,10 +177,6 @@ _WITH_FORMULAS = [
 
 def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any]:
     """walked, attributed and expected state after two steps of `path` on `_Mixed`."""
-    from multiopt.instrument.probes import make_probe
-    from multiopt.instrument.state import expected_state
-    from multiopt.train.optimizers import resolve
-
     probe = make_probe(probe_name)
     with probe:
         model = probe.build_model(_Mixed)

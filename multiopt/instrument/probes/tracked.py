@@ -277,13 +277,22 @@ class LedgerProbe(Probe):
     def active(self) -> bool:
         return self._active
 
-    def _eager(self) -> None:
+    def _started(self) -> None:
+        """After the modes are entered: compiled code eager, active, a fresh peak window."""
         self._stance = torch.compiler.set_stance("force_eager")  # sets it now; __exit__ restores
+        self._active = True
+        self.reset_peak()  # entering starts a peak window, as on CUDA
 
-    def _compiled_again(self) -> None:
+    def _stopping(self) -> bool:
+        """Before the modes are exited: inactive, compiled code compiles again. False when the
+        probe was not active (nothing to exit)."""
+        if not self._active:
+            return False
+        self._active = False
         stance, self._stance = self._stance, None
         if stance is not None:
             stance.__exit__(None, None, None)
+        return True
 
     @contextmanager
     def watching(self, watch: Watch) -> Iterator[Watch]:
@@ -350,15 +359,11 @@ class TrackedProbe(LedgerProbe):
     def __enter__(self) -> "TrackedProbe":
         self._check_not_active()
         self._ledger.__enter__()
-        self._eager()
-        self._active = True
-        self.reset_peak()  # entering starts a peak window, as on CUDA
+        self._started()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._active:
-            self._active = False
-            self._compiled_again()
+        if self._stopping():
             self._ledger.__exit__(*exc)
 
     def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
