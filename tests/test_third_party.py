@@ -14,7 +14,7 @@ from multiopt.instrument.probes import EAGER_UNDER_PROBE, TrackedProbe, Watch, m
 from multiopt.instrument.protocol import Config, Protocol, measure
 from multiopt.instrument.state import (attributed_state, constructing_optimizer, expected_state, measured_state,
                                        observed_impl)
-from multiopt.train.optimizers import resolve
+from multiopt.train.optimizers import HOST_READS, available, resolve
 
 # a small MLP (two matrices, two vectors), memory only
 _SMALL = dict(model="mlp", width=16, depth=1, batch=2, combo="x")
@@ -130,13 +130,6 @@ def test_impl_is_observed_by_the_ledger(rules: str, want: str) -> None:
     assert r.optimizers[0].impl == want
 
 
-def test_lion_foreach_on_cpu_is_observed() -> None:
-    pytest.importorskip("pytorch_optimizer")
-    r = _measure("rest=pytorch_optimizer:Lion(foreach=True)")
-    assert r.status == "ok", r.error
-    assert r.optimizers[0].impl == "foreach"
-
-
 def test_fake_probe_refusal_names_the_cause() -> None:
     pytest.importorskip("bitsandbytes")
     r = _measure("rest=bitsandbytes.optim:Adam8bit", probe="fake")
@@ -175,13 +168,16 @@ _WITH_FORMULAS = [
 ]
 
 
-def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any]:
-    """walked, attributed and expected state after two steps of `path` on `_Mixed`."""
+def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any, str | None]:
+    """walked, attributed and expected state after two steps of `path` on `_Mixed`, and the
+    implementation its steps were seen to run."""
     probe = make_probe(probe_name)
     with probe:
         model = probe.build_model(_Mixed)
+        spec = resolve(path)
+        params = [p for p in model.parameters() if p.dim() == 2 or not spec.matrix_only]
         with probe.watching(Watch(constructing_optimizer)) as built:
-            opt = resolve(path).cls(model.parameters())
+            opt = spec.cls(params)
         if hasattr(opt, "train"):
             opt.train()  # schedulefree refuses to step in eval mode
         steps = Watch()
@@ -191,7 +187,8 @@ def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any]:
                 opt.step()
             opt.zero_grad()
         born = built.alive(id(opt)) + steps.alive(None)
-        return measured_state(opt), attributed_state(opt, born), expected_state(opt)
+        impl = observed_impl(steps.op_names())
+        return measured_state(opt), attributed_state(opt, born), expected_state(opt), impl
 
 
 @pytest.mark.parametrize("probe_name", ["tracked", "fake"])
@@ -200,7 +197,30 @@ def test_third_party_state_walked_attributed_expected(path: str, package: str, o
     pytest.importorskip(package)
     if probe_name == "fake" and not on_fake:
         pytest.skip(f"{path} reads tensor values: not on the fake probe")
-    walked, attributed, expected = _state_three_ways(path, probe_name)
+    walked, attributed, expected, impl = _state_three_ways(path, probe_name)
     assert expected is not None
+    assert walked.total == attributed.total == expected.total, (walked, attributed, expected)
+    assert walked.alloc == attributed.alloc == expected.alloc
+    assert impl == _IMPLS.get(path, "forloop")
+
+
+# what the ledger sees these steps run on CPU (torch.optim's flags would say forloop for all)
+_IMPLS = {
+    "pytorch_optimizer:Lion": "foreach",
+    "pytorch_optimizer:Adan": "foreach",
+    "schedulefree:AdamWScheduleFree": "foreach",
+    "schedulefree:SGDScheduleFree": "foreach",
+    "bitsandbytes.optim:Adam8bit": "kernel:bitsandbytes",
+    "bitsandbytes.optim:AdamW8bit": "kernel:bitsandbytes",
+    "bitsandbytes.optim:Lion8bit": "kernel:bitsandbytes",
+}
+
+
+@pytest.mark.parametrize("probe_name", ["tracked", "fake"])
+@pytest.mark.parametrize("name", available())
+def test_torch_optim_state_walked_attributed_expected(name: str, probe_name: str) -> None:
+    if probe_name == "fake" and name in HOST_READS:
+        pytest.skip(f"{name}: {HOST_READS[name]}")
+    walked, attributed, expected, _ = _state_three_ways(name, probe_name)
     assert walked.total == attributed.total == expected.total, (walked, attributed, expected)
     assert walked.alloc == attributed.alloc == expected.alloc
