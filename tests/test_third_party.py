@@ -152,19 +152,20 @@ class _Mixed(nn.Module):
         return self.small(self.big(self.emb(idx))).sum()
 
 
-# (import path, package, runs on the fake probe)
+# (import path, package, also on the fake probe): bitsandbytes cannot run there (it builds
+# its maps with .tolist()); of the rest one per package, to keep the suite's time
 _WITH_FORMULAS = [
-    ("bitsandbytes.optim:Adam8bit", "bitsandbytes", False),  # builds its maps with .tolist()
+    ("bitsandbytes.optim:Adam8bit", "bitsandbytes", False),
     ("bitsandbytes.optim:AdamW8bit", "bitsandbytes", False),
     ("bitsandbytes.optim:Lion8bit", "bitsandbytes", False),
-    ("torchao.optim:AdamW8bit", "torchao", True),
+    ("torchao.optim:AdamW8bit", "torchao", False),
     ("torchao.optim:AdamW4bit", "torchao", True),
-    ("torchao.optim:AdamWFp8", "torchao", True),
-    ("pytorch_optimizer:Lion", "pytorch_optimizer", True),
-    ("pytorch_optimizer:Adan", "pytorch_optimizer", True),
+    ("torchao.optim:AdamWFp8", "torchao", False),
+    ("pytorch_optimizer:Lion", "pytorch_optimizer", False),
+    ("pytorch_optimizer:Adan", "pytorch_optimizer", False),
     ("pytorch_optimizer:SOAP", "pytorch_optimizer", True),
     ("schedulefree:AdamWScheduleFree", "schedulefree", True),
-    ("schedulefree:SGDScheduleFree", "schedulefree", True),
+    ("schedulefree:SGDScheduleFree", "schedulefree", False),
 ]
 
 
@@ -196,7 +197,7 @@ def _state_three_ways(path: str, probe_name: str) -> tuple[Any, Any, Any, str | 
 def test_third_party_state_walked_attributed_expected(path: str, package: str, on_fake: bool, probe_name: str) -> None:
     pytest.importorskip(package)
     if probe_name == "fake" and not on_fake:
-        pytest.skip(f"{path} reads tensor values: not on the fake probe")
+        pytest.skip(f"{path}: not on the fake probe (see _WITH_FORMULAS)")
     walked, attributed, expected, impl = _state_three_ways(path, probe_name)
     assert expected is not None
     assert walked.total == attributed.total == expected.total, (walked, attributed, expected)
