@@ -1,13 +1,18 @@
-"""Optimizer-state bytes: what an optimizer holds (measured) and what its algorithm says it
-should hold (expected), to the byte.
+"""Optimizer-state bytes, three ways, to the byte: what an optimizer holds (walked), what it
+allocated and keeps alive (attributed), and what its algorithm says it should hold (expected).
 
-`measured_state` walks `optimizer.state` and counts unique storages, so aliases are paid
-once and tensors that are really parameters or gradients are not paid at all.
+`measured_state` walks the optimizer object (`optimizer.state`, its other attributes, and
+containers, objects, slots, dataclasses and tensor subclasses inside them) and counts unique
+storages, so aliases are paid once and tensors that are really parameters or gradients are
+not paid at all. `attributed_state` counts the storages a ledger probe saw born while the
+optimizer was built (`constructing_optimizer` names the owner) or stepped that are still
+alive: it never reads the state, so state the walk cannot reach shows as a gap.
 `expected_state` never looks at `optimizer.state`: it derives the same numbers from each
 parameter's shape, dtype and device and its param_group's options, from a formula per
-registered optimizer, written from torch 2.13's `torch/optim/*.py`. The two agreeing is the
-evidence that the measured number means what the report says it means; disagreeing means
-torch changed its state layout or the measurement is broken.
+registered optimizer, written from torch 2.13's `torch/optim/*.py` (third-party ones, named
+by import path, from their installed sources: see `_THIRD_PARTY`). The three agreeing is the
+evidence that the measured number means what the report says it means; disagreeing means a
+library changed its state layout or the measurement is broken.
 
 Both split bytes into per-element state (`elem`: moments, buffers, Adafactor factors) and
 per-tensor scalars (`scalar`: `step`, NAdam's `mu_product`, ASGD's `eta`/`mu`). The rule is
