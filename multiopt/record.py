@@ -110,7 +110,17 @@ TIME_COLUMNS: tuple[str, ...] = (
 class OptimizerRecord:
     """One child optimizer of a config: its rule, class, implementation and state bytes
     (walked: unique storages, exact; of which per-tensor scalars; each rounded to 512;
-    expected from the registry's formula; step temporaries: its step's peak above its start)."""
+    expected from the registry's formula; step temporaries: its step's peak above its start).
+
+    On the tracked and fake probes `impl` is observed (the `_fused_*`/`_foreach_*` kernels its
+    step ran; `kernel:<ns>` for a library's own ops), elsewhere torch's flags. The ledger also
+    attributes state by allocation: `state_attributed_bytes` are the storages its
+    construction and steps allocated that are still alive; `state_gap_bytes` = attributed -
+    walked (> 0: state the walk cannot reach; < 0: walked state allocated elsewhere); None
+    where nothing attributes (cuda probe). `compiled`: None when its step entered no
+    `torch.compile`d code, "eager-under-probe" when the probe ran that code eagerly (tracked,
+    fake), "compiled" when it ran compiled (cuda).
+    """
 
     name: str = ""
     rule: str | None = None
@@ -124,6 +134,9 @@ class OptimizerRecord:
     state_alloc_bytes: int | None = None
     expected: int | None = None
     step_temp_bytes: int | None = None
+    state_attributed_bytes: int | None = None
+    state_gap_bytes: int | None = None
+    compiled: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from torch import nn
 
 from multiopt.errors import UsageError
 from multiopt.instrument.probes import (
+    EAGER_UNDER_PROBE,
     CudaProbe,
     FakeProbe,
     Probe,
     TrackedProbe,
+    Watch,
     make_probe,
     round_alloc,
 )
@@ -554,3 +556,20 @@ def test_cuda_loss_storage_is_what_fake_predicts(loss_fn) -> None:
         loss = loss_fn(x, y)
         on_fake = fake.allocated() - a0
     assert on_cuda == on_fake == ra(300 * 50)
+
+
+@pytest.mark.parametrize("name", ["tracked", "fake"])
+def test_compiled_code_runs_eagerly_and_is_counted(name: str) -> None:
+    """Dynamo cannot trace through the ledger's dispatch mode: under a ledger probe a
+    torch.compile'd function runs eagerly, every storage counted, and a Watch sees the call."""
+    f = torch.compile(lambda x: x * 2 + 1, fullgraph=True)
+    probe = make_probe(name)
+    assert probe.compile_mode == EAGER_UNDER_PROBE
+    with probe, probe.watching(Watch()) as watch:
+        x = torch.ones(100)
+        y = f(x)
+        assert probe.allocated() == 2 * 512 and probe.peak() == 3 * 512  # x, y; x * 2 until + 1
+        assert {"aten::mul.Tensor", "aten::add.Tensor"} <= watch.op_names()
+        assert watch.compiled_calls == 1
+        assert len(watch.alive(None)) == 2
+    del x, y

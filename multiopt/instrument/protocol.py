@@ -13,8 +13,9 @@ import datetime as _dt
 import gc
 import math
 import uuid
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -27,8 +28,9 @@ from ..train.spec import Rule, canonical, rules_from
 from ..train.trainer import Trainer
 from ..units import round_alloc
 from .allocator import AllocatorConfig
-from .probes import Probe, Workspaces, make_probe
-from .state import StateBytes, expected_state, host_state, measured_state
+from .probes import Probe, Watch, Workspaces, make_probe
+from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
+                    observed_impl)
 from .timing import time_steps
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
@@ -164,10 +166,7 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
     except _Diverged as e:
         fields.update(status="diverged", error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        msg = f"{type(e).__name__}: {_one_line(e)}"
-        if type(e).__name__ == "DataDependentOutputException":
-            msg = f"the fake probe cannot run this config: an optimizer or the model reads tensor values ({msg})"
-        fields.update(status="error", error=msg)
+        fields.update(status="error", error=_reads_values(e) or f"{type(e).__name__}: {_one_line(e)}")
     finally:
         torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
@@ -264,7 +263,9 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
-        optimizer, trainer, batch = training(config, model, probe.device)
+        # births while optimizers are built belong to the one being built (shared maps)
+        with probe.watching(Watch(constructing_optimizer)) as built:
+            optimizer, trainer, batch = training(config, model, probe.device)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)
@@ -275,16 +276,19 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         # device's allocator as soon as each optimizer's step made it.
         hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
                  for o in optimizer.optimizers.values()] if getattr(probe, "target", "cpu") == "cuda" else []
-        for i in range(protocol.warmup):
-            step(f"warm-up step {i + 1}")
+        with _watching_steps(probe, optimizer.optimizers) as stepped:
+            for i in range(protocol.warmup):
+                step(f"warm-up step {i + 1}")
         for h in hooks:
             h.remove()
         # ZeRO: the state lives in each wrapper's local optimizer, over this rank's partition
         local = {k: local_optimizer(o) for k, o in optimizer.optimizers.items()}
         rules = optimizer.rules or (None,) * len(local)
         counted = _count_state(local, out)
+        # attributed at the same moment as walked: later steps may replace state tensors
+        watched = {k: _attributed(probe, built, stepped[k], optimizer.optimizers[k], o) for k, o in local.items()}
         temps = _instrumented_step(probe, trainer, step, out)
-        out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key))
+        out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
         extra = probe.extra()
         out["reserved_after_step"] = extra.get("reserved")
@@ -307,14 +311,62 @@ def _count_state(local: dict[str, Any], out: dict[str, Any]) -> dict[str, tuple[
     return counted
 
 
+class _Watched:
+    """What the probe saw of one optimizer: its step (ops, births, compiled calls) and the
+    state attributed to it by allocation (None where the probe keeps no ledger)."""
+
+    def __init__(self, steps: Watch, attributed: StateBytes | None) -> None:
+        self.steps = steps
+        self.attributed = attributed
+
+
+@contextmanager
+def _watching_steps(probe: Probe, children: dict[str, Any]) -> Iterator[dict[str, Watch]]:
+    """Watch each child optimizer's steps during the block: key -> Watch."""
+    with ExitStack() as stack:
+        yield {key: _watch_steps_of(probe, opt, stack) for key, opt in children.items()}
+
+
+def _watch_steps_of(probe: Probe, opt: Any, stack: ExitStack) -> Watch:
+    """Step pre/post hooks that enter and leave `probe.watching` around `opt`'s step; their
+    removal goes on `stack`."""
+    watch = Watch()
+    inside = ExitStack()
+
+    def pre(opt_: Any, args: Any, kwargs: Any) -> None:
+        inside.enter_context(probe.watching(watch))
+
+    def post(opt_: Any, args: Any, kwargs: Any) -> None:
+        inside.close()
+
+    for handle in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)):
+        stack.callback(handle.remove)
+    stack.callback(inside.close)  # a step that raised never reached its post hook
+    return watch
+
+
+def _attributed(probe: Probe, built: Watch, steps: Watch, wrapper: Any, local: Any) -> _Watched:
+    """`local`'s state by allocation: what building it (or its ZeRO wrapper) and its steps
+    allocated that is still alive. None on a probe without a ledger (no births seen)."""
+    if not probe.sees_births:
+        return _Watched(steps, None)
+    born = built.alive(id(wrapper)) + built.alive(id(local)) + steps.alive(None)
+    return _Watched(steps, attributed_state(local, born))
+
+
 def _optimizer_record(key: str, rule: Rule | None, opt: Any, measured: StateBytes, expected: StateBytes | None,
-                      temps: int | None) -> OptimizerRecord:
+                      temps: int | None, watched: _Watched, probe: Probe) -> OptimizerRecord:
     params = [p for g in opt.param_groups for p in g["params"]]
+    attributed = watched.attributed
     return OptimizerRecord(
-        name=key, rule=str(rule), optimizer=registry.name_of(opt), impl=impl_of(opt),
+        name=key, rule=str(rule), optimizer=registry.name_of(opt),
+        impl=observed_impl(watched.steps.op_names()) or impl_of(opt),
         n_params=sum(p.numel() for p in params), n_param_tensors=len(params), n_tensors=measured.n_tensors,
         state_bytes=measured.total, state_scalar_bytes=measured.scalar, state_alloc_bytes=measured.alloc,
         expected=expected.total if expected is not None else None, step_temp_bytes=temps,
+        state_attributed_bytes=attributed.total if attributed is not None else None,
+        state_gap_bytes=attributed.total - measured.total if attributed is not None else None,
+        compiled=probe.compile_mode if watched.steps.compiled_calls else None,
     )
 
 
@@ -381,6 +433,22 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
     for k in [k for k in out if k.startswith("_before_")]:
         out.pop(k)
     return temps
+
+
+def _reads_values(e: BaseException) -> str | None:
+    """The fake probe's refusal, naming its cause, when `e` (or what it was raised from or
+    while handling: the UsageError a rule's construction becomes keeps it as context) is fake
+    mode refusing to read a tensor's value; else None."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    if not any(type(x).__name__ == "DataDependentOutputException" or "_local_scalar_dense" in str(x) for x in chain):
+        return None
+    first = _one_line(chain[0])
+    who = first.split(": ", 1)[0] if first.startswith("rule '") else "an optimizer or the model"
+    return (f"the fake probe cannot run this config: {who} reads tensor values (.item(), .tolist(): "
+            "aten._local_scalar_dense), which fake tensors do not have; use --probe tracked")
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,13 +1,18 @@
-"""Optimizer-state bytes: what an optimizer holds (measured) and what its algorithm says it
-should hold (expected), to the byte.
+"""Optimizer-state bytes, three ways, to the byte: what an optimizer holds (walked), what it
+allocated and keeps alive (attributed), and what its algorithm says it should hold (expected).
 
-`measured_state` walks `optimizer.state` and counts unique storages, so aliases are paid
-once and tensors that are really parameters or gradients are not paid at all.
+`measured_state` walks the optimizer object (`optimizer.state`, its other attributes, and
+containers, objects, slots, dataclasses and tensor subclasses inside them) and counts unique
+storages, so aliases are paid once and tensors that are really parameters or gradients are
+not paid at all. `attributed_state` counts the storages a ledger probe saw born while the
+optimizer was built (`constructing_optimizer` names the owner) or stepped that are still
+alive: it never reads the state, so state the walk cannot reach shows as a gap.
 `expected_state` never looks at `optimizer.state`: it derives the same numbers from each
 parameter's shape, dtype and device and its param_group's options, from a formula per
-registered optimizer, written from torch 2.13's `torch/optim/*.py`. The two agreeing is the
-evidence that the measured number means what the report says it means; disagreeing means
-torch changed its state layout or the measurement is broken.
+registered optimizer, written from torch 2.13's `torch/optim/*.py` (third-party ones, named
+by import path, from their installed sources: see `_THIRD_PARTY`). The three agreeing is the
+evidence that the measured number means what the report says it means; disagreeing means a
+library changed its state layout or the measurement is broken.
 
 Both split bytes into per-element state (`elem`: moments, buffers, Adafactor factors) and
 per-tensor scalars (`scalar`: `step`, NAdam's `mu_product`, ASGD's `eta`/`mu`). The rule is
@@ -22,11 +27,17 @@ most torch optimizers keep `step` on the CPU unless `capturable` or `fused` is s
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import types
+import weakref
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -34,7 +45,8 @@ from ..train.optimizers import name_of
 # One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
 from ..units import round_alloc
 
-__all__ = ["StateBytes", "measured_state", "expected_state", "round_alloc", "has_formula", "host_state"]
+__all__ = ["StateBytes", "attributed_state", "constructing_optimizer", "expected_state", "has_formula",
+           "host_state", "measured_state", "observed_impl", "round_alloc"]
 
 _CPU = torch.device("cpu")
 
@@ -81,8 +93,11 @@ def _as_device(device: str | torch.device | None) -> torch.device | None:
 
 def _tensors_in(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
     """Every plain tensor reachable from a state value: torch optimizers keep flat dicts of
-    tensors, third-party ones nest lists/dicts and wrapper subclasses (DTensor) hold inner
-    tensors, whose storages are the real memory."""
+    tensors; third-party ones nest containers, keep state in Python objects (attributes,
+    `__slots__`, dataclasses: pytorch-optimizer's Shampoo preconditioners, GaLore's
+    projector) and in wrapper subclasses (DTensor, torchao's 8-bit state), whose inner
+    tensors' storages are the real memory. Modules, classes, functions and modules of code
+    are not state and are not entered."""
     if isinstance(obj, torch.Tensor):
         if is_traceable_wrapper_subclass(obj):
             attrs, _ = obj.__tensor_flatten__()
@@ -90,14 +105,38 @@ def _tensors_in(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
                 yield from _tensors_in(getattr(obj, a), seen)
         else:
             yield obj
+        if type(obj) is not torch.Tensor and not isinstance(obj, _PLAIN_TENSORS):
+            yield from _attributes_of(obj, seen)  # a subclass may carry more tensors
         return
-    if isinstance(obj, (dict, list, tuple, set, frozenset)):
-        if id(obj) in seen:  # cycles, and containers reachable twice
-            return
-        seen.add(id(obj))
+    if isinstance(obj, _ATOMS) or id(obj) in seen:  # id: cycles, and objects reachable twice
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (dict, list, tuple, set, frozenset, deque)):
         items = obj.values() if isinstance(obj, dict) else obj
         for item in items:
             yield from _tensors_in(item, seen)
+    elif not isinstance(obj, _NOT_STATE):
+        yield from _attributes_of(obj, seen)
+
+
+# Tensors whose attributes are torch's bookkeeping, not memory the program keeps (a fake
+# tensor's `constant` is the real value fake mode propagates for small tensors).
+_PLAIN_TENSORS = (torch.nn.Parameter, FakeTensor)
+# Values that hold no tensors, and objects that are not state even when state points at them.
+_ATOMS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+              functools.partial, weakref.ref, torch.nn.Module)
+
+
+def _attributes_of(obj: Any, seen: set[int]) -> Iterator[torch.Tensor]:
+    """The tensors in an object's `__dict__` and `__slots__` (dataclasses included)."""
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                values.append(getattr(obj, name))
+    for value in values:
+        yield from _tensors_in(value, seen)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -122,23 +161,25 @@ def _not_state_keys(optimizer: torch.optim.Optimizer) -> set[int]:
 
 
 def measured_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes:
-    """Unique storages across every tensor in `optimizer.state`, each counted once however
-    many entries (of one parameter or of several) alias it. A storage is `scalar` when every
+    """Unique storages across every tensor the optimizer object reaches (`optimizer.state`,
+    its other attributes, and objects inside them), each counted once however many entries
+    (of one parameter or of several) alias it; the parameters' and gradients' own storages
+    are not state. A storage is `scalar` when every
     tensor seen on it is 0-dim. `device` keeps only storages on that device."""
     want = _as_device(device)
     excluded = _not_state_keys(optimizer)
     storages: dict[int, tuple[int, torch.device]] = {}
     only_scalar: dict[int, bool] = {}
-    seen: set[int] = set()
-    for value in optimizer.state.values():
-        for t in _tensors_in(value, seen):
-            key = _storage_key(t)
-            if key in excluded:
-                continue
-            if key not in storages:
-                storages[key] = (t.untyped_storage().nbytes(), t.device)
-                only_scalar[key] = True
-            only_scalar[key] = only_scalar[key] and t.dim() == 0
+    # the whole object, not only `optimizer.state`: bitsandbytes keeps its shared quantization
+    # maps in `name2qmap`, which state reaches only for parameters large enough to quantize
+    for t in _attributes_of(optimizer, {id(optimizer)}):
+        key = _storage_key(t)
+        if key in excluded:
+            continue
+        if key not in storages:
+            storages[key] = (t.untyped_storage().nbytes(), t.device)
+            only_scalar[key] = True
+        only_scalar[key] = only_scalar[key] and t.dim() == 0
     elem = scalar = alloc = n = 0
     for key, (nbytes, dev) in storages.items():
         if not _device_matches(dev, want):
@@ -150,6 +191,55 @@ def measured_state(optimizer: torch.optim.Optimizer, device: str | torch.device 
         alloc += round_alloc(nbytes)
         n += 1
     return StateBytes(elem, scalar, alloc, n)
+
+
+# ---------------------------------------------------------------------------------------
+# attributed: what the ledger saw the optimizer allocate (see protocol.py, which watches
+# each optimizer's construction and steps with `probe.watching`)
+
+
+def constructing_optimizer() -> int | None:
+    """id() of the innermost optimizer whose method is running on this thread's stack, or
+    None: the owner of a storage born while optimizers are being built (a wrapper such as
+    ZeroRedundancyOptimizer builds its inner optimizer, which is then the innermost)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.optim.Optimizer):
+                return id(owner)
+        frame = frame.f_back
+    return None
+
+
+def attributed_state(optimizer: torch.optim.Optimizer, storages: Iterable[torch.UntypedStorage]) -> StateBytes:
+    """The storages an optimizer allocated (during its construction and steps) that are still
+    alive, less its parameters' and gradients' own: its state, found without reading it.
+    `elem` holds every byte (a storage carries no shape to tell scalars by)."""
+    excluded = _not_state_keys(optimizer)
+    unique = {st._cdata: st.nbytes() for st in storages}
+    kept = [n for key, n in unique.items() if key not in excluded]
+    return StateBytes(sum(kept), 0, sum(round_alloc(n) for n in kept), len(kept))
+
+
+def observed_impl(op_names: Iterable[str]) -> str | None:
+    """The implementation a step really ran, from the qualified names (`ns::op.overload`) of
+    the ops seen during it: any torch `_fused_*` kernel is fused, else any `_foreach_*` is
+    foreach, else an op of a library's own namespace (bitsandbytes' 8-bit update) is
+    `kernel:<namespace>`, else forloop; None when no op was seen."""
+    parsed = [name.partition("::") for name in op_names]
+    if not parsed:
+        return None
+    if any(op.startswith("_fused_") for ns, _, op in parsed if ns == "aten"):
+        return "fused"
+    if any(op.startswith("_foreach_") for ns, _, op in parsed if ns == "aten"):
+        return "foreach"
+    custom = sorted({ns for ns, _, _ in parsed if ns not in _TORCH_NAMESPACES})
+    return f"kernel:{custom[0]}" if custom else "forloop"
+
+
+_TORCH_NAMESPACES = {"aten", "prims", "prim", "profiler", "_c10d_functional", "c10d"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,37 +385,134 @@ _FORMULAS: dict[str, _Formula] = {
 }
 
 
+# ---------------------------------------------------------------------------------------
+# third-party optimizers, by the import path `name_of` gives their class. Each formula was
+# read from the installed source of the version named beside it and takes the optimizer too:
+# these libraries keep options outside param_groups (bitsandbytes' `args`, torchao's
+# `block_size`). `_SHARED` adds the per-optimizer storages all parameters share.
+# bitsandbytes 0.50.2 (optim/optimizer.py), torchao 0.18.0 (optim/adam.py, subclass_*.py),
+# pytorch-optimizer 4.1.0 (optimizer/lion.py, adan.py, soap.py), schedulefree 1.4.1.
+
+_F32 = torch.float32
+_U8 = torch.uint8
+
+
+def _bnb(n_states: int) -> Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]:
+    """bitsandbytes Optimizer1State/Optimizer2State, blockwise: per parameter `n_states`
+    buffers, float32 like the parameter below `min_8bit_size` elements, else uint8 codes plus
+    one float32 absmax per 256-element block; `unorm_vec` (one float32) when max_unorm > 0.
+    `step` is a Python int."""
+    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+        args = opt.args
+        n = p.numel()
+        if args.optim_bits == 32 or n < args.min_8bit_size:
+            state = [_Planned(tuple(p.shape), _F32, p.device)] * n_states
+        else:
+            blocks = -(-n // 256)
+            state = [_Planned(tuple(p.shape), _U8, p.device), _Planned((blocks,), _F32, p.device)] * n_states
+        return state + ([_Planned((1,), _F32, p.device)] if args.max_unorm > 0 else [])
+    return formula
+
+
+def _bnb_qmaps(opt: Any) -> list[_Planned]:
+    """The two 256-entry float32 quantization maps (signed, unsigned) `fill_qmap` makes in
+    __init__ for 8-bit optimizers, shared by every parameter (state holds them by reference)."""
+    dev = opt.param_groups[0]["params"][0].device
+    return [_Planned((256,), _F32, dev), _Planned((256,), _F32, dev)] if opt.args.optim_bits == 8 else []
+
+
+def _torchao(codes: Callable[[int], tuple[int, torch.dtype]], qmap: int) -> Callable[..., list[_Planned]]:
+    """torchao low-bit AdamW: `step` = torch.tensor(0.0) (default dtype, CPU); exp_avg and
+    exp_avg_sq (and max_exp_avg_sq under amsgrad) each a quantized subclass when the parameter
+    has >= 4096 elements divisible by `block_size` (codes, one float32 scale per block, and
+    its own `qmap`-entry float32 map), else zeros like the parameter."""
+    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+        n, bs = p.numel(), opt.block_size
+        if n >= 4096 and n % bs == 0:
+            numel, dtype = codes(n)
+            one = [_Planned((numel,), dtype, p.device), _Planned((n // bs,), _F32, p.device)]
+            one += [_Planned((qmap,), _F32, p.device)] if qmap else []
+        else:
+            one = _like(p)
+        return _scalars(1, _CPU, torch.get_default_dtype()) + one * (3 if g["amsgrad"] else 2)
+    return formula
+
+
+def _adanorm(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
+    """pytorch-optimizer's AdaNorm option: one (1,)-shaped running gradient norm."""
+    return [_Planned((1,), p.dtype, p.device)] if g.get("adanorm") else []
+
+
+def _soap(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
+    """SOAP (merge_dims=False): exp_avg and exp_avg_sq like the parameter, and per dimension
+    of size <= max_precondition_dim a preconditioner GG and its eigenbasis Q, both dim x dim;
+    a vector only when precondition_1d."""
+    if g["merge_dims"]:
+        raise NotImplementedError("SOAP with merge_dims=True has no formula")
+    dims = [] if p.dim() == 1 and not g["precondition_1d"] else list(p.shape)
+    square = [_Planned((d, d), p.dtype, p.device) for d in dims if d <= g["max_precondition_dim"]]
+    return _like(p, 2) + square * 2
+
+
+_THIRD_PARTY: dict[str, Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]] = {
+    "bitsandbytes.optim.adam:Adam8bit": _bnb(2),
+    "bitsandbytes.optim.adamw:AdamW8bit": _bnb(2),
+    "bitsandbytes.optim.lion:Lion8bit": _bnb(1),
+    "bitsandbytes.optim.sgd:SGD8bit": _bnb(1),
+    "torchao.optim.adam:AdamW8bit": _torchao(lambda n: (n, _U8), 256),
+    "torchao.optim.adam:AdamW4bit": _torchao(lambda n: (n // 2, _U8), 16),
+    "torchao.optim.adam:AdamWFp8": _torchao(lambda n: (n, torch.float8_e4m3fn), 0),
+    "pytorch_optimizer.optimizer.lion:Lion": lambda p, g, opt: _like(p) + _adanorm(p, g),
+    # exp_avg, exp_avg_sq, exp_avg_diff, previous_grad
+    "pytorch_optimizer.optimizer.adan:Adan": lambda p, g, opt: _like(p, 4) + _adanorm(p, g),
+    "pytorch_optimizer.optimizer.soap:SOAP": _soap,
+    # z (the averaged iterate) and exp_avg_sq; SGD keeps only z
+    "schedulefree.adamw_schedulefree:AdamWScheduleFree": lambda p, g, opt: _like(p, 2),
+    "schedulefree.sgd_schedulefree:SGDScheduleFree": lambda p, g, opt: _like(p),
+}
+
+
+def _torchao_lr(opt: Any) -> list[_Planned]:
+    """torchao's add_param_group turns each group's float lr into a float32 0-dim CPU tensor
+    (so a changed lr does not recompile the step)."""
+    return _scalars(len(opt.param_groups), _CPU, _F32)
+
+
+_SHARED: dict[str, Callable[[Any], list[_Planned]]] = {
+    **{name: _bnb_qmaps for name in _THIRD_PARTY if name.startswith("bitsandbytes.")},
+    **{name: _torchao_lr for name in _THIRD_PARTY if name.startswith("torchao.")},
+}
+
+
 def has_formula(name: str) -> bool:
-    """Whether `expected_state` knows the registry name's algorithm."""
-    return name in _FORMULAS
+    """Whether `expected_state` knows the registry name's (or import path's) algorithm."""
+    return name in _FORMULAS or name in _THIRD_PARTY
 
 
 def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes | None:
     """State the optimizer's algorithm creates after at least one step() in which every
     parameter had a gradient, from each parameter's shape/dtype/device and its group's options
-    only (never `optimizer.state`). None for classes outside the registry (import paths,
+    only (never `optimizer.state`). None for classes without a formula (other import paths,
     subclasses), whose state layout is unknown.
 
     Parameters that never receive a gradient get no state in torch (except Adagrad, which
     creates it in __init__), so for them measured < expected: that gap is information.
     """
-    formula = _FORMULAS.get(name_of(optimizer))
-    if formula is None:
+    name = name_of(optimizer)
+    if name in _FORMULAS:
+        formula = _FORMULAS[name]
+        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula(p, g)]
+    elif name in _THIRD_PARTY:
+        formula3 = _THIRD_PARTY[name]
+        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula3(p, g, optimizer)]
+        planned += _SHARED.get(name, lambda opt: [])(optimizer)
+    else:
         return None
     want = _as_device(device)
-    elem = scalar = alloc = n = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for t in formula(p, group):
-                if not _device_matches(t.device, want):
-                    continue
-                if t.shape == ():
-                    scalar += t.nbytes
-                else:
-                    elem += t.nbytes
-                alloc += round_alloc(t.nbytes)
-                n += 1
-    return StateBytes(elem, scalar, alloc, n)
+    kept = [t for t in planned if _device_matches(t.device, want)]
+    scalar = sum(t.nbytes for t in kept if t.shape == ())
+    elem = sum(t.nbytes for t in kept if t.shape != ())
+    return StateBytes(elem, scalar, sum(round_alloc(t.nbytes) for t in kept), len(kept))
 
 
 class _OnCuda(NamedTuple):

@@ -15,7 +15,7 @@ import torch
 
 from ...errors import UsageError
 from ..allocator import AllocatorConfig
-from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .base import ALLOC_GRANULE, COMPILED, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
 from .cuda import CudaProbe
 from .fake import FakeProbe
 from .target import CudaTarget, Workspaces
@@ -25,6 +25,9 @@ PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
 
 __all__ = [
     "ALLOC_GRANULE",
+    "COMPILED",
+    "EAGER_UNDER_PROBE",
+    "Watch",
     "CudaProbe",
     "FakeProbe",
     "PROBE_NAMES",

@@ -8,9 +8,12 @@ however many tensors view it; in-place ops allocate nothing.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from abc import ABC, abstractmethod
-from types import TracebackType
-from typing import Any, Callable, ContextManager, Iterator
+from contextlib import contextmanager
+from types import FrameType, TracebackType
+from typing import Any, Callable, ContextManager, Hashable, Iterator
 
 import torch
 from torch import nn
@@ -18,7 +21,62 @@ from torch import nn
 from ...errors import UsageError
 from ...units import ALLOC_GRANULE, round_alloc
 
-#: CUDA's caching allocator hands out blocks in multiples of this (kMinBlockSize).
+#: How a probe runs `torch.compile`d code: ledger probes force it eager (Dynamo cannot trace
+#: through their dispatch mode), the cuda probe lets it compile.
+EAGER_UNDER_PROBE = "eager-under-probe"
+COMPILED = "compiled"
+
+
+class Watch:
+    """What happened during the blocks a probe watched (`probe.watching(watch)`): the storages
+    born (weakly held, grouped by `owner()`'s answer at each birth; None = nobody's), the ops
+    run (OpOverloads) and how many `torch.compile`d functions were entered. Ledger probes fill
+    births and ops; every probe counts compiled calls."""
+
+    def __init__(self, owner: Callable[[], Hashable | None] = lambda: None) -> None:
+        self.owner = owner
+        self.births: dict[Hashable, list[weakref.ref]] = {}
+        self.ops: set[Any] = set()
+        self.compiled_calls = 0
+
+    def born(self, storage: torch.UntypedStorage) -> None:
+        self.births.setdefault(self.owner(), []).append(weakref.ref(storage))
+
+    def alive(self, owner: Hashable) -> list[torch.UntypedStorage]:
+        """The storages born to `owner` that are still alive."""
+        return [st for ref in self.births.get(owner, ()) if (st := ref()) is not None]
+
+    def op_names(self) -> set[str]:
+        """Qualified names of the ops run: `aten::_foreach_add_.Scalar`."""
+        return {op.name() if hasattr(op, "name") else str(op) for op in self.ops}
+
+    @contextmanager
+    def counting_compiled_calls(self) -> Iterator[None]:
+        """Count entries into Dynamo's compiled-function wrapper while the block runs (a
+        profile hook: the wrapper's frame is the one trace a compiled region leaves when a
+        stance runs it eagerly)."""
+        previous = sys.getprofile()
+
+        def hook(frame: FrameType, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code.co_name == _COMPILE_WRAPPER and \
+                    frame.f_code.co_filename.endswith(_EVAL_FRAME_FILE):
+                self.compiled_calls += 1
+            if previous is not None:
+                previous(frame, event, arg)
+
+        sys.setprofile(hook)
+        try:
+            yield
+        finally:
+            sys.setprofile(previous)
+
+
+# torch/_dynamo/eval_frame.py, `_TorchDynamoContext.__call__`: the function every
+# torch.compile'd callable runs through (torch 2.13; `DisableContext` wraps in `_fn`).
+_COMPILE_WRAPPER = "compile_wrapper"
+_EVAL_FRAME_FILE = "eval_frame.py"
+
+
 class Probe(ABC):
     """Memory instrument for one device; use as a context manager (enter = start tracking).
 
@@ -76,6 +134,18 @@ class Probe(ABC):
     @abstractmethod
     def paused(self) -> ContextManager[None]:
         """Tracking off for a while, so timing runs pay no instrumentation cost."""
+
+    #: How `torch.compile`d code runs under this probe (EAGER_UNDER_PROBE or COMPILED).
+    compile_mode: str = COMPILED
+    #: Whether `watching` records storages born and ops run (a ledger probe).
+    sees_births: bool = False
+
+    @contextmanager
+    def watching(self, watch: Watch) -> Iterator[Watch]:
+        """Record into `watch` what the block does: compiled calls on every probe, and on
+        ledger probes the storages born and the ops run."""
+        with watch.counting_compiled_calls():
+            yield watch
 
     def extra(self) -> dict[str, int]:
         """Backend-only figures (CUDA: reserved bytes); empty elsewhere."""

@@ -50,13 +50,11 @@ class FakeProbe(LedgerProbe):
         except BaseException:
             self._fake_mode.__exit__(None, None, None)
             raise
-        self._active = True
-        self.reset_peak()  # entering starts a peak window, as on CUDA
+        self._started()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._active:
-            self._active = False
+        if self._stopping():
             try:
                 self._ledger.__exit__(*exc)
             finally:

@@ -76,7 +76,7 @@ class CudaTarget:
     def attach(self, ledger: Any) -> None:
         ledger.on_alloc = self.on_alloc
         ledger.on_free = self.on_free
-        ledger.watch = dict.fromkeys(_matmul_ops(), self.on_matmul)
+        ledger.op_hooks = dict.fromkeys(_matmul_ops(), self.on_matmul)
 
     def on_alloc(self, key: int, nbytes: int) -> None:
         try:

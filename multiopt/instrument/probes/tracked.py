@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 
 from ...errors import UsageError
 from ..allocator import AllocatorConfig
-from .base import ALLOC_GRANULE, Probe, iter_tensors, round_alloc
+from .base import ALLOC_GRANULE, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
 from .target import CudaTarget, Workspaces
 
 _Tensor = torch.Tensor
@@ -111,10 +111,12 @@ class StorageLedger(TorchDispatchMode):
         self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[[], None] | None]] = {}
         self._sizers: dict[Any, Sizer] = dict(sizers or {})
         # The target hook (probes/target.py): told of every storage born (key, exact bytes)
-        # and dying (key), and called after each op listed in `watch`. None: CPU semantics.
+        # and dying (key), and called after each op listed in `op_hooks`. None: CPU semantics.
         self.on_alloc: Callable[[int, int], None] | None = None
         self.on_free: Callable[[int], None] | None = None
-        self.watch: dict[Any, Callable[[], None]] = {}
+        self.op_hooks: dict[Any, Callable[[], None]] = {}
+        # set by LedgerProbe.watching: told every op run and every storage born
+        self.watch: Watch | None = None
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -133,8 +135,10 @@ class StorageLedger(TorchDispatchMode):
         if entry is None:
             # OpOverload.__call__ only forwards to ._op: calling that skips a Python frame.
             kind = _SIZED if func in self._sizers else _classify(func)
-            entry = self._kinds[func] = (kind, getattr(func, "_op", func), self.watch.get(func))
-        kind, op, watch = entry
+            entry = self._kinds[func] = (kind, getattr(func, "_op", func), self.op_hooks.get(func))
+        kind, op, hook = entry
+        if self.watch is not None:
+            self.watch.ops.add(func)
         out = op(*args, **kwargs) if kwargs else op(*args)
         if kind == _FRESH:
             if isinstance(out, _Tensor):
@@ -145,8 +149,8 @@ class StorageLedger(TorchDispatchMode):
             self._resized(out)
         elif kind == _SIZED:
             self.add(out, self._sizers[func](args, kwargs or {}, out))
-        if watch is not None:
-            watch()
+        if hook is not None:
+            hook()
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
@@ -168,6 +172,8 @@ class StorageLedger(TorchDispatchMode):
         if self.on_alloc is not None:
             self.on_alloc(key, req)  # may raise OutOfMemoryError: then nothing is counted
         self.live[key] = (weakref.ref(st, partial(self._release, key)), alloc, req)
+        if self.watch is not None:
+            self.watch.born(st)
         self.allocated = total
         self.requested += req
         if total > self.peak:
@@ -257,7 +263,15 @@ def _components(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 class LedgerProbe(Probe):
-    """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API."""
+    """Shared front of the tracked and fake probes: a StorageLedger plus the Probe API.
+
+    While active, `torch.compile`d code runs eagerly (stance "force_eager"): Dynamo cannot
+    trace through the ledger's dispatch mode ("missing tp_iter"), and eager runs the same
+    ops, so the bytes are the eager program's; records say so (`compile_mode`).
+    """
+
+    compile_mode = EAGER_UNDER_PROBE
+    sees_births = True
 
     def __init__(self, device: torch.device | str | None, limit_bytes: int | None, target: str = "cpu",
                  alloc_config: AllocatorConfig | None = None, workspaces: Workspaces = Workspaces(),
@@ -279,6 +293,7 @@ class LedgerProbe(Probe):
             self._cuda = CudaTarget(self.name, alloc_config, limit_bytes, workspaces)
             self._cuda.attach(self._ledger)
         self._active = False
+        self._stance: Any = None  # the force_eager stance while active
 
     @property
     def limit_bytes(self) -> int | None:
@@ -301,6 +316,33 @@ class LedgerProbe(Probe):
     @property
     def active(self) -> bool:
         return self._active
+
+    def _started(self) -> None:
+        """After the modes are entered: compiled code eager, active, a fresh peak window."""
+        self._stance = torch.compiler.set_stance("force_eager")  # sets it now; __exit__ restores
+        self._active = True
+        self.reset_peak()  # entering starts a peak window, as on CUDA
+
+    def _stopping(self) -> bool:
+        """Before the modes are exited: inactive, compiled code compiles again. False when the
+        probe was not active (nothing to exit)."""
+        if not self._active:
+            return False
+        self._active = False
+        stance, self._stance = self._stance, None
+        if stance is not None:
+            stance.__exit__(None, None, None)
+        return True
+
+    @contextmanager
+    def watching(self, watch: Watch) -> Iterator[Watch]:
+        """Record into `watch` the storages born, the ops run and the compiled calls entered."""
+        previous, self._ledger.watch = self._ledger.watch, watch
+        try:
+            with watch.counting_compiled_calls():
+                yield watch
+        finally:
+            self._ledger.watch = previous
 
     def _check_not_active(self) -> None:
         if self._active:
@@ -361,13 +403,11 @@ class TrackedProbe(LedgerProbe):
     def __enter__(self) -> "TrackedProbe":
         self._check_not_active()
         self._ledger.__enter__()
-        self._active = True
-        self.reset_peak()  # entering starts a peak window, as on CUDA
+        self._started()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._active:
-            self._active = False
+        if self._stopping():
             self._ledger.__exit__(*exc)
 
     def build_model(self, factory: Callable[[], nn.Module]) -> nn.Module:
