@@ -38,7 +38,8 @@ def check(ref: Record) -> dict[str, Any]:
     """Measure `ref`'s config on the tracked probe, target cuda (allocator options from the
     environment, default workspaces); returns the differences (predicted - H200) per column."""
     config = Config(**{**ref.config().__dict__, "device": "cpu", "target": "cuda"})
-    rec = measure(config, Protocol(probe="tracked", steps=0))
+    # The H200 records (schema v1) read reserved after the finite-parameter check.
+    rec = measure(config, Protocol(probe="tracked", steps=0, reserved_after_check=True))
     if rec.status != "ok":
         return {"label": config.label(), "error": rec.error}
     diff = {c: getattr(rec, c) - getattr(ref, c) for c in ALLOCATED + RESERVED}

@@ -108,13 +108,14 @@ class StorageLedger(TorchDispatchMode):
         self.requested = 0
         self.peak = 0
         self.peak_requested = 0
-        self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[[], None] | None]] = {}
+        self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[..., None] | None]] = {}
         self._sizers: dict[Any, Sizer] = dict(sizers or {})
         # The target hook (probes/target.py): told of every storage born (key, exact bytes)
-        # and dying (key), and called after each op listed in `watch`. None: CPU semantics.
+        # and dying (key), and called after each op listed in `watch` with the op's
+        # (args, kwargs, output), its output already counted. None: CPU semantics.
         self.on_alloc: Callable[[int, int], None] | None = None
         self.on_free: Callable[[int], None] | None = None
-        self.watch: dict[Any, Callable[[], None]] = {}
+        self.watch: dict[Any, Callable[[tuple, dict, Any], None]] = {}
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -146,7 +147,7 @@ class StorageLedger(TorchDispatchMode):
         elif kind == _SIZED:
             self.add(out, self._sizers[func](args, kwargs or {}, out))
         if watch is not None:
-            watch()
+            watch(args, kwargs or {}, out)
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
