@@ -21,7 +21,9 @@ bytes agree exactly, except:
 - non-fused Adam/AdamW keep their `step` counters on the CPU even for CUDA parameters:
   CUDA shows 512 bytes per parameter tensor less than this (all-CPU) probe;
 - kernel-internal temporaries raise CUDA's *peak*: e.g. mse_loss holds a second
-  batch x width buffer while it reduces, so peak_forward on CUDA is higher by that much;
+  batch x width buffer while it reduces, so peak_forward on CUDA is higher by that much, and
+  a reduction split across thread blocks allocates a staging buffer and semaphores (target
+  cuda models those: probes/reduce.py);
 - CUDA's large pool (blocks > 1 MiB) does not split off a tail of <= 1 MiB, so a block
   can count up to 1 MiB more than its 512-rounded size, depending on allocator history;
 - cuBLAS workspaces (~32 MiB) appear at the first matmul of a process.
