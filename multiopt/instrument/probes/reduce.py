@@ -25,6 +25,7 @@ is not counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
@@ -60,7 +61,7 @@ def _acc_size(dtype: torch.dtype) -> int:
     return 4  # float, half, bfloat16 (and the float8s) accumulate in float
 
 
-def _iterator_dims(shape: Sequence[int], strides: Sequence[int], reduced: set[int]) -> list[tuple[int, int, bool]]:
+def _iterator_dims(shape: Sequence[int], strides: Sequence[int], reduced: frozenset[int]) -> list[tuple[int, int, bool]]:
     """TensorIterator's view of a reduction: (size, input stride, reduced) fastest first,
     size-1 dims dropped, reduced dims moved to the front (`reorder_dimensions`: output strides
     of reduced dims are 0), then sorted by input stride, then coalesced (`coalesce_dimensions`)."""
@@ -121,15 +122,26 @@ def staging_bytes(t: torch.Tensor, dims: Sequence[int] | None, acc_size: int | N
     """(staging buffer, semaphores) bytes `gpu_reduce_kernel` allocates to reduce `t` over
     `dims` (None or empty: all), or (0, 0) when it reduces without global memory."""
     ndim = t.dim()
-    reduced = set(range(ndim)) if not dims else {d % ndim for d in dims}
-    if t.numel() == 0 or t.numel() >= 1 << 31 or any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+    reduced = frozenset(range(ndim)) if not dims else frozenset(d % ndim for d in dims)
+    # A training step reduces the same few layouts over and over: decide each once.
+    return _staging(tuple(t.shape), tuple(t.stride()), t.storage_offset() % 4, reduced, t.dtype,
+                    acc_size or _acc_size(t.dtype), gpu)
+
+
+@lru_cache(maxsize=4096)
+def _staging(shape: tuple[int, ...], strides: tuple[int, ...], offset: int, reduced: frozenset[int],
+             dtype: torch.dtype, acc_size: int, gpu: GpuProps) -> tuple[int, int]:
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel == 0 or numel >= 1 << 31 or any(s == 0 and n > 1 for n, s in zip(shape, strides)):
         return 0, 0
-    it = _iterator_dims(t.shape, t.stride(), reduced)
+    it = _iterator_dims(shape, strides, reduced)
     n_reduce = sum(r for _, _, r in it)
     num_outputs = 1
     for n, _, r in it:
         num_outputs *= 1 if r else n
-    cfg = _Config(num_outputs, t.numel() // num_outputs)
+    cfg = _Config(num_outputs, numel // num_outputs)
     if it:
         fastest = n_reduce == len(it) or it[0][1] < it[n_reduce][1]
         dim0, dim1 = (cfg.num_inputs, num_outputs) if fastest else (num_outputs, cfg.num_inputs)
@@ -139,9 +151,9 @@ def staging_bytes(t: torch.Tensor, dims: Sequence[int] | None, acc_size: int | N
     if unit_stride and fastest and dim0 >= 128 and n_reduce == 1:
         dim0 //= _INPUT_VEC_SIZE  # vectorize along input
     elif unit_stride and not fastest:
-        cfg.output_vec_size = _output_vec_size(it, n_reduce, t.storage_offset())
+        cfg.output_vec_size = _output_vec_size(it, n_reduce, offset)
         dim0 //= cfg.output_vec_size  # vectorize along output
-    mnt = 256 if t.dtype == torch.complex128 else 512
+    mnt = 256 if dtype == torch.complex128 else 512
     width, height = _block_dims(cfg, dim0, dim1, mnt, gpu.warp_size)
     if fastest:
         cfg.block_x_reduce = True
@@ -162,7 +174,7 @@ def staging_bytes(t: torch.Tensor, dims: Sequence[int] | None, acc_size: int | N
                _div_up(vpt, _MAX_VALUES_PER_THREAD))
     if ctas <= 1:
         return 0, 0
-    size = (acc_size or _acc_size(t.dtype)) * num_outputs * ctas
+    size = acc_size * num_outputs * ctas
     if not cfg.block_x_reduce:
         size *= width * cfg.output_vec_size
     return size, 4 * grid
