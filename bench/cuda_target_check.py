@@ -5,7 +5,8 @@ Run:  python bench/cuda_target_check.py [--preset quick|default|all] [--max-widt
 Every config of reports/gpu-h200/{quick,default}/results.jsonl (schema v1, torch 2.11 on an
 H200, cuda probe) is measured on the tracked probe with target cuda, memory only (steps=0),
 and compared with its record: the allocated columns (`mem_*`, `peak_*`, exact) and
-`peak_reserved` / `reserved_after_step`. Prints one row per config and a summary; exit 1
+`peak_reserved` / `reserved_after_step` (read, as those records were, after the finite-parameter
+check: `Protocol(reserved_after_check=True)`). Prints one row per config and a summary; exit 1
 when an allocated column differs or peak_reserved is off by more than 1%.
 tests/test_cuda_target.py runs the quick preset's width-64 configs through `check`.
 """
@@ -38,7 +39,8 @@ def check(ref: Record) -> dict[str, Any]:
     """Measure `ref`'s config on the tracked probe, target cuda (allocator options from the
     environment, default workspaces); returns the differences (predicted - H200) per column."""
     config = Config(**{**ref.config().__dict__, "device": "cpu", "target": "cuda"})
-    rec = measure(config, Protocol(probe="tracked", steps=0))
+    # The H200 records (schema v1) read reserved after the finite-parameter check.
+    rec = measure(config, Protocol(probe="tracked", steps=0, reserved_after_check=True))
     if rec.status != "ok":
         return {"label": config.label(), "error": rec.error}
     diff = {c: getattr(rec, c) - getattr(ref, c) for c in ALLOCATED + RESERVED}

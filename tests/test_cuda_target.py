@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from multiopt import cli
 from multiopt.instrument.allocator import ALLOC_MODEL
+from multiopt.instrument.probes import FakeProbe, TrackedProbe
+from multiopt.instrument.probes.reduce import staging_bytes
 from multiopt.record import Record, config_key
 from multiopt.train import optimizers as registry
 from multiopt.train.multi import impl_kwargs
@@ -63,3 +66,42 @@ def test_bad_alloc_conf_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[
     assert rc == 2 and len(err.splitlines()) == 1 and "max_split_size_mb" in err
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "nonsense_option:1")
     assert cli.main(["estimate", "--width", "8", "--depth", "1", "--batch", "1"]) == 2
+
+
+# Reduce.cuh's setReduceConfig on an H200 (132 SMs x 2048 threads), derived by hand:
+# - mean of 256 x 1024 fp32 (all dims): vectorized along input, block 512 x 1, 512 values
+#   per thread >= 256 -> ctas = max(min(528, 512/16), 512/256) = 32: buffer 4 * 1 * 32 B,
+#   semaphores 4 * grid.x (1) B;
+# - mean of 64 x 1024: 128 values per thread < 256, no global reduction;
+# - norm(g, dim=-2) of 1024 x 1024 (Adafactor's column means): output-vectorized by 4,
+#   block 32 x 4, 256 values per thread, grid.x 8 -> ctas = max(min(264, 16), 1) = 16:
+#   buffer 4 * 1024 outputs * 16 ctas * 32 lanes * 4 (vec) = 8 MiB, semaphores 4 * 8;
+# - sum(0) of 256 x 1024 (a bias gradient): 16 values per thread, no global reduction.
+STAGING = [((256, 1024), None, (128, 4)), ((64, 1024), None, (0, 0)), ((512, 16384), None, (4 * 528, 4)),
+           ((1024, 1024), [-2], (4 * 1024 * 16 * 32 * 4, 32)), ((1024, 1024), [-1], (0, 0)),
+           ((256, 1024), [0], (0, 0))]
+
+
+@pytest.mark.parametrize("shape,dims,expected", STAGING, ids=[f"{s}-{d}" for s, d, _ in STAGING])
+def test_reduction_staging_follows_set_reduce_config(shape: tuple, dims: list | None, expected: tuple) -> None:
+    assert staging_bytes(torch.empty(shape, device="meta"), dims) == expected
+
+
+@pytest.mark.parametrize("probe_cls", [TrackedProbe, FakeProbe])
+def test_target_cuda_counts_a_reductions_staging_at_its_peak_only(probe_cls: type) -> None:
+    with probe_cls(target="cuda") as probe:
+        x, g = torch.ones(256, 1024), torch.ones(1024, 1024)
+        before = probe.allocated()
+        probe.reset_peak()
+        m = x.mean()  # 512 B output block, then 128 B buffer + 4 B semaphores: 512 B blocks each
+        assert probe.peak() - before == 3 * 512 and probe.allocated() - before == 512
+        probe.reset_peak()
+        c = torch.norm(g, dim=-2, keepdim=True)  # 4 KiB output, then 8 MiB buffer + 32 B
+        assert probe.peak() - before == 512 + 4096 + (8 << 20) + 512
+        assert probe.allocated() - before == 512 + 4096
+        del m, c
+    with TrackedProbe(target="cpu") as cpu:
+        x = torch.ones(256, 1024)
+        cpu.reset_peak()
+        x.mean()
+        assert cpu.peak() - cpu.allocated() == 512  # CPU semantics: only the output

@@ -224,7 +224,9 @@ def test_estimate_command_is_measure_on_the_fake_probe(run_cli):
     import json as _json
 
     est = run_cli("estimate", "--width", "64", "--batch", "8", "--combo", "sgd+adam", "--json")
-    meas = run_cli("measure", "--width", "64", "--batch", "8", "--combo", "sgd+adam", "--probe", "tracked", "--json")
+    # estimate defaults to --target cuda; measure keeps CPU semantics unless asked
+    meas = run_cli("measure", "--width", "64", "--batch", "8", "--combo", "sgd+adam", "--probe", "tracked",
+                   "--target", "cuda", "--json")
     assert est.returncode == meas.returncode == 0, est.stderr + meas.stderr
     e, m = _json.loads(est.stdout), _json.loads(meas.stdout)
     assert e["probe"] == "fake" and e["steps_timed"] == 0

@@ -18,6 +18,10 @@ smallest; see bench/cuda_target_check.py):
 - 1 MiB more, once, at the first forward matmul: the cuBLASLt workspace of the bias-fused
   `addmm` path (`getCUDABlasLtWorkspace`, `TORCH_CUBLASLT_WORKSPACE_SIZE`, default 1024 KiB).
 
+Reductions (`sum`, `mean`, norms, `amax`/`amin`) that split one output over thread blocks
+allocate a staging buffer and semaphores for the kernel's duration (`probes/reduce.py`, from
+`Reduce.cuh`); their size depends on the GPU's SM count (`Workspaces.gpu`).
+
 Set them with `Workspaces` (e.g. for another GPU family or `CUBLAS_WORKSPACE_CONFIG`).
 Non-fused Adam-family `step` counters are host tensors on CUDA: `host()` takes them out.
 """
@@ -30,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from ..allocator import ALLOC_MODEL, AllocatorConfig, AllocatorOOM, CachingAllocator
+from .reduce import GpuProps, reduction_ops, staging_bytes
 
 _MiB = 1 << 20
 
@@ -41,6 +46,7 @@ class Workspaces:
 
     cublas: int = 32 * _MiB  # per matmul thread: forward/optimizer thread, autograd thread
     cublaslt: int = 1 * _MiB  # once, at the first matmul outside backward
+    gpu: GpuProps = GpuProps()  # sizes the reductions' staging buffers (probes/reduce.py)
 
     @property
     def total(self) -> int:
@@ -76,7 +82,24 @@ class CudaTarget:
     def attach(self, ledger: Any) -> None:
         ledger.on_alloc = self.on_alloc
         ledger.on_free = self.on_free
-        ledger.op_hooks = dict.fromkeys(_matmul_ops(), self.on_matmul)
+        ledger.op_hooks = {**dict.fromkeys(_matmul_ops(), self.on_matmul),
+                        **{op: self._on_reduce(entry) for op, entry in reduction_ops().items()}}
+
+    def _on_reduce(self, entry: tuple[Callable[[tuple, dict], Any], bool]) -> Callable[[tuple, dict, Any], None]:
+        dims_of, own_type = entry
+
+        def on_reduce(args: tuple, kwargs: dict, out: Any) -> None:
+            # gpu_reduce_kernel: the output exists; buffer then semaphores are allocated,
+            # the kernel runs, and they die in reverse order before the op returns.
+            t = args[0]
+            buf, sem = staging_bytes(t, dims_of(args, kwargs), t.element_size() if own_type else None,
+                                     self.workspaces.gpu)
+            if buf:
+                self.on_alloc(("reduce", "buffer"), buf)  # type: ignore[arg-type]
+                self.on_alloc(("reduce", "semaphores"), sem)  # type: ignore[arg-type]
+                self.allocator.free(("reduce", "semaphores"))
+                self.allocator.free(("reduce", "buffer"))
+        return on_reduce
 
     def on_alloc(self, key: int, nbytes: int) -> None:
         try:
@@ -90,7 +113,7 @@ class CudaTarget:
         else:
             self.allocator.free(key)
 
-    def on_matmul(self) -> None:
+    def on_matmul(self, args: tuple = (), kwargs: dict | None = None, out: Any = None) -> None:
         # Autograd runs CUDA backward on its own device thread, with its own cuBLAS handle.
         thread = "backward" if torch._C._current_graph_task_id() != -1 else "main"
         if thread in self._threads_seen:

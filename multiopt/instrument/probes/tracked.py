@@ -21,7 +21,9 @@ bytes agree exactly, except:
 - non-fused Adam/AdamW keep their `step` counters on the CPU even for CUDA parameters:
   CUDA shows 512 bytes per parameter tensor less than this (all-CPU) probe;
 - kernel-internal temporaries raise CUDA's *peak*: e.g. mse_loss holds a second
-  batch x width buffer while it reduces, so peak_forward on CUDA is higher by that much;
+  batch x width buffer while it reduces, so peak_forward on CUDA is higher by that much, and
+  a reduction split across thread blocks allocates a staging buffer and semaphores (target
+  cuda models those: probes/reduce.py);
 - CUDA's large pool (blocks > 1 MiB) does not split off a tail of <= 1 MiB, so a block
   can count up to 1 MiB more than its 512-rounded size, depending on allocator history;
 - cuBLAS workspaces (~32 MiB) appear at the first matmul of a process.
@@ -108,13 +110,14 @@ class StorageLedger(TorchDispatchMode):
         self.requested = 0
         self.peak = 0
         self.peak_requested = 0
-        self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[[], None] | None]] = {}
+        self._kinds: dict[Any, tuple[int, Callable[..., Any], Callable[..., None] | None]] = {}
         self._sizers: dict[Any, Sizer] = dict(sizers or {})
         # The target hook (probes/target.py): told of every storage born (key, exact bytes)
-        # and dying (key), and called after each op listed in `op_hooks`. None: CPU semantics.
+        # and dying (key), and called after each op listed in `op_hooks` with the op's
+        # (args, kwargs, output), its output already counted. None: CPU semantics.
         self.on_alloc: Callable[[int, int], None] | None = None
         self.on_free: Callable[[int], None] | None = None
-        self.op_hooks: dict[Any, Callable[[], None]] = {}
+        self.op_hooks: dict[Any, Callable[[tuple, dict, Any], None]] = {}
         # set by LedgerProbe.watching: told every op run and every storage born
         self.watch: Watch | None = None
 
@@ -150,7 +153,7 @@ class StorageLedger(TorchDispatchMode):
         elif kind == _SIZED:
             self.add(out, self._sizers[func](args, kwargs or {}, out))
         if hook is not None:
-            hook()
+            hook(args, kwargs or {}, out)
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
