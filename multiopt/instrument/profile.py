@@ -158,8 +158,7 @@ class Profile:
         # Window bookkeeping: the phase the current window belongs to (None: between phases).
         self._phase: str | None = None
         self._fwd_depth = 0
-        self._bwd_depth = 0
-        self._zg_depth = 0
+        self._depth = {"backward": 0, "zero_grad": 0}  # nesting of the wrapped phases
         self._step_depth = 0
         self._child_start: dict[str, int] = {}
         self._last_step_end: float | None = None
@@ -316,38 +315,40 @@ class Profile:
             self._row["mem_after_model"] = self.probe.allocated()  # type: ignore[union-attr]
 
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def backward(*args: Any, **kwargs: Any) -> Any:
-            if self._bwd_depth or not self._active:
-                return original(*args, **kwargs)
-            self._bwd_depth += 1
-            try:
-                self._begin("backward")
-                self._row["n_backward"] += 1  # type: ignore[index]
-                result = original(*args, **kwargs)
-                self._end("backward")
-                self._row["grad_bytes"] = _grad_bytes(self.model)  # type: ignore[index]
-                return result
-            finally:
-                self._bwd_depth -= 1
+        def counted() -> None:
+            self._row["n_backward"] += 1  # type: ignore[index]
 
-        backward.__wrapped__ = original  # type: ignore[attr-defined]
-        return backward
+        def grads() -> None:
+            self._row["grad_bytes"] = _grad_bytes(self.model)  # type: ignore[index]
+
+        return self._wrap_phase("backward", original, begun=counted, ended=grads)
 
     def _wrap_zero_grad(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def zero_grad(*args: Any, **kwargs: Any) -> Any:
-            if self._zg_depth or not self._active:
+        return self._wrap_phase("zero_grad", original)
+
+    def _wrap_phase(self, phase: str, original: Callable[..., Any], *, begun: Callable[[], None] | None = None,
+                    ended: Callable[[], None] | None = None) -> Callable[..., Any]:
+        """`original` as one `phase`: calls nested inside it (a MultiOptimizer's zero_grad calling
+        its children's, autograd re-entering backward) belong to the outermost one."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if self._depth[phase] or not self._active:
                 return original(*args, **kwargs)
-            self._zg_depth += 1
+            self._depth[phase] += 1
             try:
-                self._begin("zero_grad")
+                self._begin(phase)
+                if begun is not None:
+                    begun()
                 result = original(*args, **kwargs)
-                self._end("zero_grad")
+                self._end(phase)
+                if ended is not None:
+                    ended()
                 return result
             finally:
-                self._zg_depth -= 1
+                self._depth[phase] -= 1
 
-        zero_grad.__wrapped__ = original  # type: ignore[attr-defined]
-        return zero_grad
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        return wrapper
 
     def _on_step_pre(self, opt: Any, args: Any, kwargs: Any) -> None:
         self._step_depth += 1

@@ -276,7 +276,7 @@ class LedgerProbe(Probe):
     compile_mode = EAGER_UNDER_PROBE
     sees_births = True
 
-    def __init__(self, device: torch.device | str | None, limit_bytes: int | None, target: str = "cpu",
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None, target: str = "cpu",
                  alloc_config: AllocatorConfig | None = None, workspaces: Workspaces = Workspaces(),
                  sizers: Mapping[Any, Sizer] | None = None) -> None:
         device = torch.device("cpu" if device is None else device)
@@ -397,11 +397,6 @@ class TrackedProbe(LedgerProbe):
 
     name = "tracked"
     computes = True
-
-    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None,
-                 target: str = "cpu", alloc_config: AllocatorConfig | None = None,
-                 workspaces: Workspaces = Workspaces()) -> None:
-        super().__init__(device, limit_bytes, target, alloc_config, workspaces)
 
     def __enter__(self) -> "TrackedProbe":
         self._check_not_active()
