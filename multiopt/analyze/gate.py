@@ -90,12 +90,12 @@ class Verdict:
     change: float | None  # (new - old) / old; inf if old == 0 < new; None for status
     allowed: float | None  # the relative band applied; None for status
     verdict: str  # REGRESSION | IMPROVEMENT | UNCHANGED
-    unit: str  # "bytes" | "ms" | "status"
+    unit: str  # "bytes" | "ms" | "status" | "missing" (a memory metric without a finite current value)
     detail: str = ""  # why the band is what it is, or a failed config's error
 
     @property
     def delta(self) -> float | None:
-        if self.unit == "status":
+        if self.unit not in ("bytes", "ms"):
             return None
         return self.new - self.old
 
@@ -189,6 +189,9 @@ def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, d
     for row in df.to_dict(orient="records"):
         clean = {k: _py(v) for k, v in row.items()}
         key = tuple(clean.get(c) for c in KEY_COLUMNS)
+        if key in out and out[key].get("rules") != clean.get("rules"):
+            raise UsageError(f"{side}: combo {clean.get('combo')!r} names two rule sets, {out[key].get('rules')!r} and "
+                             f"{clean.get('rules')!r}, in the same config; give each its own name")
         if key in out:
             dups += 1
             del out[key]  # keep insertion order of the last occurrence
@@ -295,12 +298,15 @@ def compare(
             notes.append(f"{cfg}: rules changed from `{b.get('rules')}` to `{c.get('rules')}`")
         tol = _mem_tol_for(key[KEY_COLUMNS.index("probe")], mem_tol)
         for m in MEMORY_METRICS if only != "time" else ():
-            old, newv = b.get(m), c.get(m)
+            old, newv = _finite(b.get(m)), _finite(c.get(m))
             if old is None and newv is None:
                 continue  # not measured on this probe/config
-            if old is None or newv is None:
-                side = "baseline" if old is None else "current"
-                not_compared.append(NotCompared(cfg, key, m, f"no value in {side}"))
+            if newv is None:  # a missing (or NaN) value can hide a regression: never a pass
+                verdicts.append(Verdict(cfg, key, m, old, c.get(m), None, None, REGRESSION, "missing",
+                                        "no finite value in current"))
+                continue
+            if old is None:
+                not_compared.append(NotCompared(cfg, key, m, "no value in baseline"))
                 continue
             verdicts.append(Verdict(cfg, key, m, old, newv, _rel(old, newv), tol,
                                     _classify(old, newv, tol), "bytes"))
@@ -347,6 +353,12 @@ def compare(
     )
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _check_settings(mem_tol: float | None, time_tol: float, time_k: float) -> None:
     for name, v in (("mem_tol", mem_tol), ("time_tol", time_tol), ("time_k", time_k)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
@@ -388,7 +400,7 @@ def _pct(x: float, signed: bool = False) -> str:
 
 
 def _value(v: Verdict, x: Any) -> str:
-    if v.unit == "bytes":
+    if v.unit == "bytes" or (v.unit == "missing" and isinstance(x, int)):
         return fmt_bytes(x)
     if v.unit == "ms":
         return fmt_ms(x)
@@ -396,7 +408,7 @@ def _value(v: Verdict, x: Any) -> str:
 
 
 def _change(v: Verdict) -> str:
-    if v.unit == "status":
+    if v.unit not in ("bytes", "ms"):
         return v.detail[:80] if v.detail else ""
     d = v.delta or 0
     mag = fmt_bytes(abs(d)) if v.unit == "bytes" else fmt_ms(abs(d))
