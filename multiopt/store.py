@@ -119,17 +119,20 @@ def append_jsonl(path: str | Path, records: Iterable[Record | dict[str, Any]]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _mend_tail(path)
-    text = "".join(dumps(rec) + "\n" for rec in records)
-    with open(path, "ab") as f:
-        start = f.tell()
-        try:
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as e:
-            f.truncate(start)
-            raise UsageError(f"{path}: cannot write ({e.strerror}); the file keeps its earlier records, "
-                             "free space and rerun with --resume") from None
+    data = memoryview("".join(dumps(rec) + "\n" for rec in records).encode("utf-8"))
+    # unbuffered: a write that fails fails here, not again in a buffer's flush at close
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as e:
+        os.ftruncate(fd, start)
+        raise UsageError(f"{path}: cannot write ({e.strerror}); the file keeps its earlier records, "
+                         "free space and rerun with --resume") from None
+    finally:
+        os.close(fd)
 
 
 def _mend_tail(path: Path) -> None:
