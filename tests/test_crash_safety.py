@@ -20,6 +20,7 @@ import pytest
 from multiopt.cli import main
 from multiopt.errors import UsageError
 from multiopt.record import config_key
+from multiopt.run.launch import _PRELOAD
 from multiopt.store import append_jsonl, iter_jsonl, read_jsonl
 
 from .conftest import ROOT
@@ -85,14 +86,17 @@ def test_kill_9_at_random_points_then_resume_keeps_every_config_once(tmp_path):
     # forkserver: its server imports multiopt once and never computes, so each sweep is a cheap,
     # safe fork of it (a plain fork of this process, whose torch has run, can deadlock)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["multiopt.cli", "multiopt.run.sweep"])
+    ctx.set_forkserver_preload(["multiopt.cli", "multiopt.run.sweep", "multiopt.analyze.report", *_PRELOAD])
     rng = random.Random(14)
     for trial in range(5):
         out = tmp_path / f"run{trial}"
         child = ctx.Process(target=_sweep_child, args=(str(out), False))
         child.start()
-        time.sleep(rng.uniform(0.05, 1.5))
-        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(rng.uniform(0.05, 1.2))  # a warm child sweeps the 4 configs in about a second
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it finished first: resuming a finished sweep must add nothing
         child.join()
         resumed = ctx.Process(target=_sweep_child, args=(str(out), (out / "results.jsonl").exists()))
         resumed.start()
