@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,18 +152,22 @@ BAD_RECORDS: dict[str, Callable[[dict], bytes]] = {
 }
 
 
+def _run_dir(t: Path, results: bytes | None = None, env: bytes | None = None) -> Path:
+    """A run directory in `t`: the fixture's results and env.json, either replaced."""
+    run = t / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_bytes(results if results is not None else (RUN / "results.jsonl").read_bytes())
+    (run / "env.json").write_bytes(env if env is not None else (RUN / "env.json").read_bytes())
+    return run
+
+
 def _record_cases() -> list[tuple[str, Callable[[Path], list[str]]]]:
     out = []
     for name, make in BAD_RECORDS.items():
-        def write(t: Path, make=make) -> Path:
-            run = t / "run"
-            run.mkdir()
-            shutil.copy(RUN / "env.json", run / "env.json")
-            (run / "results.jsonl").write_bytes(make(_good_row()))
-            return run
-        out.append((f"report {name}", lambda t, w=write: ["report", str(w(t)), "-o", str(t / "rep" / "r.md")]))
-        out.append((f"gate baseline {name}", lambda t, w=write: ["gate", "--baseline", str(w(t) / "results.jsonl"),
-                                                                 "--current", str(RUN)]))
+        out.append((f"report {name}", lambda t, m=make: ["report", str(_run_dir(t, results=m(_good_row()))),
+                                                         "-o", str(t / "rep" / "r.md")]))
+        out.append((f"gate baseline {name}", lambda t, m=make: [
+            "gate", "--baseline", str(_run_dir(t, results=m(_good_row())) / "results.jsonl"), "--current", str(RUN)]))
     return out
 
 
@@ -177,15 +180,9 @@ BAD_ENVS: dict[str, bytes] = {
 def _env_cases() -> list[tuple[str, Callable[[Path], list[str]]]]:
     out = []
     for name, data in BAD_ENVS.items():
-        def write(t: Path, data=data) -> Path:
-            run = t / "run"
-            run.mkdir()
-            shutil.copy(RUN / "results.jsonl", run / "results.jsonl")
-            (run / "env.json").write_bytes(data)
-            return run
-        out.append((f"report env {name}", lambda t, w=write: ["report", str(w(t)), "-o", str(t / "r.md")]))
-        out.append((f"gate env {name}", lambda t, w=write: ["gate", "--baseline", str(RUN / "results.jsonl"),
-                                                            "--current", str(w(t))]))
+        out.append((f"report env {name}", lambda t, d=data: ["report", str(_run_dir(t, env=d)), "-o", str(t / "r.md")]))
+        out.append((f"gate env {name}", lambda t, d=data: ["gate", "--baseline", str(RUN / "results.jsonl"),
+                                                           "--current", str(_run_dir(t, env=d))]))
     return out
 
 
