@@ -183,7 +183,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     print(dumps(record) if args.json else record_text(record))
     if record.status != "ok":
         if not args.json:
-            print(f"\nstatus {record.status}: {record.error}", file=sys.stderr)
+            whose = f" (model {args.model!r})" if ":" in args.model else ""  # user code: name it
+            print(f"status {record.status}{whose}: {record.error}", file=sys.stderr)
         return 1
     return 0
 
