@@ -8,8 +8,13 @@ and a bad flag cost no torch import). Any UsageError becomes one line on stderr 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from .errors import UsageError
 
@@ -162,7 +167,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     probe = make_probe("auto")
-    with probe:
+    with probe, _user_code(args.model):
         spec = models.resolve(args.model)
         model = probe.build_model(lambda: spec.build(args.width, args.depth))
         optimizer = MultiOptimizer.from_spec(model, args.rules)
@@ -189,7 +194,6 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .run.presets import combos
     from .store import dumps
     from .train.spec import canonical
-    from .units import parse_bytes
 
     probe, device = resolve_probe(args.probe)
     combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
@@ -197,13 +201,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
                     seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                        limit_bytes=parse_bytes(args.limit) if args.limit else None, alloc_conf=_alloc_conf(args))
+                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
     record = measure(config, protocol)
     print(dumps(record) if args.json else record_text(record))
     if record.status != "ok":
         if not args.json:
-            print(f"\nstatus {record.status}: {record.error}", file=sys.stderr)
+            whose = f" (model {args.model!r})" if ":" in args.model else ""  # user code: name it
+            print(f"status {record.status}{whose}: {record.error}", file=sys.stderr)
         return 1
     return 0
 
@@ -220,22 +225,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .instrument.protocol import Protocol
     from .run.presets import PRESETS, combos, select, user_combo
     from .run.sweep import sweep
-    from .units import parse_bytes
 
     p = PRESETS[args.preset]
     probe, device = resolve_probe(args.probe or p["probe"])
-    chosen = list(combos(_strs(args.combos)))
-    for text in args.rules or []:
-        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
+    chosen = _chosen_combos(combos(_strs(args.combos)), args.rules, user_combo)
     configs = select(args.preset, device=device, ranks=world_size(), widths=_ints(args.widths, "--widths"),
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
     configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
-                        warmup=args.warmup, limit_bytes=parse_bytes(args.limit) if args.limit else None,
+                        warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_writable_dir(out, "--out")
     result = sweep(configs, out, protocol, preset=args.preset, resume=args.resume, isolate=args.isolate,
                    timeout=args.timeout, progress=not args.no_progress)
     if result is None:
@@ -252,12 +255,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render
     from .run.presets import combos, user_combo
-    from .units import parse_bytes
 
-    budget = parse_bytes(args.budget)
-    chosen = list(combos(_strs(args.combos)))
-    for text in args.rules or []:
-        chosen.append(user_combo(text, taken=[n for n, _ in chosen]))
+    budget = _bytes(args.budget, "--budget")
+    chosen = _chosen_combos(combos(_strs(args.combos)), args.rules, user_combo)
     if not chosen:
         chosen = list(combos(DEFAULT_COMBOS))
     # What exists now (torch) outlives every fake run: keep it out of each run's gc.collect(),
@@ -288,8 +288,96 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .analyze.report import write_report
 
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UsageError(f"-o {out}: is a directory; name the markdown file, e.g. {out / 'report.md'}")
+        _check_writable_dir(out.parent, "-o")
     print(f"report: {write_report(args.paths, args.out, baseline=args.baseline)}")
     return 0
+
+
+def _chosen_combos(presets: Sequence[tuple[str, str]], texts: Sequence[str] | None,
+                   user_combo: Callable[..., tuple[str, str]]) -> list[tuple[str, str]]:
+    """Preset combos then each `--rules [NAME::]RULES`; one name never stands for two rule sets
+    (the gate and the report know a combo by its name)."""
+    chosen = list(presets)
+    for text in texts or []:
+        name, rules = user_combo(text, taken=[n for n, _ in chosen])
+        same = [r for n, r in chosen if n == name]
+        if same and _canonical(same[0]) != _canonical(rules):
+            raise UsageError(f"--rules {text!r}: the name {name!r} already stands for {same[0]!r}; give it another name")
+        if not same:
+            chosen.append((name, rules))
+    return chosen
+
+
+def _canonical(rules: str) -> str:
+    from .train.spec import canonical  # torch: loaded when a command runs, not for --help
+
+    return canonical(rules)
+
+
+@contextmanager
+def _user_code(model: str) -> Iterator[None]:
+    """A user's model (factory, forward, loss) that raises: one line naming it and the exception."""
+    try:
+        yield
+    except (UsageError, KeyboardInterrupt, OSError):
+        raise
+    except Exception as e:
+        if ":" not in model:
+            raise  # a built-in model failing is multiopt's bug: keep the traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UsageError(f"model {model!r} raised {type(e).__name__}: {first}") from None
+
+
+def _bytes(text: str, flag: str) -> int:
+    from .units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except (OverflowError, ValueError) as e:
+        raise UsageError(f"{flag} {text!r}: {e}" if isinstance(e, UsageError) else f"{flag} {text!r} is too large") from None
+    if value <= 0:
+        raise UsageError(f"{flag} {text!r}: give a size of at least 1 byte, e.g. 24GiB")
+    return value
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """Before any work: `path` is (or can become) a directory this process may write in."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory; choose another place")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {probe} is not writable; choose another place")
+
+
+# flag -> (lowest, highest) allowed value; checked before any command runs
+_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "width": (1, 2**31 - 1), "depth": (1, 2**31 - 1), "batch": (1, 2**31 - 1), "threads": (1, 4096),
+    "steps": (0, 2**31 - 1), "warmup": (0, 2**31 - 1), "seed": (0, 2**63 - 1),
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for name, (lo, hi) in _INT_LIMITS.items():
+        value = getattr(args, name, None)
+        if args.command == "fit" and name in ("width", "batch", "depth"):
+            continue  # fit checks its start sizes itself (and searches past any cap on the fake probe)
+        if value is not None and not lo <= value <= hi:
+            raise UsageError(f"--{name} {value}: must be between {lo} and {hi}")
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"--timeout {timeout}: give a finite number of seconds above 0")
+    for name in ("widths", "batches", "depths"):
+        for v in _ints(getattr(args, name, None), f"--{name}"):
+            if not 1 <= v <= 2**31 - 1:
+                raise UsageError(f"--{name} {v}: each must be between 1 and {2**31 - 1}")
 
 
 def _strs(text: str | None) -> list[str]:
@@ -306,13 +394,23 @@ def _ints(text: str | None, flag: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_flags(args)
         return int(args.func(args) or 0)
     except UsageError as e:
-        import os
-
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
             print(f"multiopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _PLACE_ERRORS:
+            raise
+        print(f"multiopt {args.command}: error: {e.filename or ''}: {e.strerror}; choose another place or free space",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multiopt {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# A file or directory a command cannot write or read there: the user's to fix, one line.
+_PLACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                 errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG}

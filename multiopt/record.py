@@ -321,3 +321,54 @@ def check_schema(row: dict[str, Any], where: str) -> None:
     missing = [c for c in CONFIG_COLUMNS + ("status",) if c not in row]
     if missing:
         raise UsageError(f"{where}: record lacks {', '.join(missing)}")
+    check_values(row, where)
+
+
+# Byte counts beyond this are not bytes any machine holds (and overflow int64 columns).
+MAX_BYTES = 1 << 62
+_CONFIG_TYPES: dict[str, type] = {"probe": str, **{f.name: f.type for f in dataclasses.fields(Config)}}
+_BYTE_COLUMNS = (*MEMORY_COLUMNS, "buffer_bytes", "reserved_after_step", "peak_reserved", "opt_state_unsharded")
+_SUB_BYTES = ("n_params", "n_param_tensors", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes",
+              "expected", "step_temp_bytes", "peak_total", "rank")
+
+
+def check_values(row: Mapping[str, Any], where: str) -> None:
+    """Refuse values no measurement writes: a config column of the wrong type, bytes that are
+    not non-negative integers (a boolean is not a number), a time that is not a finite
+    non-negative number, an unknown status. `where` names the row."""
+    for c in CONFIG_COLUMNS:
+        want = int if _CONFIG_TYPES[c] in (int, "int") else str
+        if not _is(row[c], want):
+            raise UsageError(f"{where}: {c} is {_show(row[c])}, expected {want.__name__}")
+    if row["status"] not in STATUSES:
+        raise UsageError(f"{where}: status is {_show(row['status'])}, expected one of {', '.join(STATUSES)}")
+    for c in _BYTE_COLUMNS:
+        _check_count(row.get(c), f"{where}: {c}")
+    for c in TIME_COLUMNS:
+        v = row.get(c)
+        if v is not None and not (_is(v, float) and v >= 0):
+            raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
+    if row.get("error") is not None and not isinstance(row["error"], str):
+        raise UsageError(f"{where}: error is {_show(row['error'])}, expected text or null")
+    for list_name in ("optimizers", "ranks_state"):
+        for i, item in enumerate(row.get(list_name) or ()):
+            for c in _SUB_BYTES:
+                _check_count(item.get(c), f"{where}: {list_name}[{i}].{c}")
+
+
+def _is(value: Any, want: type) -> bool:
+    if isinstance(value, bool):
+        return False  # True is an int to Python, never a count or a size to a record
+    if want is float:
+        return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return isinstance(value, want)
+
+
+def _check_count(value: Any, what: str) -> None:
+    if value is not None and not (_is(value, int) and 0 <= value <= MAX_BYTES):
+        raise UsageError(f"{what} is {_show(value)}, expected a non-negative integer or null")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

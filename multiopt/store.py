@@ -29,23 +29,75 @@ def dumps(record: Record | dict[str, Any]) -> str:
     return json.dumps({k: _clean(v) for k, v in d.items()}, sort_keys=False, allow_nan=False)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file. A torn last line (a killed writer) is skipped; any other bad
-    line is a UsageError naming the file and line."""
-    path = Path(path)
+# A record line is a few KiB; anything far beyond is not a record (and would cost seconds to parse).
+MAX_LINE_CHARS = 1 << 22
+MAX_FILE_CHARS = 1 << 26  # a whole JSON document (env.json, pytest-benchmark JSON)
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
+
+
+def parse_json(text: str, where: str, limit: int = MAX_LINE_CHARS) -> Any:
+    """json.loads, strict: NaN/Infinity/1e400, integers past Python's digit limit and deep
+    nesting are UsageErrors naming `where`; a syntax error stays a JSONDecodeError (the caller
+    knows whether a torn line is allowed)."""
+    if len(text) > limit:
+        raise UsageError(f"{where}: {len(text):,} characters, over the {limit:,} a record (or a JSON file of "
+                         "records) can hold; is this a multiopt file?")
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError:
+        raise
+    except _NotFinite as e:
+        raise UsageError(f"{where}: {e} is not a finite number; records hold finite numbers or null") from None
+    except ValueError as e:  # int() past sys.get_int_max_str_digits
+        raise UsageError(f"{where}: a number is too large ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply to be a record") from None
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A file's text as UTF-8; UsageError (file, and the line of a bad byte) otherwise."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
+        raise UsageError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a {what}") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); is this a multiopt file?") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file. A torn last line (a killed writer) is skipped; any other bad
+    line is a UsageError naming the file and line. A whole record without its newline is
+    kept, as `append_jsonl` keeps it."""
+    path = Path(path)
+    text = read_text(path)
     lines = text.split("\n")
     torn_tail = not text.endswith("\n")
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line, f"{path}:{i}")
         except json.JSONDecodeError as e:
             if torn_tail and i == len(lines):
                 return  # the writer was killed mid-line; that config is simply not recorded
@@ -61,21 +113,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: str | Path, records: Iterable[Record | dict[str, Any]]) -> None:
-    """Append and fsync, one line per record, so a killed sweep loses at most the line being written."""
+    """Append and fsync, one line per record, so a killed sweep loses at most the line being
+    written. A failed write (a full disk) is truncated back: the file keeps only whole lines."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        for rec in records:
-            f.write(dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    _mend_tail(path)
+    data = memoryview("".join(dumps(rec) + "\n" for rec in records).encode("utf-8"))
+    # unbuffered: a write that fails fails here, not again in a buffer's flush at close
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except OSError as e:
+        os.ftruncate(fd, start)
+        raise UsageError(f"{path}: cannot write ({e.strerror}); the file keeps its earlier records, "
+                         "free space and rerun with --resume") from None
+    finally:
+        os.close(fd)
 
 
-def _drop_torn_tail(path: Path) -> None:
+def _mend_tail(path: Path) -> None:
     """A writer killed mid-line leaves a partial last line: cut it so the file stays valid.
-    Reads from the end only, so appending stays cheap however long the file grows."""
+    A whole record that lost only its newline is kept (iter_jsonl counts it as done), and
+    the newline is added. Reads from the end only, so appending stays cheap however long
+    the file grows."""
     if not path.exists():
         return
     with open(path, "r+b") as f:
@@ -85,28 +149,53 @@ def _drop_torn_tail(path: Path) -> None:
         f.seek(size - 1)
         if f.read(1) == b"\n":
             return
-        pos, chunk = size, 1 << 16
+        pos, chunk, tail = size, 1 << 16, b""
         while pos > 0:
             start = max(0, pos - chunk)
             f.seek(start)
-            cut = f.read(pos - start).rfind(b"\n")
+            piece = f.read(pos - start)
+            cut = piece.rfind(b"\n")
+            tail = piece[cut + 1:] + tail
             if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
+                break
             pos = start
-        f.truncate(0)
+        keep = size - len(tail)
+        if _whole_record(tail):
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            f.truncate(keep)
+
+
+def _whole_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Record | dict[str, Any]]) -> None:
     """Replace `path` with `rows`: written to a temporary file beside it, fsynced, renamed over."""
     path = Path(path)
+    write_text_atomic(path, "".join(dumps(r) + "\n" for r in rows))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, fsync, rename over it: a full disk or a read-only place leaves the
+    old file (or none) and is one UsageError."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # never created (read-only place): nothing to clean
+        raise UsageError(f"{path}: cannot write ({e.strerror}); choose another place or free space") from None
 
 
 def read_sources(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -125,6 +214,13 @@ def read_sources(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], lis
 
 
 def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    try:
+        return _read_source_unchecked(path)
+    except OSError as e:  # an unreadable directory (chmod 000) fails in is_dir/is_file
+        raise UsageError(f"{e.filename or path}: cannot read ({e.strerror})") from None
+
+
+def _read_source_unchecked(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if path.is_dir():
         results = path / "results.jsonl"
         if not results.is_file():
@@ -155,7 +251,7 @@ def _looks_like_jsonl(path: Path) -> bool:
         with open(path, encoding="utf-8") as f:
             first = f.readline()
         doc = json.loads(first)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # not JSONL: the benchmark reader says why
         return False
     return isinstance(doc, dict) and "schema" in doc
 
@@ -163,29 +259,58 @@ def _looks_like_jsonl(path: Path) -> bool:
 def _read_env(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(env, dict):
-        raise UsageError(f"{path}: expected a JSON object, got {type(env).__name__}")
+    env = _read_json_object(path)
+    for k, v in env.items():
+        if not isinstance(v, (str, int, float, bool, type(None))):
+            raise UsageError(f"{path}: {k!r} is a {type(v).__name__}; env.json holds plain values")
     return env
 
 
-def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _read_json_object(path: Path) -> dict[str, Any]:
+    text = read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    if not text.strip():
+        doc = parse_json(text, str(path), limit=MAX_FILE_CHARS)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _stats_columns(stats: dict[str, Any], where: str) -> dict[str, Any]:
+    """pytest-benchmark's seconds as the record's step_ms_* columns; numbers only."""
+    out: dict[str, Any] = {}
+    for key in ("median", "iqr", "min", "mean"):
+        v = stats.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise UsageError(f"{where}: stats {key!r} is {v!r}, not a number of seconds")
+        out[f"step_ms_{key}"] = None if v is None else float(v) * 1000.0
+    rounds = stats.get("rounds")
+    if rounds is not None:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise UsageError(f"{where}: stats 'rounds' is {rounds!r}, not a count")
+        out["steps_timed"] = rounds
+    return out
+
+
+def _object(doc: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: {key!r} is a {type(value).__name__}, expected an object; "
+                         "is this a pytest-benchmark --benchmark-json file?")
+    return value
+
+
+def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if not read_text(path).strip():
         raise UsageError(f"{path}: no records (empty file)")
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); is this a pytest-benchmark --benchmark-json file?") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
+        doc = _read_json_object(path)
+    except UsageError as e:
+        raise UsageError(f"{e}; is this a pytest-benchmark --benchmark-json file?") from None
+    if not isinstance(doc.get("benchmarks"), list):
         raise UsageError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
     rows = []
     for i, b in enumerate(doc["benchmarks"]):
@@ -198,18 +323,11 @@ def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, An
         stats = b.get("stats")
         # a failed config's timing (if any) is not a step time: keep its record's None
         if row.get("status") == "ok" and isinstance(stats, dict) and stats.get("median") is not None:
-            try:
-                for key in ("median", "iqr", "min", "mean"):
-                    v = stats.get(key)
-                    row[f"step_ms_{key}"] = None if v is None else float(v) * 1000.0
-                if stats.get("rounds") is not None:
-                    row["steps_timed"] = int(stats["rounds"])
-            except (TypeError, ValueError):
-                raise UsageError(f"{where}: stats are not numbers") from None
+            row.update(_stats_columns(stats, where))
         rows.append(row)
-    machine = doc.get("machine_info") or {}
-    commit = doc.get("commit_info") or {}
-    cpu = machine.get("cpu") or {}
+    machine = _object(doc, "machine_info", path)
+    commit = _object(doc, "commit_info", path)
+    cpu = _object(machine, "cpu", path)
     env = {
         "created_at": doc.get("datetime"),
         "cpu": cpu.get("brand_raw") or machine.get("processor") or None,
@@ -219,4 +337,4 @@ def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, An
         "git_dirty": commit.get("dirty"),
         "pytest_benchmark": doc.get("version"),
     }
-    return rows, {k: v for k, v in env.items() if v is not None}
+    return rows, {k: v for k, v in env.items() if isinstance(v, (str, int, float))}

@@ -38,7 +38,6 @@ Every function here is pure: no global state, no I/O except reading the given fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable

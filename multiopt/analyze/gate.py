@@ -39,7 +39,7 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
@@ -90,12 +90,12 @@ class Verdict:
     change: float | None  # (new - old) / old; inf if old == 0 < new; None for status
     allowed: float | None  # the relative band applied; None for status
     verdict: str  # REGRESSION | IMPROVEMENT | UNCHANGED
-    unit: str  # "bytes" | "ms" | "status"
+    unit: str  # "bytes" | "ms" | "status" | "missing" (a memory metric without a finite current value)
     detail: str = ""  # why the band is what it is, or a failed config's error
 
     @property
     def delta(self) -> float | None:
-        if self.unit == "status":
+        if self.unit not in ("bytes", "ms"):
             return None
         return self.new - self.old
 
@@ -189,6 +189,9 @@ def _rows_by_key(df: pd.DataFrame, side: str, notes: list[str]) -> dict[tuple, d
     for row in df.to_dict(orient="records"):
         clean = {k: _plain(v) for k, v in row.items()}
         key = tuple(clean.get(c) for c in KEY_COLUMNS)
+        if key in out and out[key].get("rules") != clean.get("rules"):
+            raise UsageError(f"{side}: combo {clean.get('combo')!r} names two rule sets, {out[key].get('rules')!r} and "
+                             f"{clean.get('rules')!r}, in the same config; give each its own name")
         if key in out:
             dups += 1
             del out[key]  # keep insertion order of the last occurrence
@@ -304,12 +307,15 @@ def _compare_config(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], 
         notes.append(f"{cfg}: rules changed from `{b.get('rules')}` to `{c.get('rules')}`")
     tol = _mem_tol_for(key[KEY_COLUMNS.index("probe")], mem_tol)
     for m in MEMORY_METRICS if only != "time" else ():
-        old, newv = b.get(m), c.get(m)
+        old, newv = _finite(b.get(m)), _finite(c.get(m))
         if old is None and newv is None:
             continue  # not measured on this probe/config
-        if old is None or newv is None:
-            side = "baseline" if old is None else "current"
-            not_compared.append(NotCompared(cfg, key, m, f"no value in {side}"))
+        if newv is None:  # a missing (or NaN) value can hide a regression: never a pass
+            verdicts.append(Verdict(cfg, key, m, old, c.get(m), None, None, REGRESSION, "missing",
+                                    "no finite value in current"))
+            continue
+        if old is None:
+            not_compared.append(NotCompared(cfg, key, m, "no value in baseline"))
             continue
         verdicts.append(Verdict(cfg, key, m, old, newv, _rel(old, newv), tol, _classify(old, newv, tol), "bytes"))
     if only != "memory":
@@ -350,6 +356,12 @@ def _settings_text(mem_tol: float | None, time_tol: float, time_k: float, only: 
     time_words = f"time: max({_pct(time_tol)}, {time_k:g} x IQR/median), same device_name and torch only"
     return {"memory": f"{mem_words}; time not compared (--only memory)",
             "time": f"{time_words}; memory not compared (--only time)"}.get(only or "", f"{mem_words}; {time_words}")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _check_settings(mem_tol: float | None, time_tol: float, time_k: float) -> None:
@@ -393,7 +405,7 @@ def _pct(x: float, signed: bool = False) -> str:
 
 
 def _value(v: Verdict, x: Any) -> str:
-    if v.unit == "bytes":
+    if v.unit == "bytes" or (v.unit == "missing" and isinstance(x, int)):
         return fmt_bytes(x)
     if v.unit == "ms":
         return fmt_ms(x)
@@ -401,7 +413,7 @@ def _value(v: Verdict, x: Any) -> str:
 
 
 def _change(v: Verdict) -> str:
-    if v.unit == "status":
+    if v.unit not in ("bytes", "ms"):
         return v.detail[:80] if v.detail else ""
     d = v.delta or 0
     mag = fmt_bytes(abs(d)) if v.unit == "bytes" else fmt_ms(abs(d))

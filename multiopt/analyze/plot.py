@@ -104,15 +104,6 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _empty(fig: Figure, title: str, why: str) -> None:
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
-    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-
-
-
-
 def _empty(title: str, why: str) -> Plot:
     fig = Figure(layout="constrained", figsize=(7, 4.5))
     ax = fig.add_subplot(1, 1, 1)

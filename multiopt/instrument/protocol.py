@@ -394,7 +394,6 @@ def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str]
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:
     """One step with allocated/peak per phase; returns each optimizer's step temporaries
     (its peak during its own step() above the memory at its start)."""
-    phase_peak: dict[str, int] = {}
     temps: dict[str, int] = {}
     running = {"peak": 0, "start": 0}
 

@@ -30,9 +30,8 @@ step peaking above the measured step), the search starts over on limited runs al
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tabulate import tabulate

@@ -20,6 +20,9 @@ import datetime as _dt
 import gc
 import hashlib
 import multiprocessing
+import multiprocessing.forkserver
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -107,19 +110,25 @@ class Isolated(Launcher):
         # server never initialised CUDA, so workers may.
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(_PRELOAD)
+        _start_server_deaf_to_ctrl_c()
 
     def measure_one(self, config: Config) -> Record:
         recv, send = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=_worker, args=(config, self.protocol, self.meta, send, self.scope), daemon=True)
         t0 = time.monotonic()
-        proc.start()
-        send.close()
         result = None
         try:
+            proc.start()
+            send.close()
             if recv.poll(self.timeout):
                 result = recv.recv()
         except (EOFError, OSError):
             result = None
+        except BaseException:  # Ctrl-C: the worker (which ignores SIGINT) goes with us, quietly
+            if proc.pid is not None:
+                proc.kill()
+                proc.join()
+            raise
         finally:
             recv.close()
         if result is None:
@@ -138,6 +147,20 @@ class Isolated(Launcher):
         return f"worker died with exit code {proc.exitcode} (a crash in native code?)"
 
 
+def _start_server_deaf_to_ctrl_c() -> None:
+    """Start the forkserver with SIGINT ignored: Python keeps an inherited SIG_IGN, so a Ctrl-C
+    to the process group while the server imports torch prints no traceback from it, and
+    its workers inherit the same. This process alone answers Ctrl-C (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        multiprocessing.forkserver.ensure_running()  # signal handlers belong to the main thread
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def make_launcher(protocol: Protocol, *, isolate: bool, timeout: float = 600.0, **kwargs: Any) -> Launcher:
     if isolate:
         return Isolated(protocol, timeout=timeout, **kwargs)
@@ -149,9 +172,14 @@ def _worker(config: Config, protocol: Protocol, meta: dict[str, Any], conn: Any,
     # Everything inherited from the server is long-lived: keep it out of the collector, so
     # the protocol's gc.collect() scans only this config's objects (and pages stay shared).
     gc.freeze()
+    # Ctrl-C reaches the whole process group: the parent stops the sweep and kills this
+    # worker; a KeyboardInterrupt traceback from here would only bury its one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         record = measure(config, protocol, **meta) if scope is None else _measure_as_rank(config, protocol, meta, scope)
         conn.send(record.to_dict())
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent stopped listening (Ctrl-C): nobody is left to read a record or a traceback
     finally:
         conn.close()
 

@@ -27,6 +27,7 @@ metadata) is `sweep` itself; the report is written by the command, not here.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import time
@@ -39,7 +40,7 @@ from .. import env as envmod
 from ..errors import UsageError
 from ..instrument.protocol import Protocol, validate
 from ..record import Config, Record, config_key
-from ..store import append_jsonl, iter_jsonl, write_jsonl_atomic
+from ..store import append_jsonl, iter_jsonl, write_jsonl_atomic, write_text_atomic
 from .launch import RankScope, make_launcher, merge_zero
 
 __all__ = ["SweepResult", "sweep", "fold_shards", "has_shards", "shard"]
@@ -111,7 +112,7 @@ def _write_env(out: Path, device: str, protocol: Protocol, preset: str | None, w
     env = envmod.collect(device, protocol.probe, preset, protocol.threads)
     if world > 1:
         env.update(world_size=world, backend="gloo" + ("+nccl" if device.startswith("cuda") else ""))
-    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_text_atomic(out / "env.json", json.dumps(env, indent=2) + "\n")
     return {"run_id": uuid.uuid4().hex[:12], "git_sha": env["git_sha"], "preset": preset,
             "device_name": env["device_name"]}
 
@@ -132,10 +133,20 @@ class Team:
         self.finish: Callable[[Config, Record], Record | None] | None = None
 
     def __enter__(self) -> "Team":
+        """Hold OUT/.lock (an OS lock: the kernel drops it when this process dies, however it
+        dies) so a second sweep into OUT refuses instead of writing every config twice."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise UsageError(f"{self.out}: another multiopt run is writing there now; wait for it, or choose "
+                             "another --out") from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        pass
+        self._lock.close()  # releases the lock
 
     def agree(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the main process and give every process its result."""

@@ -155,9 +155,10 @@ class MultiOptimizer(torch.optim.Optimizer):
                     children[rule.label] = _zero_optimizer(params, spec.cls, process_group, kwargs)
                 else:
                     children[rule.label] = spec.cls(params, **kwargs)
-            except (ValueError, TypeError, RuntimeError) as e:
+            except Exception as e:  # the constructor is the optimizer author's code: any refusal is theirs
                 wrapper = f"ZeroRedundancyOptimizer({spec.name})" if zero else spec.name
-                raise UsageError(f"rule '{rule}': {wrapper} refused its settings or parameters: {e}") from None
+                raise UsageError(f"rule '{rule}': {wrapper} refused its settings or parameters: "
+                                 f"{type(e).__name__}: {_one_line(e)}") from None
         return cls(children, model=model, rules=parsed)
 
     # --- acting as one optimizer ----------------------------------------------------------
@@ -283,7 +284,35 @@ def plan(model: nn.Module, rules: Sequence[Rule]) -> list[tuple[Rule, registry.O
     for i, (rule, spec, group) in enumerate(zip(rules, specs, groups)):
         if spec.matrix_only:
             _check_matrix_only(rule, spec, group, rules[i + 1 :])
+        _try_construct(rule, spec, group)
     return list(zip(rules, specs, groups))
+
+
+def _try_construct(rule: Rule, spec: registry.OptimizerSpec, group: list) -> None:
+    """Build the rule's optimizer over meta-device parameters of the real shapes, so a value
+    the constructor refuses (lr=-1, betas=(0.9,)) is a one-line error before any compute."""
+    meta = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta")) for _, p in group]
+    kwargs = rule.options
+    try:
+        spec.cls(meta, **kwargs)
+        return
+    except Exception as e:  # any exception: the constructor is the optimizer author's code
+        why = f"{type(e).__name__}: {_one_line(e)}"
+    culprits = [k for k in kwargs if _builds(spec, meta, {j: v for j, v in kwargs.items() if j != k})]
+    named = f" keyword {', '.join(f'{k}={kwargs[k]!r}' for k in culprits)}" if culprits else " settings"
+    raise UsageError(f"rule '{rule}': {spec.name} refused its{named} ({why}); fix or remove it")
+
+
+def _builds(spec: registry.OptimizerSpec, params: list, kwargs: dict[str, Any]) -> bool:
+    try:
+        spec.cls(params, **kwargs)
+    except Exception:  # which keyword is at fault: the one whose removal lets it build
+        return False
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _zero_optimizer(params: list, cls: type, process_group: Any, kwargs: dict[str, Any]) -> torch.optim.Optimizer:

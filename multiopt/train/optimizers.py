@@ -40,6 +40,8 @@ REFUSED: dict[str, str] = {
     "which this suite's dense benchmarks never produce; use adam or adamw",
 }
 
+_REFUSED_ATTRS = {"lbfgs": "LBFGS", "sparseadam": "SparseAdam"}
+
 # Muon only takes 2-D parameters; the hint tells a user where the rest should go.
 _MATRIX_ONLY = {"muon"}
 
@@ -138,4 +140,7 @@ def _from_import_path(path: str) -> OptimizerSpec:
             raise UsageError(f"module {module_name!r} has no {qualname!r} (optimizer {path!r})")
     if not (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)):
         raise UsageError(f"{path!r} is not a torch.optim.Optimizer subclass")
+    for key in REFUSED:  # the same class by its import path is refused for the same reason
+        if obj is getattr(torch.optim, _REFUSED_ATTRS[key], None):
+            raise UsageError(f"optimizer {path!r} is refused: {REFUSED[key]}")
     return OptimizerSpec(path, obj)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -110,9 +111,12 @@ def from_dicts(items: Iterable[Mapping[str, Any]]) -> tuple[Rule, ...]:
         opt = d.pop("optimizer", d.pop("opt", None))
         if not selector or not opt:
             raise UsageError(f"rule #{i + 1} {dict(item)!r} needs 'select' and 'optimizer'")
-        kwargs = dict(d.pop("kwargs", {}) or {})
-        kwargs.update(d)
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+        extra = d.pop("kwargs", None) or {}
+        if not isinstance(extra, Mapping):
+            raise UsageError(f"rule #{i + 1}: 'kwargs' must be a mapping of keyword to value, got {type(extra).__name__}")
+        kwargs = {str(k): tuple(v) if isinstance(v, list) else v for k, v in {**extra, **d}.items()}
+        for k, v in kwargs.items():
+            _check_finite(k, v, f"rule #{i + 1}")
         rules.append(Rule(str(selector).strip(), str(opt).strip().lower() if ":" not in str(opt) else str(opt).strip(), tuple(kwargs.items())))
     if not rules:
         raise UsageError("no rules given")
@@ -171,6 +175,16 @@ def _check_selectors(rules: Sequence[Rule]) -> None:
     for r in rules[:-1]:
         if r.selector == "rest":
             raise UsageError(f"'rest' must be the last rule: rules after '{r}' would claim nothing")
+
+
+def _check_finite(key: str, value: Any, where: str) -> None:
+    # 1e999 parses to inf and would train: a non-finite setting is never what a person meant
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if isinstance(v, tuple):
+            _check_finite(key, v, where)
+        elif isinstance(v, (float, complex)) and not all(map(math.isfinite, (v.real, v.imag))):
+            raise UsageError(f"{where}: {key}={v!r} is not a finite number; give a finite value")
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:
@@ -235,6 +249,7 @@ def _parse_kwargs(args: str, part: str) -> tuple[tuple[str, Any], ...]:
             ) from None
         if isinstance(value, list):
             value = tuple(value)
+        _check_finite(kw.arg, value, f"rule {part!r}")
         out.append((kw.arg, value))
     names = [k for k, _ in out]
     dup = {n for n in names if names.count(n) > 1}

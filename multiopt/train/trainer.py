@@ -197,6 +197,12 @@ class Trainer:
             state = torch.load(path, weights_only=True, map_location=self.device_type)
         except FileNotFoundError:
             raise UsageError(f"{path}: no such checkpoint") from None
+        except Exception as e:  # torch refuses a pickle payload (UnpicklingError) or a file that is no checkpoint
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UsageError(f"{path}: not a checkpoint torch.load(weights_only=True) accepts ({type(e).__name__}: "
+                             f"{first[:200]}); load only checkpoints written by Trainer.save") from None
+        if not isinstance(state, dict) or "model" not in state or "optimizer" not in state:
+            raise UsageError(f"{path}: not a Trainer checkpoint (no 'model' and 'optimizer'); write it with Trainer.save")
         self.load_state_dict(state)
 
 

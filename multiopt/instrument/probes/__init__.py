@@ -15,7 +15,8 @@ import torch
 
 from ...errors import UsageError
 from ..allocator import AllocatorConfig
-from .base import ALLOC_GRANULE, COMPILED, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
+from ...units import ALLOC_GRANULE, round_alloc
+from .base import COMPILED, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
 from .cuda import CudaProbe
 from .fake import FakeProbe
 from .target import CudaTarget, Workspaces

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ...errors import UsageError
-from ...units import ALLOC_GRANULE, round_alloc
 
 #: How a probe runs `torch.compile`d code: ledger probes force it eager (Dynamo cannot trace
 #: through their dispatch mode), the cuda probe lets it compile.

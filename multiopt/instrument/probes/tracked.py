@@ -42,7 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 
 from ...errors import UsageError
 from ..allocator import AllocatorConfig
-from .base import ALLOC_GRANULE, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors, round_alloc
+from ...units import ALLOC_GRANULE, round_alloc
+from .base import EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
 from .target import CudaTarget, Workspaces
 
 _Tensor = torch.Tensor
