@@ -107,6 +107,14 @@ def test_measure_records_the_gap_for_hidden_state() -> None:
     # two warm-up steps, each hiding a float32 copy of every gradient
     assert o.state_gap_bytes == 2 * r.n_params * 4 == o.state_attributed_bytes - o.state_bytes
     assert o.compiled is None
+    # the report flags it, with the gap in bytes; a record without a gap is not flagged
+    from multiopt.analyze import frame, report
+
+    clean = _measure("rest=sgd(lr=0.01, momentum=0.9)")
+    md = report.render(frame.records_to_frame([r.to_dict(), clean.to_dict()]))
+    section = md.split("## Flagged: state attribution and compiled steps", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and "rest=" in line]
+    assert len(rows) == 1 and f"{o.state_bytes:,}" in rows[0] and f"{o.state_attributed_bytes:,}" in rows[0]
 
 
 @pytest.mark.parametrize("names, want", [

@@ -411,6 +411,31 @@ def _expected(ok: pd.DataFrame) -> str:
                     + _table(["combo", "width", "expected (B)", "measured (B)", "check"], rows) + more)
 
 
+def _attribution(ok: pd.DataFrame) -> str:
+    """Optimizers whose state the walk and the allocation ledger disagree on (state held where
+    the walk cannot see it), and steps measured eagerly though they run compiled on a GPU."""
+    opt = by_optimizer(ok)
+    if opt.empty:
+        return ""
+    gap = opt["state_gap_bytes"] if "state_gap_bytes" in opt.columns else pd.Series(0.0, index=opt.index)
+    compiled = opt["compiled"] if "compiled" in opt.columns else pd.Series("", index=opt.index)
+    flagged = opt[(pd.to_numeric(gap, errors="coerce").fillna(0) != 0) | compiled.fillna("").astype(str).ne("")]
+    if flagged.empty:
+        return ""
+    labels = ok["_label"]
+    rows = [[labels.get(r["record"], r["combo"]), r["width"], r["name"], _int(r["state_bytes"]),
+             _int(r.get("state_attributed_bytes")), _signed_b(r.get("state_gap_bytes")) if not _nan(r.get("state_gap_bytes")) else "-",
+             r.get("compiled") or "-"] for _, r in flagged.iterrows()]
+    rows, more = cap(rows)
+    note = ("Each optimizer's state is counted twice on the tracked and fake probes: walked (every tensor "
+            "reachable from the optimizer) and attributed (storages its construction and steps allocated "
+            "that are still alive). A gap means state the walk cannot see (positive) or walked state "
+            "allocated elsewhere (negative): the walked number is then not the whole truth. "
+            "`eager-under-probe`: the step runs `torch.compile`d code, measured eagerly on the CPU probes.")
+    return _section("Flagged: state attribution and compiled steps", note + "\n\n" + _table(
+        ["combo", "width", "optimizer", "walked (B)", "attributed (B)", "gap", "compiled"], rows) + more)
+
+
 def _zero(ok: pd.DataFrame) -> str:
     """ZeRO-1 records next to the ZeRO paper's model: each rank holds state / ranks, give or
     take whole parameters (ZeroRedundancyOptimizer partitions by parameter)."""
@@ -512,6 +537,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResu
         _breakdown(ok),
         _batch_scaling(ok),
         _expected(ok),
+        _attribution(ok),
         _variants(ok),
         _implementations(df, ok),
         _zero(ok),
