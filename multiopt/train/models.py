@@ -266,16 +266,10 @@ class Transformer(nn.Module):
         return lm_batch(self, batch_size, device=device, generator=generator)
 
 
-def lm_batch(
-    model: nn.Module,
-    batch: int,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    generator: torch.Generator | None = None,
-) -> Batch:
-    """Random token sequences (int64, `dtype` does not apply): inputs and next-token targets,
-    each (batch, seq_len) and contiguous."""
+def lm_batch(model: nn.Module, batch: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             generator: torch.Generator | None = None) -> Batch:
+    """Random token sequences (int64, `dtype` does not apply: the batch_fn interface passes it):
+    inputs and next-token targets, each (batch, seq_len) and contiguous."""
     vocab, seq_len = getattr(model, "vocab", VOCAB), getattr(model, "seq_len", SEQ_LEN)
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device, generator=generator)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
