@@ -35,12 +35,12 @@ def h200_records(preset: str) -> list[Record]:
     return [Record.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def check(ref: Record) -> dict[str, Any]:
-    """Measure `ref`'s config on the tracked probe, target cuda (allocator options from the
-    environment, default workspaces); returns the differences (predicted - H200) per column."""
+def check(ref: Record, probe: str = "tracked") -> dict[str, Any]:
+    """Measure `ref`'s config on `probe` (tracked or fake), target cuda (allocator options from
+    the environment, default workspaces); returns the differences (predicted - H200) per column."""
     config = Config(**{**ref.config().__dict__, "device": "cpu", "target": "cuda"})
     # The H200 records (schema v1) read reserved after the finite-parameter check.
-    rec = measure(config, Protocol(probe="tracked", steps=0, reserved_after_check=True))
+    rec = measure(config, Protocol(probe=probe, steps=0, reserved_after_check=True))
     if rec.status != "ok":
         return {"label": config.label(), "error": rec.error}
     diff = {c: getattr(rec, c) - getattr(ref, c) for c in ALLOCATED + RESERVED}
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=(*PRESETS, "all"), default="all")
     ap.add_argument("--max-width", type=int, default=None, help="skip configs wider than this")
+    ap.add_argument("--probe", choices=("tracked", "fake"), default="tracked",
+                    help="fake: sizes only, the whole replay in seconds (tracked computes every step)")
     args = ap.parse_args(argv)
     refs = [r for p in (PRESETS if args.preset == "all" else (args.preset,)) for r in h200_records(p)
             if args.max_width is None or r.width <= args.max_width]
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     results, t_all = [], time.perf_counter()
     for ref in refs:
         t0 = time.perf_counter()
-        r = check(ref)
+        r = check(ref, args.probe)
         results.append(r)
         print(_row(r, time.perf_counter() - t0), flush=True)
     ok = [r for r in results if "error" not in r]

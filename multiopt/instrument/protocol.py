@@ -295,8 +295,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
         extra = None if protocol.reserved_after_check else probe.extra()
-        if probe.computes:
-            _check_finite(model)
+        _check_finite(model, read=probe.computes)
         extra = extra or probe.extra()
         out["reserved_after_step"] = extra.get("reserved")
         out["peak_reserved"] = extra.get("peak_reserved")
@@ -375,8 +374,16 @@ def _optimizer_record(key: str, rule: Rule | None, opt: Any, measured: StateByte
     )
 
 
-def _check_finite(model: torch.nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+def _check_finite(model: torch.nn.Module, read: bool = True) -> None:
+    """`isfinite(p).all()` per parameter. `read=False` (fake tensors hold no values) runs the
+    same ops unread, so an allocator model sees the same temporaries in the same order (the
+    reserved memory of `Protocol.reserved_after_check` depends on them)."""
+    bad = []
+    for name, p in model.named_parameters():
+        finite = torch.isfinite(p).all()  # isfinite's bool tensor dies here, as on the GPU
+        if read and not bool(finite):
+            bad.append(name)
+        del finite
     if bad:
         raise _Diverged(f"parameters became non-finite ({', '.join(bad[:3])}); lower the learning rate")
 

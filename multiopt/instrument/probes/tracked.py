@@ -159,7 +159,10 @@ class StorageLedger(TorchDispatchMode):
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
         """Count `t`'s storage (as `nbytes` if given) if not yet counted; raise
-        OutOfMemoryError past the limit."""
+        OutOfMemoryError past the limit. Meta tensors hold no memory and are not counted
+        (a model built under `torch.device("meta")`, optimizers validated on meta parameters)."""
+        if t.is_meta:
+            return
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
