@@ -1,7 +1,5 @@
-import sys
-
-from .cli import main
+from .cli import entry
 
 # Guarded: multiprocessing's forkserver re-imports the main module in its workers.
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -125,6 +125,34 @@ def test_no_function_over_60_lines() -> None:
 
 def test_the_package_face() -> None:
     import multiopt
+    from multiopt.instrument import profile, protocol
+    from multiopt.train import multi, trainer
 
     for name in ("MultiOptimizer", "Trainer", "profile", "measure", "Config", "Protocol"):
         assert hasattr(multiopt, name), name
+    assert (multiopt.MultiOptimizer, multiopt.Trainer, multiopt.profile, multiopt.measure, multiopt.Protocol) == (
+        multi.MultiOptimizer, trainer.Trainer, profile.profile, protocol.measure, protocol.Protocol)
+    assert set(multiopt.__all__) <= set(dir(multiopt))
+    with pytest.raises(AttributeError, match="no attribute 'Trainr'"):
+        multiopt.Trainr  # noqa: B018
+
+
+_NO_TORCH = """
+import sys
+import multiopt
+from multiopt import cli
+for argv in (["--help"], ["estimate", "--help"], ["gate", "--help"], ["run", "--widths", "x"]):
+    try:
+        cli.main(argv)
+    except SystemExit:
+        pass
+print("torch" in sys.modules, "pandas" in sys.modules)
+"""
+
+
+def test_the_face_and_the_command_line_import_torch_only_when_a_command_runs() -> None:
+    """`import multiopt`, `--help` and a bad flag answer in milliseconds: no torch, no pandas
+    (the face's names are imported on first use)."""
+    p = subprocess.run([sys.executable, "-c", _NO_TORCH], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False False"

@@ -234,3 +234,19 @@ def test_estimate_command_is_measure_on_the_fake_probe(run_cli):
         assert e[field] == m[field], field
     bad = run_cli("estimate", "--combo", "adafactor")
     assert bad.returncode == 2 and "fake probe cannot run" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_printed_record_gives_every_byte_field_in_human_units_and_raw() -> None:
+    """`measure`/`estimate` print a card: each byte field (reserved ones too) as '1.50 MiB'
+    beside its exact count, so no number is left for the reader to convert."""
+    from multiopt.analyze.card import record_text
+    from multiopt.units import fmt_bytes
+
+    record = measure(Config(width=64, depth=2, batch=8, combo="adam", rules="rest=adam(lr=0.001)", target="cuda"),
+                     Protocol(probe="fake", steps=0))
+    assert record.status == "ok" and record.reserved_after_step and record.peak_reserved
+    lines = {line.split("|")[1].strip(): line for line in record_text(record).splitlines() if line.startswith("| ")}
+    for field in ("reserved_after_step", "peak_reserved", "peak_total", "mem_after_step", "opt_state_bytes"):
+        value = getattr(record, field)
+        cells = [c.strip() for c in lines[field].split("|")[1:-1]]
+        assert cells == [field, fmt_bytes(value), f"{value:,}"], lines[field]

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from ..record import PHASES, Record, phase_order
+from ..record import PHASES, phase_order
 from .frame import by_optimizer, load, series_labels
 from .gate import GateResult, compare
 from .gate import render as gate_render
@@ -572,30 +572,3 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     text += f"\nRaw data (every column, bytes and ms): [{csv.name}]({csv.name})\n"
     out.write_text(text, encoding="utf-8")
     return out
-
-
-# --------------------------------------------------------------------------- one record
-
-
-def record_text(record: Record) -> str:
-    """One record as a person reads it (`multiopt measure`): every field with human units
-    and raw numbers, then one row per optimizer."""
-    rows = []
-    for k, v in record.to_dict().items():
-        if k in ("optimizers", "ranks_state"):
-            continue
-        if isinstance(v, int) and not isinstance(v, bool) and (k.startswith(("mem_", "peak_")) or k.endswith("_bytes") or k == "opt_state_expected"):
-            rows.append((k, fmt_bytes(v), f"{v:,}"))
-        elif isinstance(v, float) and k.startswith("step_ms"):
-            rows.append((k, fmt_ms(v), f"{v:.4f}"))
-        else:
-            rows.append((k, "" if v is None else v, ""))
-    text = tabulate(rows, headers=["field", "value", "raw"], tablefmt="github", disable_numparse=True)
-    if record.optimizers:
-        text += "\n\n" + tabulate(
-            [(o.name, o.optimizer, o.impl, f"{o.n_params:,}", fmt_bytes(o.state_bytes), f"{o.state_bytes:,}",
-              "-" if o.expected is None else f"{o.expected:,}", fmt_bytes(o.step_temp_bytes)) for o in record.optimizers],
-            headers=["optimizer", "class", "impl", "params", "state", "state bytes", "expected bytes", "step temporaries"],
-            tablefmt="github", disable_numparse=True,
-        )
-    return text

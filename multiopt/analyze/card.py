@@ -1,0 +1,41 @@
+"""One record as a person reads it: `multiopt measure` and `multiopt estimate` print this.
+
+Apart from report.py so that printing one record costs no pandas or matplotlib import
+(a third of a second of `estimate`'s start-up).
+"""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from ..record import Record
+from ..units import fmt_bytes, fmt_ms
+
+_BYTE_PREFIXES = ("mem_", "peak_", "reserved_")
+
+
+def _is_bytes(key: str) -> bool:
+    return key.startswith(_BYTE_PREFIXES) or key.endswith("_bytes") or key == "opt_state_expected"
+
+
+def record_text(record: Record) -> str:
+    """Every field with human units and raw numbers, then one row per optimizer."""
+    rows = []
+    for k, v in record.to_dict().items():
+        if k in ("optimizers", "ranks_state"):
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and _is_bytes(k):
+            rows.append((k, fmt_bytes(v), f"{v:,}"))
+        elif isinstance(v, float) and k.startswith("step_ms"):
+            rows.append((k, fmt_ms(v), f"{v:.4f}"))
+        else:
+            rows.append((k, "" if v is None else v, ""))
+    text = tabulate(rows, headers=["field", "value", "raw"], tablefmt="github", disable_numparse=True)
+    if record.optimizers:
+        text += "\n\n" + tabulate(
+            [(o.name, o.optimizer, o.impl, f"{o.n_params:,}", fmt_bytes(o.state_bytes), f"{o.state_bytes:,}",
+              "-" if o.expected is None else f"{o.expected:,}", fmt_bytes(o.step_temp_bytes)) for o in record.optimizers],
+            headers=["optimizer", "class", "impl", "params", "state", "state bytes", "expected bytes", "step temporaries"],
+            tablefmt="github", disable_numparse=True,
+        )
+    return text
