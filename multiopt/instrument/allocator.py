@@ -38,7 +38,8 @@ Not modelled (documented simplifications):
 - device OOM other than the limit: without a ``limit`` every cudaMalloc succeeds. The limit is
   checked as ``alloc_block`` does: reserved + the segment size about to be requested;
 - addresses are synthetic (a bump allocator, segments never overlap); they only break ties
-  between free blocks of equal size, as real cudaMalloc addresses do.
+  between free blocks of equal size, as real cudaMalloc addresses do. A replay of a real
+  trace (`instrument/trace.py`) places each segment at the trace's address instead.
 
 The per-event cost is a few dict/bisect operations on sorted lists of ``size << 52 | address``
 ints (one per pool), so that ``bench/allocator_replay.py`` replays 1M events in about a second.
@@ -427,6 +428,7 @@ class CachingAllocator:
         self._unmapped: dict[int, _Block] = {}  # BlockPool::unmapped of both pools, by address
         self._live: dict[Hashable, _Block | None] = {}  # key -> block (None: a 0-byte tensor)
         self._next_addr = _ADDR_BASE
+        self._placed: int | None = None  # next_segment_at
         self._allocated = self._requested = self._reserved = 0
         self._peak_allocated = self._peak_requested = self._peak_reserved = 0
         self.num_device_alloc = 0  # cudaMalloc / map calls, as stats.num_device_alloc
@@ -578,6 +580,27 @@ class CachingAllocator:
         whole free block; with expandable segments, unmap every fully free page."""
         self._release_cached_blocks()
 
+    def address_of(self, key: Hashable) -> int | None:
+        """The address of ``key``'s block (None for a 0-byte allocation)."""
+        blk = self._live[key]
+        return None if blk is None else blk.addr
+
+    def next_segment_at(self, addr: int) -> None:
+        """Place the next segment this model creates at ``addr`` (a real trace's cudaMalloc
+        address), so ties between equal free blocks break as they did on the device."""
+        if not 0 < addr <= _MASK:
+            raise UsageError(f"allocator model: segment address {addr} is outside (0, 2**{_SHIFT})")
+        self._placed = addr
+
+    def _segment_addr(self, size: int, align: int) -> int:
+        """Where a new segment of `size` bytes goes: the placed address if one was given (as
+        is), else the next synthetic one (aligned to `align`)."""
+        addr, self._placed = self._placed, None
+        if addr is None:
+            addr = -(-self._next_addr // align) * align
+        self._next_addr = max(self._next_addr, addr + size)
+        return addr
+
     def size_of(self, key: Hashable) -> int:
         """The block size ``key`` occupies (0 for a 0-byte allocation)."""
         blk = self._live[key]
@@ -636,8 +659,7 @@ class CachingAllocator:
             return None
         if self._exp:
             return self._try_allocate_expandable_block(size, small)
-        addr = self._next_addr
-        self._next_addr = addr + alloc_size
+        addr = self._segment_addr(alloc_size, 1)
         self._grow_reserved(alloc_size)
         return _Block(addr, alloc_size, small)
 
@@ -746,8 +768,7 @@ class CachingAllocator:
         # Address space for 1 1/8 of the device: here of the limit, when there is one.
         total = self.limit if self.limit else _DEFAULT_VIRTUAL
         vsize = -(-(total + total // 8) // page) * page
-        base = -(-self._next_addr // page) * page
-        self._next_addr = base + vsize
+        base = self._segment_addr(vsize, page)
         es = _ExpandableSegment(base, page, vsize)
         c = _Block(base, vsize, small, es)
         c.mapped = False
