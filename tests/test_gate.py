@@ -96,6 +96,20 @@ def test_mem_tol_absorbs_small_growth(tmp_path):
     assert code == 0
 
 
+def test_reserved_memory_is_gated_where_both_sides_have_it(tmp_path):
+    """Reserved memory decides an OOM on CUDA: 2 MiB more predicted reserved (target cuda,
+    fake probe, tolerance 0) fails; records without it (target cpu) are not listed for it."""
+    base = [_rec("adam", 256, 32, probe="fake", target="cuda", peak_reserved=90 * MiB),
+            _rec("adam", 128, 32, probe="fake")]
+    cur = _edit(base, "adam", 256, peak_reserved=92 * MiB)
+    code, out = _gate(tmp_path, base, cur)
+    assert code == 1
+    line = next(l for l in out.splitlines() if "REGRESSION" in l and "|" in l)
+    assert "peak_reserved" in line and "width=256" in line
+    assert "no value in baseline" not in out
+    assert _gate(tmp_path / "2", base, base)[0] == 0
+
+
 def test_cuda_probe_defaults_to_one_percent():
     base = [_rec("adam", 256, 32, probe="cuda", device="cuda")]
     cur = [dataclasses.replace(base[0], peak_total=int(base[0].peak_total * 1.005))]

@@ -54,9 +54,11 @@ from ..units import parse_fraction
 
 # Memory metrics the gate compares (bytes). `opt_state_expected` is a formula, not a
 # measurement; `mem_*` levels are implied by the peaks; n_params is not memory.
+# `peak_reserved` is what decides an out-of-memory error on CUDA (the cuda probe, and target
+# cuda on the CPU probes); records without it (target cpu) skip it on both sides.
 MEMORY_METRICS: tuple[str, ...] = (
     "peak_total", "peak_forward", "peak_backward", "peak_step", "peak_zero_grad",
-    "step_temp_bytes", "opt_state_bytes", "param_bytes", "grad_bytes",
+    "step_temp_bytes", "opt_state_bytes", "param_bytes", "grad_bytes", "peak_reserved",
 )
 TIME_METRIC = "step_ms_median"
 TIME_IQR = "step_ms_iqr"
