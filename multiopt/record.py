@@ -119,7 +119,8 @@ class OptimizerRecord:
     walked (> 0: state the walk cannot reach; < 0: walked state allocated elsewhere); None
     where nothing attributes (cuda probe). `compiled`: None when its step entered no
     `torch.compile`d code, "eager-under-probe" when the probe ran that code eagerly (tracked,
-    fake), "compiled" when it ran compiled (cuda).
+    fake), "compiled" when it ran compiled (cuda), "unknown: ..." when a C profiler (cProfile)
+    held the hook that counts compiled calls.
     """
 
     name: str = ""

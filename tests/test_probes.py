@@ -573,3 +573,28 @@ def test_compiled_code_runs_eagerly_and_is_counted(name: str) -> None:
         assert watch.compiled_calls == 1
         assert len(watch.alive(None)) == 2
     del x, y
+
+
+def test_a_c_profiler_is_left_alone_and_compiled_calls_are_unknown() -> None:
+    """Under cProfile (a profiler in C, which Python cannot chain) measurement works, the
+    user's profiler keeps its hook, and whether the step ran compiled code is 'unknown'."""
+    import cProfile
+    import sys
+
+    from multiopt.instrument.probes import COMPILED_UNKNOWN
+    from multiopt.instrument.protocol import Config, Protocol, measure
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        with TrackedProbe() as probe, probe.watching(Watch()) as watch:
+            assert sys.getprofile() is profiler
+            x = torch.ones(100) * 2
+        record = measure(Config(width=16, depth=1, batch=4, combo="adam", rules="rest=adam(lr=0.001)"),
+                         Protocol(probe="tracked", steps=0))
+    finally:
+        profiler.disable()
+    assert watch.compiled_calls is None and probe.allocated() == 512  # x, counted as ever
+    assert record.status == "ok", record.error
+    assert [o.compiled for o in record.optimizers] == [COMPILED_UNKNOWN]
+    del x

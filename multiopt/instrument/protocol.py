@@ -28,7 +28,7 @@ from ..train.spec import Rule, canonical, rules_from
 from ..train.trainer import Trainer
 from ..units import round_alloc
 from .allocator import AllocatorConfig
-from .probes import Probe, Watch, Workspaces, make_probe
+from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
 from .timing import time_steps
@@ -370,8 +370,16 @@ def _optimizer_record(key: str, rule: Rule | None, opt: Any, measured: StateByte
         expected=expected.total if expected is not None else None, step_temp_bytes=temps,
         state_attributed_bytes=attributed.total if attributed is not None else None,
         state_gap_bytes=attributed.total - measured.total if attributed is not None else None,
-        compiled=probe.compile_mode if watched.steps.compiled_calls else None,
+        compiled=_compiled(probe, watched.steps.compiled_calls),
     )
+
+
+def _compiled(probe: Probe, calls: int | None) -> str | None:
+    """The record's `compiled`: how the probe ran the step's compiled code, None when the step
+    entered none, unknown when a C profiler kept the calls from being counted."""
+    if calls is None:
+        return COMPILED_UNKNOWN
+    return probe.compile_mode if calls else None
 
 
 def _check_finite(model: torch.nn.Module, read: bool = True) -> None:

@@ -16,7 +16,7 @@ import torch
 from ...errors import UsageError
 from ..allocator import AllocatorConfig
 from ...units import ALLOC_GRANULE, round_alloc
-from .base import COMPILED, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
+from .base import COMPILED, COMPILED_UNKNOWN, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
 from .cuda import CudaProbe
 from .fake import FakeProbe
 from .target import CudaTarget, Workspaces
@@ -27,6 +27,7 @@ PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
 __all__ = [
     "ALLOC_GRANULE",
     "COMPILED",
+    "COMPILED_UNKNOWN",
     "EAGER_UNDER_PROBE",
     "Watch",
     "CudaProbe",

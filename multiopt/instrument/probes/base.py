@@ -24,6 +24,8 @@ from ...errors import UsageError
 #: through their dispatch mode), the cuda probe lets it compile.
 EAGER_UNDER_PROBE = "eager-under-probe"
 COMPILED = "compiled"
+#: Whether a step ran compiled code could not be seen (another profiler held the hook).
+COMPILED_UNKNOWN = "unknown: a C profiler was active"
 
 
 class Watch:
@@ -36,7 +38,7 @@ class Watch:
         self.owner = owner
         self.births: dict[Hashable, list[weakref.ref]] = {}
         self.ops: set[Any] = set()
-        self.compiled_calls = 0
+        self.compiled_calls: int | None = 0  # None: not countable (a C profiler was active)
 
     def born(self, storage: torch.UntypedStorage) -> None:
         self.births.setdefault(self.owner(), []).append(weakref.ref(storage))
@@ -55,6 +57,12 @@ class Watch:
         profile hook: the wrapper's frame is the one trace a compiled region leaves when a
         stance runs it eagerly)."""
         previous = sys.getprofile()
+        if previous is not None and not callable(previous):
+            # A profiler written in C (cProfile) cannot be chained from Python: leave it in
+            # place; whether the block entered compiled code is then unknown.
+            self.compiled_calls = None
+            yield
+            return
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             if event == "call" and frame.f_code.co_name == _COMPILE_WRAPPER and \
