@@ -201,6 +201,20 @@ def test_config_missing_in_current_fails_and_new_config_passes(tmp_path):
     assert "New in current (1" in out and "muon+adamw, width=256" in out
 
 
+@pytest.mark.parametrize("over", [dict(step_ms_median=None, steps_timed=0), dict(step_ms_median=float("nan"))],
+                         ids=["untimed", "nan"])
+def test_a_step_time_missing_now_fails_unless_memory_alone_is_gated(tmp_path, over):
+    base = _configs()
+    cur = _edit(base, "adam", 256, **over)
+    code, out = _gate(tmp_path, base, cur)
+    assert code == 1
+    line = next(l for l in out.splitlines() if "REGRESSION" in l and "|" in l)
+    assert "adam, width=256" in line and "step_ms_median" in line
+    assert _gate(tmp_path / "2", base, cur, "--only", "memory")[0] == 0
+    elsewhere = [dataclasses.replace(r, device_name="Other CPU") for r in cur]  # another machine: not compared
+    assert _gate(tmp_path / "3", base, elsewhere)[0] == 0
+
+
 def test_different_device_name_time_not_compared_with_reason(tmp_path):
     base = _configs()
     cur = [dataclasses.replace(r, device_name="Intel Xeon 8375C", step_ms_median=r.step_ms_median * 3)

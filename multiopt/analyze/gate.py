@@ -15,7 +15,8 @@ rules is noted next to the verdicts it causes):
   `new > old * (1 + max(time_tol, time_k * old_iqr / old))`, so a noisy baseline widens its
   own band; an improvement when `new < old * (1 - that)`. Compared only when both records
   have the same `device_name` and `torch` version; otherwise listed as "not compared" with
-  the reason.
+  the reason. On the same machine, a config timed in the baseline with no finite time now
+  is a regression, as a missing memory value is (`--only memory` gates memory alone).
 * **configs on one side only** are always listed: missing in current FAILS the gate (a
   config that silently stopped being measured is how regressions hide); new in current is
   reported and passes (add it to the baseline with `--update-baseline`).
@@ -329,6 +330,11 @@ def _compare_time(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], ve
     reason = _time_incomparable(b, c)
     if reason == "":
         return  # untimed on both sides (e.g. the fake probe)
+    if reason == _UNTIMED_NOW:  # as for memory: a missing value can hide a regression
+        verdicts.append(Verdict(cfg, key, TIME_METRIC, _finite(b.get(TIME_METRIC)), c.get(TIME_METRIC), None, None,
+                                REGRESSION, "missing", "no finite step time in current (gate memory alone with "
+                                "--only memory)"))
+        return
     if reason is not None:
         not_compared.append(NotCompared(cfg, key, TIME_METRIC, reason))
         return
@@ -372,18 +378,22 @@ def _check_settings(mem_tol: float | None, time_tol: float, time_k: float) -> No
             raise UsageError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
+_UNTIMED_NOW = "not timed in current"
+
+
 def _time_incomparable(b: Mapping[str, Any], c: Mapping[str, Any]) -> str | None:
-    """None when step time is comparable; "" when neither side is timed; else the reason."""
-    bt = b.get(TIME_METRIC) is not None and (b.get("steps_timed") or 0) > 0
-    ct = c.get(TIME_METRIC) is not None and (c.get("steps_timed") or 0) > 0
+    """None when step time is comparable; "" when neither side is timed; else the reason
+    (`_UNTIMED_NOW` when only the current record lacks a finite time on the same machine)."""
+    bt = _finite(b.get(TIME_METRIC)) is not None and (b.get("steps_timed") or 0) > 0
+    ct = _finite(c.get(TIME_METRIC)) is not None and (c.get("steps_timed") or 0) > 0
     if not bt and not ct:
         return ""
-    if not bt or not ct:
-        return f"not timed in {'baseline' if not bt else 'current'}"
+    if not bt:
+        return "not timed in baseline"
     for col, what in (("device_name", "device"), ("torch", "torch version")):
         if b.get(col) != c.get(col):
             return f"{what} differs: {b.get(col)!r} vs {c.get(col)!r}"
-    return None
+    return None if ct else _UNTIMED_NOW
 
 
 # --------------------------------------------------------------------------------------
