@@ -101,3 +101,26 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert rc == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_target_cuda_answer_holds_on_the_tracked_probe_under_the_same_allocator_limit():
+    """fit --target cuda searches on predicted peak *reserved* (fake probe, allocator model
+    capped at budget - context, cached blocks released and retried before an OOM, as CUDA
+    does). The tracked probe with the same target and limit must agree at the boundary:
+    the answer runs, one more does not."""
+    budget, context, width = 100 << 20, 4 << 20, 256
+    (name, rules), = combos(["adam"])
+    config = Config(model="mlp", width=width, depth=DEPTH, batch=1, combo=name, rules=rules, target="cuda")
+    from multiopt.run.fit import largest
+
+    a = largest(config, "batch", budget, context=context)
+    assert a.error is None and not a.capped and a.value > 1, a
+    assert a.record.peak_reserved + context <= budget < a.over_peak + context
+
+    def tracked(batch: int):
+        c = Config(model="mlp", width=width, depth=DEPTH, batch=batch, combo=name, rules=rules, target="cuda")
+        return measure(c, Protocol(probe="tracked", steps=0, limit_bytes=budget - context))
+
+    fits, over = tracked(a.value), tracked(a.value + 1)
+    assert fits.status == "ok" and fits.peak_reserved == a.record.peak_reserved, fits.error
+    assert over.status == "oom" and "out of memory" in over.error

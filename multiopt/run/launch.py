@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import hashlib
+import importlib
 import multiprocessing
 import multiprocessing.forkserver
 import signal
@@ -87,6 +88,8 @@ class InProcess(Launcher):
     """Every config in this process."""
 
     def start(self) -> None:
+        for name in _PRELOAD:  # what the first config would import, frozen with the rest
+            importlib.import_module(name)
         gc.collect()
         gc.freeze()  # what exists now outlives every config: no need to scan it per config
 
