@@ -215,6 +215,9 @@ class Record(Config):
     reserved_after_step: int | None = None
     peak_reserved: int | None = None
     alloc_model: str | None = None
+    # target "cuda" on a CPU probe: what ran whose CUDA kernels allocate differently and is not
+    # modelled (e.g. "attention (SDPA kernels)"); the numbers are then not CUDA's to the byte
+    unmodelled: str | None = None
     # time
     step_ms_median: float | None = None
     step_ms_iqr: float | None = None
@@ -349,8 +352,9 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
-    if row.get("error") is not None and not isinstance(row["error"], str):
-        raise UsageError(f"{where}: error is {_show(row['error'])}, expected text or null")
+    for c in ("error", "unmodelled"):
+        if row.get(c) is not None and not isinstance(row[c], str):
+            raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
     for list_name in ("optimizers", "ranks_state"):
         for i, item in enumerate(row.get(list_name) or ()):
             for c in _SUB_BYTES:

@@ -21,7 +21,7 @@ from multiopt import cli
 from multiopt.instrument.allocator import ALLOC_MODEL
 from multiopt.instrument.probes import FakeProbe, TrackedProbe
 from multiopt.instrument.probes.reduce import staging_bytes
-from multiopt.record import Record, config_key
+from multiopt.record import Config, Record, config_key
 from multiopt.train import optimizers as registry
 from multiopt.train.multi import impl_kwargs
 
@@ -138,3 +138,32 @@ def test_target_cuda_counts_a_reductions_staging_at_its_peak_only(probe_cls: typ
         cpu.reset_peak()
         x.mean()
         assert cpu.peak() - cpu.allocated() == 512  # CPU semantics: only the output
+
+
+def test_attention_under_target_cuda_is_flagged_as_not_modelled(tmp_path: Path) -> None:
+    """The CPU runs its flash-attention kernel; CUDA would pick flash, memory-efficient or cuDNN
+    attention, whose saved tensors and workspaces differ. A target-cuda record that ran attention
+    says so, and the report and fit's answer carry the flag; an MLP and target cpu do not."""
+    from multiopt.analyze.report import write_report
+    from multiopt.instrument.protocol import Protocol, measure
+    from multiopt.run.fit import Answer, render
+    from multiopt.store import append_jsonl
+
+    def run(model: str, target: str, probe: str = "tracked") -> Record:
+        c = Config(model=model, width=64, depth=2, batch=4, combo="adam", rules="rest=adam(lr=0.001)", target=target)
+        return measure(c, Protocol(probe=probe, steps=0))
+
+    attn, fake_attn, mlp, cpu = run("transformer", "cuda"), run("transformer", "cuda", "fake"), run("mlp", "cuda"), \
+        run("transformer", "cpu")
+    assert [r.status for r in (attn, fake_attn, mlp, cpu)] == ["ok"] * 4
+    assert attn.unmodelled == fake_attn.unmodelled == "attention (SDPA kernels)"
+    assert mlp.unmodelled is None and cpu.unmodelled is None
+    append_jsonl(tmp_path / "run" / "results.jsonl", [attn, mlp])
+    report = write_report(tmp_path / "run").read_text()
+    section = report[report.index("## Flagged: not modelled for CUDA"):].split("\n## ")[0]
+    flagged_rows = [line for line in section.splitlines() if line.startswith("| ") and "SDPA" in line]
+    assert len(flagged_rows) == 1 and "| transformer |" in flagged_rows[0]
+    answer = Answer(combo="adam", rules="rest=adam(lr=0.001)", axis="batch", fixed=("width", 64), value=4, capped=False,
+                    record=attn, over=5, over_peak=attn.peak_reserved, runs=1)
+    assert "not modelled (attention (SDPA kernels))" in render([answer], 1 << 30, model="transformer", depth=2,
+                                                               dtype="float32")

@@ -289,3 +289,17 @@ def test_one_step_has_no_step_temporaries_yet():
         opt.step()
     assert prof.to_frame()["step_temp_bytes"].notna().all()
     assert prof.optimizer_frame()["step_temp_bytes"].isna().all()
+
+
+def test_target_cuda_profile_says_what_it_does_not_model():
+    """Attention in the user's loop under target cuda: the summary names it as not modelled."""
+    spec = models.resolve("transformer")
+    model = spec.build(WIDTH, DEPTH)
+    optimizer = MultiOptimizer.from_spec(model, RULES, target="cuda")
+    tokens, targets = spec.make_batch(model, BATCH, generator=torch.Generator().manual_seed(SEED))
+    for target, flagged in (("cuda", True), ("cpu", False)):
+        with multiopt.profile(model, optimizer, probe="tracked", target=target) as p:
+            models.lm_loss(model(tokens), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert ("not modelled: attention (SDPA kernels)" in p.summary()) is flagged, target

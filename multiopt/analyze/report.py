@@ -436,6 +436,23 @@ def _attribution(ok: pd.DataFrame) -> str:
         ["combo", "width", "optimizer", "walked (B)", "attributed (B)", "gap", "compiled"], rows) + more)
 
 
+def _unmodelled(ok: pd.DataFrame) -> str:
+    """Configs measured for a CUDA target that ran ops whose CUDA allocations are not modelled:
+    their numbers are estimates there, not CUDA's to the byte."""
+    if "unmodelled" not in ok.columns:
+        return ""
+    flagged = ok[ok["unmodelled"].fillna("").astype(str).ne("")]
+    if flagged.empty:
+        return ""
+    rows, more = cap([[r["_label"], r["model"], r["width"], r["batch"], r["unmodelled"]] for _, r in flagged.iterrows()])
+    note = ("Measured with `--target cuda` on a CPU probe, these configs ran ops whose CUDA kernels keep or "
+            "borrow different memory from the CPU kernel that ran (attention: CUDA picks flash, "
+            "memory-efficient or cuDNN kernels by dtype, shape and GPU). Their memory numbers are the CPU "
+            "kernels' with CUDA's allocator around them: not CUDA's to the byte.")
+    return _section("Flagged: not modelled for CUDA", note + "\n\n"
+                    + _table(["config", "model", "width", "batch", "not modelled"], rows) + more)
+
+
 def _zero(ok: pd.DataFrame) -> str:
     """ZeRO-1 records next to the ZeRO paper's model: each rank holds state / ranks, give or
     take whole parameters (ZeroRedundancyOptimizer partitions by parameter)."""
@@ -538,6 +555,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResu
         _batch_scaling(ok),
         _expected(ok),
         _attribution(ok),
+        _unmodelled(ok),
         _variants(ok),
         _implementations(df, ok),
         _zero(ok),

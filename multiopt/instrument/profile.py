@@ -497,6 +497,10 @@ class Profile:
             lines += ["", f"iteration time (instrumented: {probe} probe on, synced at every phase boundary; "
                           f"steps 2..{len(self.rows)}): median {fmt_ms(statistics.median(times))}, "
                           f"IQR {fmt_ms(q[2] - q[0])}, min {fmt_ms(min(times))}"]
+        unmodelled = getattr(self.probe, "unmodelled", ())
+        if unmodelled:
+            lines += ["", f"target cuda, not modelled: {', '.join(unmodelled)} (CUDA's kernels allocate differently: "
+                          "those bytes are the CPU kernels', not CUDA's)"]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

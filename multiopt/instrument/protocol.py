@@ -164,6 +164,7 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
         _run(config, protocol, probe, fields)
+        fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = "ok"
     except torch.OutOfMemoryError as e:
         fields.update(status="oom", error=_one_line(e))

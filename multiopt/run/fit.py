@@ -286,6 +286,10 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                               tablefmt="github", disable_numparse=True))
         if splits:
             lines += ["", "How the budget splits at the peak (target cuda):", "", *splits]
+        unmodelled = sorted({a.record.unmodelled for a in group if a.record is not None and a.record.unmodelled})
+        if unmodelled:
+            lines += ["", f"Estimate, not CUDA's to the byte: this model runs ops whose CUDA kernels allocate "
+                          f"differently and are not modelled ({'; '.join(unmodelled)}); leave headroom."]
     return "\n".join(lines) + "\n"
 
 

@@ -321,6 +321,11 @@ class LedgerProbe(Probe):
         return {} if self._cuda is None else self._cuda.extra()
 
     @property
+    def unmodelled(self) -> tuple[str, ...]:
+        """Under target cuda: what ran whose CUDA allocations are not modelled (target.py)."""
+        return () if self._cuda is None else tuple(sorted(self._cuda.unmodelled))
+
+    @property
     def active(self) -> bool:
         return self._active
 
