@@ -29,7 +29,7 @@ _FACE = {
     "measure": ".instrument.protocol",
 }
 
-__all__ = sorted(_FACE)
+__all__ = ["Config", "MultiOptimizer", "Profile", "Protocol", "Record", "Trainer", "measure", "profile"]  # = _FACE
 
 
 def __getattr__(name: str) -> Any:

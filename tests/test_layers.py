@@ -132,7 +132,7 @@ def test_the_package_face() -> None:
         assert hasattr(multiopt, name), name
     assert (multiopt.MultiOptimizer, multiopt.Trainer, multiopt.profile, multiopt.measure, multiopt.Protocol) == (
         multi.MultiOptimizer, trainer.Trainer, profile.profile, protocol.measure, protocol.Protocol)
-    assert set(multiopt.__all__) <= set(dir(multiopt))
+    assert set(multiopt.__all__) == set(multiopt._FACE) and set(multiopt.__all__) <= set(dir(multiopt))
     with pytest.raises(AttributeError, match="no attribute 'Trainr'"):
         multiopt.Trainr  # noqa: B018
 

@@ -1,6 +1,5 @@
 """The protocol end to end: exact state on both CPU probes, probe agreement, failures."""
 
-import json
 
 import pytest
 import torch
