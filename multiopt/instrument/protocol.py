@@ -69,8 +69,6 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     _check_fields(config)
     if config.zero == 1:
         _check_zero(config, protocol)
-    if protocol.probe == "fake" and config.amp == "fp16":
-        raise UsageError("the fake probe cannot run fp16 AMP: GradScaler reads real values (found_inf); use --probe tracked")
     rules = rules_from(config.rules)
     if protocol.probe == "fake":
         for rule in rules:
@@ -229,14 +227,16 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
     return factory
 
 
-def training(config: Config, model: torch.nn.Module, device: torch.device | str) -> tuple[Any, Trainer, Any]:
+def training(config: Config, model: torch.nn.Module, device: torch.device | str,
+             computes: bool = True) -> tuple[Any, Trainer, Any]:
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
-    Trainer and the synthetic batch for `model`, as every measurement of the config builds them."""
+    Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
+    `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
     spec = models.resolve(config.model)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at)
+                      zero_grad_at=config.zero_grad_at, assume_finite=not computes)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
     return optimizer, trainer, batch
@@ -270,7 +270,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         out["n_params"] = sum(p.numel() for p in model.parameters())
         # births while optimizers are built belong to the one being built (shared maps)
         with probe.watching(Watch(constructing_optimizer)) as built:
-            optimizer, trainer, batch = training(config, model, probe.device)
+            optimizer, trainer, batch = training(config, model, probe.device, probe.computes)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)

@@ -22,6 +22,15 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PhaseHook = Callable[[str, str], None]  # (phase, "before" | "after")
 
 
+class _UnreadScaler(torch.amp.GradScaler):
+    """A GradScaler that never reads whether gradients overflowed (`.item()` on its found_inf
+    tensors): it steps every optimizer. Scaling, unscaling and update() run as usual."""
+
+    def _maybe_opt_step(self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any],
+                        *args: Any, **kwargs: Any) -> Any:
+        return optimizer.step(*args, **kwargs)
+
+
 class Trainer:
     """Train `model` with one optimizer, a MultiOptimizer, or a list of optimizers.
 
@@ -29,6 +38,9 @@ class Trainer:
     grad_accum: micro-batches per optimizer step; each `train_step` call is one micro-batch.
     zero_grad_at: "end" frees gradients right after the step; "start" keeps them until the
     next iteration begins, which changes the peak (gradients live through the forward).
+    assume_finite (fp16): step every optimizer as if no gradient overflowed, without reading
+    the scaler's inf checks: for tensors that hold no values (the fake probe), measuring the
+    step an overflow-free iteration takes.
 
     Batches and losses follow `forward_loss` (Hugging Face conventions included). Optimizers
     with a train/eval mode (schedulefree) are put in train mode here, every child of a
@@ -46,6 +58,7 @@ class Trainer:
         clip_norm: float | None = None,
         schedulers: Sequence[Any] = (),
         zero_grad_at: str = "end",
+        assume_finite: bool = False,
     ) -> None:
         if amp in ("none", ""):
             amp = None
@@ -67,7 +80,8 @@ class Trainer:
         self.zero_grad_at = zero_grad_at
         first = next(model.parameters(), None)
         self.device_type = first.device.type if first is not None else "cpu"
-        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+        scaler = _UnreadScaler if assume_finite else torch.amp.GradScaler
+        self.scaler = scaler(self.device_type) if amp == "fp16" else None
         self._hooks: OrderedDict[int, PhaseHook] = OrderedDict()
         self._micro = 0
         self.steps = 0
