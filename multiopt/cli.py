@@ -192,6 +192,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .analyze.card import record_text
     from .instrument.probes import resolve_probe
     from .instrument.protocol import Config, Protocol, measure, validate
+    from .run.launch import settle
     from .run.presets import combos
     from .store import dumps
     from .train.spec import canonical
@@ -204,7 +205,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
-    _settle()
+    settle()  # this process ends with the command
     record = measure(config, protocol)
     print(dumps(record) if args.json else record_text(record))
     if record.status != "ok":
@@ -254,13 +255,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     """0 when every question was answered, 1 when a fake run failed, 2 bad input."""
     from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render
+    from .run.launch import settle
     from .run.presets import combos, user_combo
 
     budget = _bytes(args.budget, "--budget")
     chosen = _chosen_combos(combos(_strs(args.combos)), args.rules, user_combo)
     if not chosen:
         chosen = list(combos(DEFAULT_COMBOS))
-    _settle()
+    settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
                   context=context_bytes(args.context) if args.target == "cuda" else 0)
@@ -386,18 +388,6 @@ def _ints(text: str | None, flag: str) -> list[int]:
         return [int(s) for s in _strs(text)]
     except ValueError:
         raise UsageError(f"{flag} takes integers separated by commas, got {text!r}") from None
-
-
-def _settle() -> None:
-    """For a command whose process ends with it: import what a measurement imports on its first
-    run (torch._dynamo: FakeTensorMode and every torch.optim constructor load it), then move all
-    that into the collector's permanent generation, so each protocol's gc.collect() scans only
-    its own objects (0.2 s a run otherwise: most of a small fake run)."""
-    import importlib
-
-    importlib.import_module("torch._dynamo")
-    gc.collect()
-    gc.freeze()
 
 
 def entry() -> None:

@@ -37,7 +37,7 @@ CUDA's to the byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -68,7 +68,7 @@ _UNMODELLED = {
 }
 
 
-def _overloads(names: Any) -> list[tuple[Any, str]]:
+def _overloads(names: Iterable[str]) -> list[tuple[Any, str]]:
     """(OpOverload, its packet's name) for every overload of the named aten ops torch has."""
     aten = torch.ops.aten
     return [(getattr(packet, o), name) for name in names if (packet := getattr(aten, name, None)) is not None
