@@ -13,3 +13,10 @@ class UsageError(ValueError):
 
     The message must name the culprit and, where possible, say what to do next.
     """
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as the one line a user reads: its message's first line, or its type's name
+    where the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

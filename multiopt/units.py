@@ -60,3 +60,26 @@ def parse_fraction(text: str | float) -> float:
         return float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
         raise UsageError(f"cannot read {text!r} as a fraction; write e.g. 10% or 0.1") from None
+
+
+def missing(value: object) -> bool:
+    """True where a record or DataFrame cell holds no number: None, NaN, pandas' NA/NaT.
+    Lists and arrays are values, not missing. The one such test in the package."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (int, str, bytes, list, tuple, dict)):
+        return False
+    try:  # numpy's NaN scalars and NaT compare unequal to themselves
+        unequal = value != value
+    except (TypeError, ValueError):
+        return False
+    if isinstance(unequal, bool):
+        return unequal
+    if type(unequal).__name__ == "NAType":  # pandas.NA != pandas.NA is NA itself
+        return True
+    try:
+        return bool(unequal)
+    except (TypeError, ValueError):  # arrays: an element-wise answer, so the value is present
+        return False
