@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import UsageError
+from .kinds import effective_target
+from .rules import Rules
 
 SCHEMA = "multiopt.record/2"
 SCHEMAS: tuple[str, ...] = ("multiopt.record/1", SCHEMA)
@@ -42,7 +44,9 @@ def phase_order(zero_grad_at: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Config:
     """What is measured: model, sizes, dtypes and the optimizer combo. Its fields are the
-    record's config columns; `rules` holds the canonical rule text (`spec.format_rules`)."""
+    record's config columns. `rules` is parsed once, here: rule text (or a list of dicts, or
+    Rule values) becomes `Rules`, the canonical text (as records store it and keys compare it)
+    carrying its parsed rules; text that does not parse is a UsageError naming the part."""
 
     device: str = "cpu"
     model: str = "mlp"
@@ -52,7 +56,7 @@ class Config:
     dtype: str = "float32"
     amp: str = "none"
     combo: str = "adam"
-    rules: str = "rest=adam"
+    rules: Rules = Rules("rest=adam")
     impl: str = "default"
     zero_grad_at: str = "end"
     seed: int = 0
@@ -64,6 +68,10 @@ class Config:
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, Rules):
+            object.__setattr__(self, "rules", Rules.of(self.rules))
+
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
         target = f" target={self.target}" if self.target != "cpu" else ""
@@ -72,8 +80,7 @@ class Config:
 
     def record_key(self, probe: str) -> tuple:
         """The key a record of this config, measured on `probe`, will have (see config_key)."""
-        target = "cuda" if probe == "cuda" else self.target  # a cuda probe reports CUDA's numbers
-        return config_key({**dataclasses.asdict(self), "probe": probe, "target": target})
+        return config_key({**dataclasses.asdict(self), "probe": probe, "target": effective_target(probe, self.target)})
 
 
 # Columns that identify a config. Two records with equal values here measured the same thing.
