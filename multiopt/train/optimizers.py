@@ -193,7 +193,7 @@ class OptimizerSpec:
         for key, value in kwargs.items():
             want = _expected_type(value, defaults.get(key, inspect.Parameter.empty))
             if want is not None:
-                raise UsageError(f"{self.name}'s keyword {key} takes {want} (its default is {defaults[key]!r}), "
+                raise UsageError(f"{self.name}'s keyword {key} takes {want}, like its default {defaults[key]!r}; "
                                  f"got {value!r} ({type(value).__name__}){at}")
 
     def build(self, params: Iterable[Any], kwargs: dict[str, Any], where: str = "") -> torch.optim.Optimizer:
@@ -216,7 +216,7 @@ def _expected_type(value: Any, default: Any) -> str | None:
         fits = isinstance(value, (tuple, list)) and len(value) == len(default)
         if fits and not any(_expected_type(v, d) for v, d in zip(value, default)):
             return None
-        return f"a tuple of {len(default)} values like its default"
+        return f"a tuple or list of {len(default)} values"
     if isinstance(default, str):
         return None if isinstance(value, str) else "a string"
     return None
