@@ -235,6 +235,15 @@ class Record(Config):
     status: str = "ok"
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        # A record keeps the rule text it was stored with: parsed (`Rules`) when it parses, as
+        # every record this version writes does, else kept as text: reading never refuses a
+        # row for its rules; only a Config (what is about to be measured) must parse.
+        try:
+            super().__post_init__()
+        except UsageError:
+            pass
+
     def to_dict(self) -> dict[str, Any]:
         """The row as stored: fields in `FIELDS` order, sub-records as lists of dicts."""
         d = dataclasses.asdict(self)

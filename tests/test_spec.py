@@ -231,3 +231,13 @@ def test_a_rule_that_claims_nothing_says_which_of_the_other_causes():
         assign(m.named_parameters(), parse("*.bias=sgd; @matrix=muon; layer2=adam; rest=adamw"))
     with pytest.raises(UsageError, match=r"claims no parameter \(the selector matches no parameter name\)"):
         assign(m.named_parameters(), parse("layer9=sgd; rest=adamw"))
+
+
+def test_a_record_keeps_rule_text_that_does_not_parse_while_a_config_refuses_it():
+    from multiopt.record import Config, Record
+    from multiopt.train.spec import Rules
+
+    assert Record.from_dict({"rules": "rules-of-adam", "status": "error"}).rules == "rules-of-adam"
+    assert isinstance(Record.from_dict({"rules": "rest=adam(lr=1e-3)"}).rules, Rules)
+    with pytest.raises(UsageError, match="must look like 'selector=optimizer"):
+        Config(rules="rules-of-adam")
