@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from multiopt.analyze import gate
@@ -113,9 +112,8 @@ def test_reserved_memory_is_gated_where_both_sides_have_it(tmp_path):
 def test_cuda_probe_defaults_to_one_percent():
     base = [_rec("adam", 256, 32, probe="cuda", device="cuda")]
     cur = [dataclasses.replace(base[0], peak_total=int(base[0].peak_total * 1.005))]
-    df = lambda rs: pd.DataFrame([r.to_dict() for r in rs])  # noqa: E731
-    assert gate.compare(df(base), df(cur)).exit_code == 0
-    assert gate.compare(df(base), df(cur), mem_tol=0).exit_code == 1
+    assert gate.compare(base, cur).exit_code == 0
+    assert gate.compare(base, cur, mem_tol=0).exit_code == 1
 
 
 def test_step_time_plus_50_percent_with_small_iqr_fails(tmp_path):
@@ -166,8 +164,7 @@ def test_regressions_listed_worst_first():
     cur = _edit(cur, "adam", 256, status="oom", error="CUDA out of memory")
     cur = _edit(cur, "sgd+adam", 256, peak_total=base[1].peak_total * 2,
                 opt_state_bytes=base[1].opt_state_bytes // 2)
-    df = lambda rs: pd.DataFrame([r.to_dict() for r in rs])  # noqa: E731
-    res = gate.compare(df(base), df(cur))
+    res = gate.compare(base, cur)
     order = [(v.config, v.metric, v.verdict) for v in res.verdicts if v.verdict != "unchanged"]
     assert order == [
         ("adam, width=256", "status", "regression"),
@@ -231,8 +228,7 @@ def test_different_device_name_time_not_compared_with_reason(tmp_path):
 
 def test_short_names_show_only_varying_columns():
     base = [_rec("adam", 256, b) for b in (16, 32)]
-    df = pd.DataFrame([r.to_dict() for r in base])
-    res = gate.compare(df, df)
+    res = gate.compare(base, base)
     assert {v.config for v in res.verdicts} == {"batch=16", "batch=32"}
 
 
@@ -321,7 +317,7 @@ def test_update_baseline_writes_current_records(tmp_path):
     assert code == 0
     assert "REGRESSION" in out and "baseline updated" in out
     written = read_jsonl(tmp_path / "base.jsonl")
-    assert written == [r.to_dict() for r in cur]  # exact, ints stay ints
+    assert [r.to_dict() for r in written] == [r.to_dict() for r in cur]  # exact, ints stay ints
     # and now the gate passes against it
     assert _gate(tmp_path / "again", cur, cur)[0] == 0
 
@@ -344,8 +340,7 @@ def test_duplicates_last_record_wins(tmp_path):
 
 
 def test_gate_result_is_frozen():
-    df = pd.DataFrame([r.to_dict() for r in _configs()])
-    res = gate.compare(df, df)
+    res = gate.compare(_configs(), _configs())
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.missing = ()  # type: ignore[misc]
     assert res.exit_code == 0 and not res.regressions and len(res.unchanged) > 0
@@ -388,6 +383,6 @@ def test_current_from_pytest_benchmark_json(tmp_path):
     target = tmp_path / "gpu-quick.jsonl"
     assert gate.run_gate(target, slow, update_baseline=True, stdout=io.StringIO(), environ={}) == 0
     rows = read_jsonl(target)
-    assert len(rows) == len(base) and {r["step_ms_median"] for r in rows if r["combo"] == "adam"} == {20.0}
-    assert all(isinstance(r["opt_state_bytes"], int) for r in rows)
-    assert all(isinstance(r["step_ms_median"], float) for r in rows)
+    assert len(rows) == len(base) and {r.step_ms_median for r in rows if r.combo == "adam"} == {20.0}
+    assert all(isinstance(r.opt_state_bytes, int) for r in rows)
+    assert all(isinstance(r.step_ms_median, float) for r in rows)

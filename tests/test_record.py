@@ -13,9 +13,9 @@ def test_a_torn_tail_is_skipped_on_read_and_cut_on_append(tmp_path, torn):
     append_jsonl(path, [Record(combo="a"), Record(combo="b")])
     with open(path, "a") as f:
         f.write(torn)
-    assert [r["combo"] for r in read_jsonl(path)] == ["a", "b"]
+    assert [r.combo for r in read_jsonl(path)] == ["a", "b"]
     append_jsonl(path, [Record(combo="c")])
-    assert [r["combo"] for r in read_jsonl(path)] == ["a", "b", "c"]
+    assert [r.combo for r in read_jsonl(path)] == ["a", "b", "c"]
     text = path.read_text()
     assert text.endswith("\n") and len(text.splitlines()) == 3  # the torn line is gone, not kept mid-file
 
@@ -24,7 +24,7 @@ def test_a_file_that_is_only_a_torn_line_becomes_the_new_records(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"torn')
     append_jsonl(path, [Record(combo="d")])
-    assert [r["combo"] for r in read_jsonl(path)] == ["d"]
+    assert [r.combo for r in read_jsonl(path)] == ["d"]
 
 
 def test_a_bad_line_before_the_end_is_an_error_naming_file_and_line(tmp_path):
