@@ -386,3 +386,32 @@ def test_current_from_pytest_benchmark_json(tmp_path):
     assert len(rows) == len(base) and {r.step_ms_median for r in rows if r.combo == "adam"} == {20.0}
     assert all(isinstance(r.opt_state_bytes, int) for r in rows)
     assert all(isinstance(r.step_ms_median, float) for r in rows)
+
+
+@pytest.mark.parametrize("twin", [dict(target="cuda", probe="fake"), dict(zero=1, ranks=2)], ids=["target", "zero"])
+def test_configs_differing_only_in_a_config_column_have_names_that_say_it(twin):
+    """Every config column can name a config: two records that differ only in `target` (or
+    in zero and ranks) are named by it, not numbered #1 and #2."""
+    base = [_rec("adam", 256, 32, probe=twin.get("probe", "tracked"))]
+    both = base + [dataclasses.replace(base[0], **twin)]
+    res = gate.compare(both, both)
+    names = {v.config for v in res.verdicts}
+    assert len(names) == 2 and not any("#" in n for n in names), names
+    col = next(c for c in twin if c != "probe")
+    assert {n.split(f"{col}=")[1].split(",")[0] for n in names} == {str(getattr(r, col)) for r in both}
+
+
+def test_a_metric_kind_is_one_check_object():
+    """A new kind of metric is a check passed in `using`: here an exact one on n_params, its
+    own kind for --only, its verdicts ordered with the others, and a missing value failing."""
+    base = _configs()
+    cur = _edit(base, "adam", 128, n_params=base[2].n_params + 1)
+    count = gate.ToleranceCheck("params", ("n_params",), gate.Unit("params", lambda n: f"{n:,}"), tol=0.0)
+    res = gate.compare(base, cur, using=(count,))
+    assert [(v.config, v.metric, v.verdict) for v in res.regressions] == [("adam, width=128", "n_params", "regression")]
+    assert res.settings == "params: 0%" and not any(v.metric == "peak_total" for v in res.verdicts)
+    assert f"{base[2].n_params + 1:,}" in gate.render(res)
+    both = gate.compare(base, cur, using=(*gate.checks(), count), only="params")
+    assert {v.metric for v in both.verdicts} == {"n_params"} and "memory not compared (--only params)" in both.settings
+    with pytest.raises(UsageError, match="--only takes 'memory' or 'time'"):
+        gate.compare(base, cur, only="work")

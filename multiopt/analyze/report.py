@@ -461,13 +461,15 @@ def _zero(ok: pd.DataFrame) -> str:
     twins = {tuple(r[c] for c in _ZERO_TWIN): r for _, r in ok[ok["zero"] != 1].iterrows()}
     headers = ["combo", "width", "batch", "ranks", "unsharded state", "per rank", "model: state/ranks",
                "largest rank share", "ideal share", "peak, no ZeRO", "peak, rank 0"]
+    # named as a series apart from ZeRO itself: the table's own columns say zero and ranks
+    names = series_labels(ok.drop(columns=["zero", "ranks", "seed"]))
     rows = []
-    for _, r in ok[ok["zero"] == 1].iterrows():
+    for i, r in ok[ok["zero"] == 1].iterrows():
         per = [e.get("state_bytes") for e in (r.get("ranks_state") or [])]
         total, ranks = r.get("opt_state_unsharded"), int(r["ranks"])
         twin = twins.get(tuple(r[c] for c in _ZERO_TWIN))
         share = f"{max(per) / total:.3f}" if per and total else "-"
-        rows.append([r["_label"], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
+        rows.append([names[i], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
                      _b(total / ranks) if total else "-", share, f"{1 / ranks:.3f}",
                      _b(twin["peak_total"]) if twin is not None else "-", _b(r["peak_total"])])
     rows, more = cap(rows)
