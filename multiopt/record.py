@@ -102,8 +102,10 @@ MEMORY_COLUMNS: tuple[str, ...] = (
 )
 
 TIME_COLUMNS: tuple[str, ...] = (
-    "step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_mean", "steps_timed",
+    "step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_mean", "steps_timed", "host_noise",
 )
+# Lists of timed samples (ms).
+SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,14 @@ class Record(Config):
     step_ms_min: float | None = None
     step_ms_mean: float | None = None
     steps_timed: int = 0
+    # the timed samples themselves (ms, each the mean of a block of steps), and the host's own
+    # noise while they ran: a fixed calibration kernel (`host_calib` names it) timed around and
+    # between them (`host_calib_ms`), and its spread, IQR / median (`host_noise`). Empty / None
+    # in records written before they were measured; the gate then cannot tell noise from a change.
+    step_ms_samples: tuple[float, ...] = ()
+    host_calib: str | None = None
+    host_calib_ms: tuple[float, ...] = ()
+    host_noise: float | None = None
     # outcome
     status: str = "ok"
     error: str | None = None
@@ -253,6 +263,8 @@ class Record(Config):
         kept = {k: v for k, v in row.items() if k in names}
         kept["optimizers"] = _subrecords(OptimizerRecord, kept.get("optimizers"))
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
+        for c in SAMPLE_COLUMNS:  # tuples, as measured: a frozen record stays hashable
+            kept[c] = tuple(kept.get(c) or ())
         return cls(**kept)
 
 
@@ -352,7 +364,11 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
-    for c in ("error", "unmodelled"):
+    for c in SAMPLE_COLUMNS:
+        v = row.get(c)
+        if v is not None and not (isinstance(v, (list, tuple)) and all(_is(x, float) and x >= 0 for x in v)):
+            raise UsageError(f"{where}: {c} is {_show(v)}, expected a list of non-negative numbers")
+    for c in ("error", "unmodelled", "host_calib"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
     for list_name in ("optimizers", "ranks_state"):

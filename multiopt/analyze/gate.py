@@ -11,11 +11,14 @@ rules is noted next to the verdicts it causes):
   `new > old * (1 + tol)`, an improvement when `new < old * (1 - tol)`. Without
   `--mem-tol` the tolerance is picked per probe: 0 on `tracked` and `fake` (deterministic to
   the byte), 1% on `cuda` and anything else.
-* **step time** (`step_ms_median`) -- a regression only when
-  `new > old * (1 + max(time_tol, time_k * old_iqr / old))`, so a noisy baseline widens its
-  own band; an improvement when `new < old * (1 - that)`. Compared only when both records
-  have the same `device_name` and `torch` version; otherwise listed as "not compared" with
-  the reason. On the same machine, a config timed in the baseline with no finite time now
+* **step time** (`step_ms_median`, `timecheck.TimeCheck`) -- the band is
+  `max(time_tol, time_k * old_iqr / old)`, so a noisy baseline widens its own band; a
+  regression only when the host's own noise during both runs (a fixed calibration kernel's
+  spread, and its shift between the runs) is inside that band and the median is worse by
+  more than band + noise; otherwise `inconclusive (host noise N%)`, which passes and says
+  how to confirm. Records without the calibration keep the band alone. Compared only when
+  both records have the same `device_name` and `torch` version; otherwise listed as "not
+  compared" with the reason. On the same machine, a config timed in the baseline with no finite time now
   is a regression, as a missing memory value is (`--only memory` gates memory alone).
 * **configs on one side only** are always listed: missing in current FAILS the gate (a
   config that silently stopped being measured is how regressions hide); new in current is
@@ -51,6 +54,7 @@ from ..errors import UsageError
 from ..store import write_jsonl_atomic
 from ..units import fmt_bytes, fmt_ms
 from .frame import load
+from .timecheck import CONFIRM, INCONCLUSIVE, TimeCheck
 from ..units import parse_fraction
 
 # Memory metrics the gate compares (bytes). `opt_state_expected` is a formula, not a
@@ -92,9 +96,10 @@ class Verdict:
     new: Any
     change: float | None  # (new - old) / old; inf if old == 0 < new; None for status
     allowed: float | None  # the relative band applied; None for status
-    verdict: str  # REGRESSION | IMPROVEMENT | UNCHANGED
+    verdict: str  # REGRESSION | IMPROVEMENT | UNCHANGED | INCONCLUSIVE (time: the host's noise decides)
     unit: str  # "bytes" | "ms" | "status" | "missing" (a memory metric without a finite current value)
     detail: str = ""  # why the band is what it is, or a failed config's error
+    noise: float | None = None  # time: the host's noise (timecheck.host_noise); None if not recorded
 
     @property
     def delta(self) -> float | None:
@@ -144,6 +149,10 @@ class GateResult:
     @property
     def unchanged(self) -> tuple[Verdict, ...]:
         return tuple(v for v in self.verdicts if v.verdict == UNCHANGED)
+
+    @property
+    def inconclusive(self) -> tuple[Verdict, ...]:
+        return tuple(v for v in self.verdicts if v.verdict == INCONCLUSIVE)
 
     @property
     def passed(self) -> bool:
@@ -338,21 +347,17 @@ def _compare_time(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], ve
     if reason is not None:
         not_compared.append(NotCompared(cfg, key, TIME_METRIC, reason))
         return
-    old, newv = float(b[TIME_METRIC]), float(c[TIME_METRIC])
-    iqr = float(b.get(TIME_IQR) or 0.0)
-    noise = time_k * iqr / old if old > 0 else 0.0
-    band = max(time_tol, noise)
-    detail = f"{time_k:g} x IQR/median" if noise > time_tol else ""
-    verdicts.append(Verdict(cfg, key, TIME_METRIC, old, newv, _rel(old, newv), band,
-                            _classify(old, newv, band), "ms", detail))
+    t = TimeCheck(time_tol, time_k)(b, c)
+    verdicts.append(Verdict(cfg, key, TIME_METRIC, t.old, t.new, t.change, t.allowed, t.verdict, "ms", t.detail,
+                            t.noise))
 
 
 def _severity(v: Verdict) -> tuple:
     """Regressions first (status before metrics, biggest move first), then improvements."""
-    rank = {REGRESSION: 0, IMPROVEMENT: 1, UNCHANGED: 2}[v.verdict]
+    rank = {REGRESSION: 0, IMPROVEMENT: 1, INCONCLUSIVE: 2, UNCHANGED: 3}[v.verdict]
     status_first = 0 if v.unit == "status" else 1
     ch = v.change if v.change is not None else 0.0
-    severity = -ch if v.verdict == REGRESSION else ch  # biggest move first
+    severity = -ch if v.verdict == REGRESSION else -abs(ch) if v.verdict == INCONCLUSIVE else ch  # biggest move first
     return (rank, status_first, severity, v.config, v.metric)
 
 
@@ -361,7 +366,8 @@ def _settings_text(mem_tol: float | None, time_tol: float, time_k: float, only: 
         mem_words = "memory: 0 on tracked/fake probes, 1% on cuda"
     else:
         mem_words = f"memory: {_pct(mem_tol)}"
-    time_words = f"time: max({_pct(time_tol)}, {time_k:g} x IQR/median), same device_name and torch only"
+    time_words = (f"time: max({_pct(time_tol)}, {time_k:g} x IQR/median) plus the host's noise, which must be "
+                  "inside that band (else inconclusive), same device_name and torch only")
     return {"memory": f"{mem_words}; time not compared (--only memory)",
             "time": f"{time_words}; memory not compared (--only time)"}.get(only or "", f"{mem_words}; {time_words}")
 
@@ -469,22 +475,32 @@ def render(result: GateResult) -> str:
         f"({r.n_current} configs). Tolerances: {r.settings}.",
         "",
     ]
-    changed = [v for v in r.verdicts if v.verdict != UNCHANGED]
+    # an inconclusive time verdict is shown where the change would have been one
+    changed = [v for v in r.verdicts if v.verdict != UNCHANGED
+               and not (v.verdict == INCONCLUSIVE and abs(v.change or 0.0) <= (v.allowed or 0.0) - (v.noise or 0.0))]
     if changed:
         lines += [
             "| config | metric | old | new | change | allowed | verdict |",
             "|---|---|--:|--:|--:|--:|---|",
         ]
         for v in changed:
-            verdict = "**REGRESSION**" if v.verdict == REGRESSION else "improvement"
+            verdict = {REGRESSION: "**REGRESSION**", INCONCLUSIVE: f"inconclusive (host noise {_pct(v.noise or 0.0)})"
+                       }.get(v.verdict, v.verdict)
             cells = (v.config, v.metric, _value(v, v.old), _value(v, v.new), _change(v), _allowed(v), verdict)
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
     n_cfg = len({v.key for v in r.verdicts})
+    n_inc = len(r.inconclusive)
     lines.append(
         f"{n_reg} regression{'s' * (n_reg != 1)}, {n_imp} improvement{'s' * (n_imp != 1)}, "
-        f"{n_same} metric{'s' * (n_same != 1)} unchanged, over {n_cfg} config{'s' * (n_cfg != 1)} present on both sides."
+        + (f"{n_inc} step time{'s' * (n_inc != 1)} inconclusive, " if n_inc else "")
+        + f"{n_same} metric{'s' * (n_same != 1)} unchanged, over {n_cfg} config{'s' * (n_cfg != 1)} present on both sides."
     )
+    if n_inc:
+        noises = sorted(v.noise or 0.0 for v in r.inconclusive)
+        lines += ["", f"Step time inconclusive on {n_inc} config{'s' * (n_inc != 1)}: the host's own noise during "
+                  f"the runs ({_pct(noises[0])} to {_pct(noises[-1])}, a fixed calibration kernel's spread and its "
+                  f"shift between the runs) was as large as the change the gate could call. To confirm: {CONFIRM}."]
     if r.missing:
         lines += ["", f"### Missing in current ({len(r.missing)}; fails the gate)", ""]
         lines += [f"- `{m.config}` (baseline status {m.status})" for m in r.missing]
