@@ -95,7 +95,7 @@ class Verdict:
     old: Any
     new: Any
     change: float | None  # (new - old) / old; inf if old == 0 < new; None for status
-    allowed: float | None  # the relative band applied; None for status
+    allowed: float | None  # the relative band applied (time: before the host's noise); None for status
     verdict: str  # REGRESSION | IMPROVEMENT | UNCHANGED | INCONCLUSIVE (time: the host's noise decides)
     unit: str  # "bytes" | "ms" | "status" | "missing" (a memory metric without a finite current value)
     detail: str = ""  # why the band is what it is, or a failed config's error
@@ -348,7 +348,7 @@ def _compare_time(cfg: str, key: tuple, b: dict[str, Any], c: dict[str, Any], ve
         not_compared.append(NotCompared(cfg, key, TIME_METRIC, reason))
         return
     t = TimeCheck(time_tol, time_k)(b, c)
-    verdicts.append(Verdict(cfg, key, TIME_METRIC, t.old, t.new, t.change, t.allowed, t.verdict, "ms", t.detail,
+    verdicts.append(Verdict(cfg, key, TIME_METRIC, t.old, t.new, t.change, t.band, t.verdict, "ms", t.detail,
                             t.noise))
 
 
@@ -477,7 +477,7 @@ def render(result: GateResult) -> str:
     ]
     # an inconclusive time verdict is shown where the change would have been one
     changed = [v for v in r.verdicts if v.verdict != UNCHANGED
-               and not (v.verdict == INCONCLUSIVE and abs(v.change or 0.0) <= (v.allowed or 0.0) - (v.noise or 0.0))]
+               and not (v.verdict == INCONCLUSIVE and abs(v.change or 0.0) <= (v.allowed or 0.0))]
     if changed:
         lines += [
             "| config | metric | old | new | change | allowed | verdict |",
