@@ -54,7 +54,7 @@ from ..errors import UsageError
 from ..store import write_jsonl_atomic
 from ..units import fmt_bytes, fmt_ms
 from .frame import load
-from .timecheck import CONFIRM, INCONCLUSIVE, TimeCheck
+from .timecheck import INCONCLUSIVE, TimeCheck, inconclusive_note
 from ..units import parse_fraction
 
 # Memory metrics the gate compares (bytes). `opt_state_expected` is a formula, not a
@@ -497,10 +497,7 @@ def render(result: GateResult) -> str:
         + f"{n_same} metric{'s' * (n_same != 1)} unchanged, over {n_cfg} config{'s' * (n_cfg != 1)} present on both sides."
     )
     if n_inc:
-        noises = sorted(v.noise or 0.0 for v in r.inconclusive)
-        lines += ["", f"Step time inconclusive on {n_inc} config{'s' * (n_inc != 1)}: the host's own noise during "
-                  f"the runs ({_pct(noises[0])} to {_pct(noises[-1])}, a fixed calibration kernel's spread and its "
-                  f"shift between the runs) was as large as the change the gate could call. To confirm: {CONFIRM}."]
+        lines += ["", inconclusive_note([v.noise or 0.0 for v in r.inconclusive])]
     if r.missing:
         lines += ["", f"### Missing in current ({len(r.missing)}; fails the gate)", ""]
         lines += [f"- `{m.config}` (baseline status {m.status})" for m in r.missing]

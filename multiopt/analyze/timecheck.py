@@ -33,7 +33,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-__all__ = ["CONFIRM", "INCONCLUSIVE", "TimeCheck", "TimeVerdict", "host_noise", "host_shift"]
+__all__ = ["CONFIRM", "INCONCLUSIVE", "TimeCheck", "TimeVerdict", "host_noise", "host_shift", "inconclusive_note"]
 
 REGRESSION, IMPROVEMENT, UNCHANGED, INCONCLUSIVE = "regression", "improvement", "unchanged", "inconclusive"
 
@@ -89,6 +89,16 @@ class TimeCheck:
         if verdict == UNCHANGED and abs(change) > band:
             return TimeVerdict(old, new, change, band, noise, INCONCLUSIVE, _join(why, f"{words}: within it"))
         return TimeVerdict(old, new, change, band, noise, verdict, _join(why, f"+ {words}" if noise else ""))
+
+
+def inconclusive_note(noises: Sequence[float]) -> str:
+    """The sentence under a verdict table with inconclusive step times: how many, how noisy
+    the host was, and how to confirm."""
+    lo, hi = min(noises), max(noises)
+    n = len(noises)
+    return (f"Step time inconclusive on {n} config{'s' * (n != 1)}: the host's own noise during the runs "
+            f"({_pct(lo)}{'' if lo == hi else f' to {_pct(hi)}'}; a fixed calibration kernel's spread and its shift "
+            f"between the runs) was as large as the change the gate could call. To confirm: {CONFIRM}.")
 
 
 def host_noise(b: Mapping[str, Any], c: Mapping[str, Any]) -> float | None:
