@@ -3,7 +3,6 @@ the step-time plots (log axis; predicted vs measured where predictions exist).""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 

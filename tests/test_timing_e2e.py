@@ -13,7 +13,6 @@ skips with the numbers instead of failing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from multiopt.analyze.gate import INCONCLUSIVE, REGRESSION, compare, load_records
-from tests.conftest import ROOT, run_quick
+from tests.conftest import run_quick
 
 pytestmark = pytest.mark.slow
 
