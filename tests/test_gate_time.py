@@ -9,12 +9,11 @@ import dataclasses
 import io
 import statistics
 
-import pandas as pd
 import pytest
 
 from multiopt.analyze import gate
-from multiopt.analyze.timecheck import INCONCLUSIVE, TimeCheck, host_noise, host_shift
-from multiopt.record import Record
+from multiopt.analyze.gate import INCONCLUSIVE, TimeCheck, host_noise, host_shift
+from multiopt.record import KEY_COLUMNS, Record
 
 KERNEL = "mm192x192+add_x4/1"
 
@@ -49,12 +48,13 @@ def _scale(records: list[Record], *, ms: float = 1.0, calib: float = 1.0, spread
     return out
 
 
-def _df(records) -> pd.DataFrame:
-    return pd.DataFrame([r.to_dict() for r in records])
+def _df(records) -> list[Record]:
+    # through a stored row and back, as the gate reads them from files
+    return [Record.from_dict(r.to_dict()) for r in records]
 
 
 def _time(result) -> dict[tuple[str, int], gate.Verdict]:
-    return {(v.key[gate.KEY_COLUMNS.index("combo")], v.key[gate.KEY_COLUMNS.index("width")]): v
+    return {(v.key[KEY_COLUMNS.index("combo")], v.key[KEY_COLUMNS.index("width")]): v
             for v in result.verdicts if v.metric == "step_ms_median"}
 
 
@@ -135,24 +135,24 @@ def test_records_without_the_calibration_keep_the_band_and_say_so():
     assert v.noise is None and "host noise not recorded" in v.detail
     # one side calibrated, the other not: the shift is unknown, so the same
     cal = [_rec("sgd", 64)]
-    assert host_noise(base[0].to_dict(), cal[0].to_dict()) is None
+    assert host_noise(base[0], cal[0]) is None
     # another calibration kernel: medians of different work are never compared
     other = _rec("sgd", 64, kernel="mm256/2")
-    assert host_shift(cal[0].to_dict(), other.to_dict()) is None
+    assert host_shift(cal[0], other) is None
 
 
-def test_time_check_is_pure_over_rows():
-    b = _rec("sgd", 64, ms=10.0, calib=1.0, spread=0.05).to_dict()
-    c = _rec("sgd", 64, ms=10.5, calib=1.2, spread=0.03).to_dict()
-    t = TimeCheck(0.10, 3.0)(b, c)
-    assert t.band == pytest.approx(0.10) and t.noise == pytest.approx(0.2) and t.verdict == INCONCLUSIVE
+def test_time_check_is_one_pure_check_object():
+    b = _rec("sgd", 64, ms=10.0, calib=1.0, spread=0.05)
+    c = _rec("sgd", 64, ms=10.5, calib=1.2, spread=0.03)
+    [t] = TimeCheck(0.10, 3.0)(gate.Pair("sgd", b.key(), b, c))
+    assert t.allowed == pytest.approx(0.10) and t.noise == pytest.approx(0.2) and t.verdict == INCONCLUSIVE
     assert host_shift(b, c) == pytest.approx(0.2)
     assert "host noise 20% > band" in t.detail
     # the band grows with the baseline's IQR (3 x 0.5 / 10 = 15%) and then holds the 12% shift
-    b2 = {**b, "step_ms_iqr": 0.5}
-    c2 = _rec("sgd", 64, ms=13.0, calib=1.12, spread=0.03).to_dict()
-    t2 = TimeCheck(0.10, 3.0)(b2, c2)
-    assert t2.band == pytest.approx(0.15) and t2.noise == pytest.approx(0.12) and t2.verdict == gate.REGRESSION
+    b2 = dataclasses.replace(b, step_ms_iqr=0.5)
+    c2 = _rec("sgd", 64, ms=13.0, calib=1.12, spread=0.03)
+    [t2] = TimeCheck(0.10, 3.0)(gate.Pair("sgd", b.key(), b2, c2))
+    assert t2.allowed == pytest.approx(0.15) and t2.noise == pytest.approx(0.12) and t2.verdict == gate.REGRESSION
 
 
 def test_run_gate_exit_code_and_summary_for_inconclusive(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from multiopt.analyze.gate import INCONCLUSIVE, REGRESSION, compare, load_records
+from multiopt.analyze.gate import INCONCLUSIVE, REGRESSION, compare
+from multiopt.store import read_records
 from tests.conftest import run_quick
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def _run(out: Path, *extra: str) -> Path:
 
 
 def _time_verdicts(base: Path, cur: Path):
-    res = compare(load_records(base), load_records(cur), only="time")
+    res = compare(read_records(base), read_records(cur), only="time")
     return res, [v for v in res.verdicts if v.metric == "step_ms_median"]
 
 

@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, Locator, LogFormatterSciNotation
 
+from ..kinds import Status
 from .frame import PEAK_PARTS
 from .select import MAX_BARS, MAX_PANELS, MAX_SERIES, evenly, labelled_ok, largest, main_model
 from ..units import fmt_bytes, fmt_ms
@@ -296,7 +297,7 @@ def has_predictions(df: pd.DataFrame) -> bool:
     """Whether any ok, timed record carries a predicted step time."""
     if PREDICTED not in df.columns or "step_ms_median" not in df.columns:
         return False
-    ok = df[df["status"] == "ok"]
+    ok = df[df["status"] == Status.OK]
     return bool((pd.to_numeric(ok[PREDICTED], errors="coerce").notna() & ok["step_ms_median"].notna()).any())
 
 
@@ -351,7 +352,7 @@ PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
 def figures(df: pd.DataFrame) -> dict[str, Plot]:
     """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record.
     `predicted_vs_measured` only where records carry predictions."""
-    if len(df) == 0 or not (df["status"] == "ok").any():
+    if len(df) == 0 or not (df["status"] == Status.OK).any():
         return {}
     ok = labelled_ok(df)
     out = {name: build(ok) for name, build in PLOTS.items()}

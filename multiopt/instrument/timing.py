@@ -11,7 +11,7 @@ work (the same kernel, the same sizes, the same repeats on every run of every ve
 before, between and after the step samples with the same threads and timer. Its work never
 changes, so its spread during a config is the host's noise there, and its median against
 another run's median is how much faster or slower the host itself was; the gate
-(`analyze/timecheck.py`) turns both into `inconclusive` instead of a false regression.
+(`analyze/gate/noise.py`, `TimeCheck`) turns both into `inconclusive` instead of a false regression.
 """
 
 from __future__ import annotations
