@@ -251,6 +251,14 @@ class Record(Config):
     step_ms_min: float | None = _role(Role.TIME)
     step_ms_mean: float | None = _role(Role.TIME)
     steps_timed: int = _role(Role.TIME, 0)
+    # the timed samples themselves (ms, each the mean of a block of steps), and the host's own
+    # noise while they ran: a fixed calibration kernel (`host_calib` names it) timed around and
+    # between them (`host_calib_ms`), and its spread, IQR / median (`host_noise`). Empty / None
+    # in records written before they were measured; the gate then cannot tell noise from a change.
+    step_ms_samples: tuple[float, ...] = ()
+    host_calib: str | None = None
+    host_calib_ms: tuple[float, ...] = ()
+    host_noise: float | None = _role(Role.TIME)
     # outcome
     status: str = Status.OK.value
     error: str | None = None
@@ -287,6 +295,8 @@ class Record(Config):
         kept = {k: v for k, v in row.items() if k in _NAMES}
         kept["optimizers"] = _subrecords(OptimizerRecord, kept.get("optimizers"))
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
+        for c in SAMPLE_COLUMNS:  # tuples, as measured: a frozen record stays hashable
+            kept[c] = tuple(kept.get(c) or ())
         return cls(**kept)
 
 
@@ -334,6 +344,8 @@ MEMORY_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=_ALL)
 # Every byte count a record holds (checked as non-negative integers).
 BYTE_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, Role.BYTES, fields=_ALL)
 TIME_COLUMNS: tuple[str, ...] = _with_role(Role.TIME, fields=_ALL)
+# Lists of timed samples (ms): the step's and the host's calibration kernel's.
+SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
 # The memory metrics the regression gate compares.
 GATED_COLUMNS: tuple[str, ...] = tuple(f.name for f in _ALL if f.metadata.get(GATED))
 
@@ -463,7 +475,11 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
-    for c in ("error", "unmodelled"):
+    for c in SAMPLE_COLUMNS:
+        v = row.get(c)
+        if v is not None and not (isinstance(v, (list, tuple)) and all(_is(x, float) and x >= 0 for x in v)):
+            raise UsageError(f"{where}: {c} is {_show(v)}, expected a list of non-negative numbers")
+    for c in ("error", "unmodelled", "host_calib"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
     for list_name, counts in _SUB_COUNTS.items():

@@ -32,7 +32,7 @@ from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
-from .timing import time_steps
+from .timing import Calibration, time_steps
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
            "storage_bytes", "training", "validate"]
@@ -399,12 +399,16 @@ def _check_finite(model: torch.nn.Module, read: bool = True) -> None:
 
 def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str], None], out: dict[str, Any]) -> None:
     with probe.paused():
+        host = Calibration(probe.device)  # the host's noise, timed around and between the samples
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms)
+                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms,
+                            host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
-               step_ms_mean=timing.mean, steps_timed=timing.steps)
+               step_ms_mean=timing.mean, steps_timed=timing.steps,
+               step_ms_samples=[round(t, 5) for t in timing.times_ms], host_calib=host.KERNEL,
+               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise)
 
 
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:
