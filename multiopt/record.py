@@ -63,6 +63,12 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = "cpu"
+    # activation checkpointing (1: each block recomputed in the backward), LoRA adapters
+    # (canonical `hf.parse_lora` text, "" = none) and the batches' sequence length (0: the
+    # model has none)
+    checkpointing: int = 0
+    lora: str = ""
+    seq: int = 0
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
@@ -84,7 +90,7 @@ CONFIG_COLUMNS: tuple[str, ...] = ("probe", *(f.name for f in dataclasses.fields
 # baselines keep loading and keep their keys.
 # `target` came later too: an older record reported what its own device allocates, so its
 # target is its device ("cuda" for cuda-probe records), see `_column_default`.
-CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu"}
+CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu", "checkpointing": 0, "lora": "", "seq": 0}
 
 
 def _column_default(row: Mapping[str, Any], column: str) -> Any:
