@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError, one_line
-from .models import ModelSpec
 
-__all__ = ["TASKS", "Lora", "apply_lora", "parse_lora", "resolve"]
+__all__ = ["TASKS", "Lora", "Parts", "apply_lora", "parse_lora", "resolve"]
 
 #: task -> the transformers Auto class that builds it
 TASKS: dict[str, str] = {
@@ -57,13 +56,24 @@ DEFAULT_SEQ = 512
 _INSTALL = "pip install 'multiopt[hf]'"
 
 
-def resolve(name: str) -> ModelSpec:
-    """`hf:PATH[#TASK]` or `timm:NAME` as a ModelSpec (cached: the config is read once)."""
+@dataclass(frozen=True)
+class Parts:
+    """What `models.ModelSpec` is made of, for an hf: or timm: model (models builds the spec:
+    this module does not import it, so neither imports the other's importer)."""
+
+    factory: Any
+    batch_fn: Any
+    loss_fn: Any = None
+    seq: int = 0
+
+
+def resolve(name: str) -> Parts:
+    """`hf:PATH[#TASK]` or `timm:NAME` (cached: the config is read once)."""
     return _resolve(name.strip())
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve(name: str) -> ModelSpec:
+def _resolve(name: str) -> Parts:
     kind, _, rest = name.partition(":")
     if not rest:
         raise UsageError(f"model {name!r}: write hf:PATH (a config.json or its directory) or timm:NAME")
@@ -76,7 +86,7 @@ def _resolve(name: str) -> ModelSpec:
     seq = 0 if vision else min(DEFAULT_SEQ, _max_positions(config) or DEFAULT_SEQ)
     if not vision and not isinstance(getattr(config, "vocab_size", None), int):
         raise UsageError(f"model {name!r}: its config has no vocab_size, so no token batch can be made for task {task}")
-    return ModelSpec(name, _HFFactory(name, config, TASKS[task]), _HFBatch(task), None, takes=(), seq=seq)
+    return Parts(_HFFactory(name, config, TASKS[task]), _HFBatch(task), None, seq)
 
 
 def _split_task(rest: str) -> tuple[str, str | None]:
@@ -193,11 +203,11 @@ def _timm() -> Any:
                          f"install them with {_INSTALL}") from None
 
 
-def _timm_spec(name: str, model_name: str) -> ModelSpec:
+def _timm_spec(name: str, model_name: str) -> Parts:
     timm = _timm()
     if not timm.is_model(model_name):
         raise UsageError(f"model {name!r}: timm has no model {model_name!r} (timm.list_models('*pattern*') lists them)")
-    return ModelSpec(name, _TimmFactory(model_name), _timm_batch, _timm_loss, takes=())
+    return Parts(_TimmFactory(model_name), _timm_batch, _timm_loss)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
+from . import hf  # hf: and timm: models; it imports transformers, peft and timm only when one is used
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -131,9 +132,8 @@ def resolve(name: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
     if name.startswith(("hf:", "timm:")):
-        from . import hf  # transformers, peft and timm: imported only for such a model
-
-        return hf.resolve(name)
+        parts = hf.resolve(name)
+        return ModelSpec(name.strip(), parts.factory, parts.batch_fn, parts.loss_fn, takes=(), seq=parts.seq)
     if ":" in name:
         return from_path(name)
     raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}, or your own as pkg.module:factory")
@@ -157,8 +157,6 @@ def for_config(config: Any) -> ModelSpec:
     if seq and not spec.seq:
         raise UsageError(f"--seq {seq}: model {spec.name!r} has no sequence length (it applies to hf: models)")
     if lora:
-        from . import hf
-
         lora = hf.parse_lora(lora).text
     if not (ckpt or lora or seq):
         return spec
@@ -181,8 +179,6 @@ class _Configured:
         if self.checkpointing:
             enable_checkpointing(model, self.name)
         if self.lora:
-            from . import hf
-
             model = hf.apply_lora(model, self.lora, self.name)
         return model
 
