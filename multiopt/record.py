@@ -114,6 +114,12 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = field(default=Target.CPU.value, metadata={ABSENT: _target_when_absent})
+    # activation checkpointing (1: each block recomputed in the backward), LoRA adapters
+    # (canonical `hf.parse_lora` text, "" = none) and the batches' sequence length (0: the
+    # model has none)
+    checkpointing: int = 0
+    lora: str = ""
+    seq: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, Rules):

@@ -82,7 +82,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
                 raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
     with torch.device("meta"):
-        model = models.resolve(config.model).build(config.width, config.depth)
+        model = models.for_config(config).build(config.width, config.depth)
     plan(model, config.rules)
 
 
@@ -132,14 +132,16 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
     return fields
 
 
-def _sizes(config: Config) -> dict[str, int]:
+def _sizes(config: Config) -> dict[str, Any]:
     """width and depth as the record keeps them: 0 for one the model's factory does not take
-    (`ModelSpec.sizes`); as given when the model cannot be resolved (measure records why)."""
+    (`ModelSpec.sizes`); seq as the batches have it and lora in canonical text; as given when
+    the model cannot be resolved (measure records why)."""
     try:
-        width, depth = models.resolve(config.model).sizes(config.width, config.depth)
+        spec = models.for_config(config)
     except UsageError:
         return {}
-    return {"width": width, "depth": depth}
+    width, depth = spec.sizes(config.width, config.depth)
+    return {"width": width, "depth": depth, "seq": spec.seq, "lora": spec.lora}
 
 
 def failed_record(config: Config, protocol: Protocol, status: str, error: str, **meta: Any) -> Record:
@@ -213,7 +215,7 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
     conversion would briefly hold both copies and the fake probe's meta tensors cannot be
     swapped by Module.to. Call it under a device context or through a probe's build_model."""
     dtype = DTYPES[config.dtype]
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
 
     def factory() -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -231,7 +233,7 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
     `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
