@@ -144,6 +144,8 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     m.add_argument("--amp", default="none", help="none | fp16 | bf16")
     m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
+    m.add_argument("--step-in-backward", type=int, default=0, choices=[0, 1],
+                   help="1: each parameter's optimizer steps inside backward as its gradient completes (default 0)")
     m.add_argument("--probe", default=probe, help=f"auto | cuda | tracked | fake (default {probe})")
     m.add_argument("--steps", type=int, default=steps, help=f"timed samples, 0 = memory only (default {steps})")
     m.add_argument("--warmup", type=int, default=3)
@@ -201,7 +203,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
     config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
                     amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
+                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target,
+                    step_in_backward=args.step_in_backward)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)

@@ -63,12 +63,16 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = "cpu"
+    # 1: each parameter's optimizer steps inside backward as its gradient completes, and the
+    # gradient is freed there (Trainer(step_in_backward=True)); 0: one step after backward
+    step_in_backward: int = 0
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
         target = f" target={self.target}" if self.target != "cpu" else ""
+        sib = " step-in-backward" if self.step_in_backward else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
-                f"amp={self.amp} {self.impl}{zero}{target}")
+                f"amp={self.amp} {self.impl}{zero}{target}{sib}")
 
     def record_key(self, probe: str) -> tuple:
         """The key a record of this config, measured on `probe`, will have (see config_key)."""
@@ -84,7 +88,7 @@ CONFIG_COLUMNS: tuple[str, ...] = ("probe", *(f.name for f in dataclasses.fields
 # baselines keep loading and keep their keys.
 # `target` came later too: an older record reported what its own device allocates, so its
 # target is its device ("cuda" for cuda-probe records), see `_column_default`.
-CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu"}
+CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu", "step_in_backward": 0}
 
 
 def _column_default(row: Mapping[str, Any], column: str) -> Any:

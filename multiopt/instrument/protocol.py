@@ -98,6 +98,14 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
     if config.zero == 0 and config.ranks != 1:
         raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    if config.step_in_backward not in (0, 1):
+        raise UsageError(f"step_in_backward must be 0 or 1, got {config.step_in_backward!r}")
+    if config.step_in_backward and config.amp == "fp16":
+        raise UsageError("step_in_backward cannot run with fp16 AMP: its GradScaler unscales and checks every "
+                         "gradient for inf/nan before any optimizer steps; use bf16 AMP or none")
+    if config.step_in_backward and config.zero:
+        raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
+                         "use zero=0")
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -236,7 +244,8 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at, assume_finite=not computes)
+                      zero_grad_at=config.zero_grad_at, assume_finite=not computes,
+                      step_in_backward=bool(config.step_in_backward))
     gen = torch.Generator(device=device).manual_seed(config.seed)
     batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
     return optimizer, trainer, batch
@@ -437,7 +446,8 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
         def post(opt_: Any, args: Any, kwargs: Any, key: str = key) -> None:
             probe.sync()
             p = probe.peak()
-            temps[key] = p - running["start"]
+            # step_in_backward steps once per parameter: the largest of its steps
+            temps[key] = max(temps.get(key, 0), p - running["start"])
             running["peak"] = max(running["peak"], p)
             probe.reset_peak()
 
