@@ -156,9 +156,12 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
     return Record.from_dict({**_identity(config, protocol, meta), "status": status, "error": error})
 
 
-def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
+def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
+            **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
-    `meta` fills identity fields (run_id, preset, git_sha, ...)."""
+    `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
+    factory when the caller already has one (a plan reuses one meta-built model for every
+    candidate: a copy per run); it must build what `model_factory(config)` builds."""
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -169,7 +172,7 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
             _fresh_cuda(config.device)
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields)
+        _run(config, protocol, probe, fields, build)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = "ok"
     except torch.OutOfMemoryError as e:
@@ -267,13 +270,14 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, both - params
 
 
-def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
+def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
+         build: Callable[[], torch.nn.Module] | None = None) -> None:
     torch.manual_seed(config.seed)
     with probe:
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
-        model = probe.build_model(model_factory(config))
+        model = probe.build_model(build or model_factory(config))
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
