@@ -394,7 +394,8 @@ def candidates(base: Config, axes: Sequence[Axis]) -> list[tuple[dict[str, str],
         config, shown, flags = base, {}, []
         for axis, value in zip(axes, combo):
             config = axis.set(config, value)
-            shown[axis.name] = axis.show(value)
+            if axis.name == "combo" or len(axis.values) > 1:  # a value every candidate shares is no label
+                shown[axis.name] = axis.show(value)
             flags += axis.flags(value)
         out.append((shown, replace(config, batch=1), flags))
     return out
@@ -408,6 +409,8 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     "frontier"`; the others keep their prediction, labelled) or every row (`"all"`).
 
     UsageError: a budget below the weights, a model that cannot build."""
+    if warmup < 1:
+        raise UsageError(f"--warmup {warmup}: a plan needs at least 1 warm-up step (optimizer state is made in the first)")
     if confirm not in ("frontier", "all"):
         raise UsageError(f"confirm must be 'frontier' or 'all', got {confirm!r}")
     limit = budget - context
@@ -666,18 +669,21 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
         return [tabulate(body, headers=head, tablefmt="github", disable_numparse=True)]
 
     if front:
-        how = "memory used vs throughput" if "step ms" in head else "the largest batch (no time model)"
-        lines += ["", f"## Frontier ({how}); each batch confirmed: it runs, batch + 1 does not", "", *table(front), "",
+        how = "memory used vs throughput" if "step ms" in head else "the largest batch; no time model"
+        lines += ["", f"## Frontier ({how}): each batch confirmed, it runs and batch + 1 does not", "", *table(front), "",
                   "Reproduce:", ""]
         lines += [f"- {r.label}: `{reproduce(p, r)}`" for r in front]
         notes = [f"- {r.label}: {r.formula.why}" for r in front if r.formula]
         if notes:
             lines += ["", "Sized by formula:", "", *notes]
-    if rest:
-        lines += ["", "## Also fit", "", *table(rest)]
-        if any(r.record is None for r in rest):
-            lines += ["", "(predicted) batches are the affine prediction, not confirmed at their boundary (they are "
-                          "not on the frontier); `--confirm all` confirms every one."]
+    confirmed = [r for r in rest if r.record is not None]
+    if confirmed:
+        lines += ["", "## Also fit (confirmed)", "", *table(confirmed)]
+    predicted = [r for r in rest if r.record is None]
+    if predicted:
+        lines += ["", "## Also fit (predicted, not confirmed: off the frontier; `--confirm all` confirms them)", "",
+                  tabulate([[r.label, f"{r.answer:,}"] for r in sorted(predicted, key=lambda r: -r.answer)],
+                           headers=["candidate", "predicted batch"], tablefmt="github", disable_numparse=True)]
     if p.refused:
         lines += ["", "## Fit nothing", "",
                   tabulate([[r.label, r.why or "batch 1 does not fit"] for r in p.refused], headers=["candidate", "why"],
