@@ -31,7 +31,6 @@ import numpy as np
 from tabulate import tabulate
 
 from ..errors import UsageError
-from ..instrument.probes import Workspaces
 from ..instrument.protocol import Config, Protocol, validate
 from ..record import Record
 from ..train import models

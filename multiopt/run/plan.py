@@ -49,7 +49,7 @@ from ..train import models, optimizers as registry
 from ..train.multi import MultiOptimizer
 from ..train.spec import Rule, canonical, format_rules, rules_from
 from ..units import fmt_bytes, parse_bytes, round_alloc
-from .presets import COMBOS, combos as preset_combos
+from .presets import combos as preset_combos
 
 _MiB = 1 << 20
 #: CUDA context bytes per GPU family (driver, kernels loaded lazily, cuBLAS handles): what
@@ -653,24 +653,9 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     if p.time_note.startswith("predicted"):
         head[2:2] = ["step ms", "samples/s"]
 
-    def table(rows: list[Row]) -> list[str]:
-        body = []
-        for r in sorted(rows, key=lambda r: (-(r.throughput or 0), -r.answer)):
-            if r.record is None:
-                body.append([r.label, f"{r.answer:,} (predicted)"] + ["-"] * (len(head) - 2))
-                continue
-            s = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
-            u = used(r, ctx)
-            cells = [r.label, f"{r.batch:,}" + (" (search cap)" if r.capped else ""), fmt_bytes(u), fmt_bytes(p.budget - u),
-                     *(fmt_bytes(v) for v in s.values())]
-            if "step ms" in head:
-                cells[2:2] = [f"{r.step_ms:.1f}" if r.step_ms else "-", f"{r.throughput:,.0f}" if r.throughput else "-"]
-            body.append(cells)
-        return [tabulate(body, headers=head, tablefmt="github", disable_numparse=True)]
-
     if front:
         how = "memory used vs throughput" if "step ms" in head else "the largest batch; no time model"
-        lines += ["", f"## Frontier ({how}): each batch confirmed, it runs and batch + 1 does not", "", *table(front), "",
+        lines += ["", f"## Frontier ({how}): each batch confirmed, it runs and batch + 1 does not", "", *_table(p, front, head, workspaces), "",
                   "Reproduce:", ""]
         lines += [f"- {r.label}: `{reproduce(p, r)}`" for r in front]
         notes = [f"- {r.label}: {r.formula.why}" for r in front if r.formula]
@@ -678,7 +663,7 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
             lines += ["", "Sized by formula:", "", *notes]
     confirmed = [r for r in rest if r.record is not None]
     if confirmed:
-        lines += ["", "## Also fit (confirmed)", "", *table(confirmed)]
+        lines += ["", "## Also fit (confirmed)", "", *_table(p, confirmed, head, workspaces)]
     predicted = [r for r in rest if r.record is None]
     if predicted:
         lines += ["", "## Also fit (predicted, not confirmed: off the frontier; `--confirm all` confirms them)", "",
@@ -693,3 +678,23 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
         lines += ["", f"Estimate, not CUDA's to the byte: ops whose CUDA kernels allocate differently are not modelled "
                       f"({'; '.join(unmodelled)}); leave headroom."]
     return "\n".join(lines) + "\n"
+
+
+def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) -> list[str]:
+    """Rows with their breakdown, best first."""
+    from tabulate import tabulate
+
+    ctx = p.context if p.target == "cuda" else 0
+    body = []
+    for r in sorted(rows, key=lambda r: (-(r.throughput or 0), -r.answer)):
+        if r.record is None:
+            body.append([r.label, f"{r.answer:,} (predicted)"] + ["-"] * (len(head) - 2))
+            continue
+        s = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
+        u = used(r, ctx)
+        cells = [r.label, f"{r.batch:,}" + (" (search cap)" if r.capped else ""), fmt_bytes(u), fmt_bytes(p.budget - u),
+                 *(fmt_bytes(v) for v in s.values())]
+        if "step ms" in head:
+            cells[2:2] = [f"{r.step_ms:.1f}" if r.step_ms else "-", f"{r.throughput:,.0f}" if r.throughput else "-"]
+        body.append(cells)
+    return [tabulate(body, headers=head, tablefmt="github", disable_numparse=True)]
