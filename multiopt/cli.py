@@ -326,6 +326,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
         extra["seq"] = _ints(args.seq, "--seq")[0]
+    if args.gpu is not None and planning.has_field("gpu"):
+        extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
     context = planning.context_bytes(args.context) if args.target == "cuda" else 0
     alloc_conf = _alloc_conf(args)
