@@ -332,7 +332,10 @@ def _reads_values(optimizer: str) -> bool:
     """An optimizer the fake probe cannot step: the registry's HOST_READS, and 8-bit optimizers
     (bitsandbytes, torchao: block-wise quantisation reads scales on the host)."""
     name = optimizer.strip().lower()
-    return name in registry.HOST_READS or "8bit" in name or name.startswith("bitsandbytes")
+    if "8bit" in name or name.startswith("bitsandbytes"):
+        return True
+    desc = registry.lookup(name)
+    return desc is not None and desc.host_reads is not None
 
 
 @dataclass
