@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from multiopt.errors import UsageError
-from multiopt.instrument.allocator import AllocatorConfig
+from multiopt.instrument.allocator_config import AllocatorConfig
 from multiopt.instrument.trace import Event, check, fixture, from_fixture, trim
 
 from .support import FIXTURES, load_bench
