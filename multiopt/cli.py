@@ -15,10 +15,14 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import UsageError
-from .kinds import Probe, Target
+from .kinds import Probe, Status, Target, effective_target
+
+if TYPE_CHECKING:
+    from .instrument.allocator import AllocatorConfig
+    from .rules import Rules
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +71,8 @@ def _run_parser(sub: Any) -> None:
                    help='your own combo, repeatable: "split::layer1=sgd(lr=0.01); rest=adam"')
     r.add_argument("--dtypes", help="float32,bfloat16")
     r.add_argument("--impls", help="default,foreach,fused,forloop")
-    r.add_argument("--models", help="mlp,simple,transformer or your own pkg.module:factory")
+    r.add_argument("--models", help="mlp,simple,transformer, your own pkg.module:factory, hf:PATH, timm:NAME")
+    _real_model_arguments(r, sweep=True)
     r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
@@ -129,21 +134,22 @@ def _report_parser(sub: Any) -> None:
 
 
 def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
-    m.add_argument("--target", default=target, choices=["cpu", "cuda"],
+    m.add_argument("--target", default=target, choices=list(Target.values()),
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
 
 
-def _alloc_conf(args: argparse.Namespace) -> str | None:
-    """--alloc-conf, checked now so a bad value is a usage error before any work."""
+def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
+    """--alloc-conf (else $PYTORCH_CUDA_ALLOC_CONF for --target cuda), parsed once, now, so a
+    bad value is a usage error before any work; every config's probe gets the parsed value."""
     from .instrument.allocator import AllocatorConfig
 
     if args.alloc_conf is not None:
-        AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
-    elif args.target == "cuda":
-        AllocatorConfig.from_env()
-    return args.alloc_conf
+        return AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
+    if args.target == Target.CUDA:
+        return AllocatorConfig.from_env()
+    return None
 
 
 def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
@@ -151,7 +157,9 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     _target_arguments(m, target)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
-    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
+    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory | "
+                   "hf:PATH (a config.json or its directory; a hub id already cached) | timm:NAME")
+    _real_model_arguments(m)
     m.add_argument("--width", type=int, default=256)
     m.add_argument("--depth", type=int, default=3)
     m.add_argument("--batch", type=int, default=32)
@@ -169,6 +177,45 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     m.set_defaults(func=_cmd_measure)
 
 
+def _real_model_arguments(m: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """--task, --seq, --lora and --checkpointing (a list in a sweep: `--checkpointing 0,1`)."""
+    m.add_argument("--task", default=None, help="hf: models: causal-lm | masked-lm | seq-cls | image-cls "
+                   "(default: from the config's architectures)")
+    m.add_argument("--seq", type=int, default=0, help="tokens per sequence for hf: models "
+                   "(default: min(512, max_position_embeddings))")
+    m.add_argument("--lora", default="", metavar="r=8[,alpha=8][,dropout=0][,targets=q_proj,v_proj]",
+                   help="LoRA adapters through peft: the base frozen, the rules see only the adapters")
+    if sweep:
+        m.add_argument("--checkpointing", default=None, metavar="0,1",
+                       help="activation checkpointing off (0) and/or on (1): a sweep axis (default 0)")
+    else:
+        m.add_argument("--checkpointing", action="store_true",
+                       help="activation checkpointing: each block recomputed in the backward (mlp, transformer, "
+                            "hf: and timm: models)")
+
+
+def _model_name(model: str, task: str | None) -> str:
+    """The model as configs name it: `hf:PATH#TASK` when --task names one."""
+    if not task:
+        return model
+    from .train.hf import TASKS  # no torch import: hf imports torch, but only when a command runs
+
+    if not model.startswith("hf:"):
+        raise UsageError(f"--task {task}: applies to hf: models, not {model!r}")
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    return f"{model}#{task}"
+
+
+def _lora_text(text: str) -> str:
+    """--lora in canonical form ("" = none), checked before any work."""
+    if not text.strip():
+        return ""
+    from .train.hf import parse_lora
+
+    return parse_lora(text).text
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     """The classic program: trains on synthetic data, prints loss and memory per step."""
     import math
@@ -176,6 +223,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .instrument.probes import make_probe
+    from .rules import Rules
     from .train import models
     from .train.multi import MultiOptimizer
     from .train.trainer import Trainer
@@ -186,7 +234,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with probe, _user_code(args.model):
         spec = models.resolve(args.model)
         model = probe.build_model(lambda: spec.build(args.width, args.depth))
-        optimizer = MultiOptimizer.from_spec(model, args.rules)
+        optimizer = MultiOptimizer.from_spec(model, Rules(args.rules))
         print(optimizer.describe())
         trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if args.amp == "none" else args.amp)
         gen = torch.Generator(device=probe.device).manual_seed(args.seed)
@@ -209,26 +257,35 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .instrument.protocol import Config, Protocol, measure, validate
     from .run.launch import settle
     from .run.presets import combos
+    from .rules import Rules
     from .store import dumps
-    from .train.spec import canonical
 
     probe, device = resolve_probe(args.probe)
-    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
-    config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
-                    amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
+    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", Rules(args.rules)))
+    config = Config(model=_model_name(args.model, args.task), width=args.width, depth=args.depth, batch=args.batch,
+                    dtype=args.dtype, amp=args.amp, combo=combo, rules=rules, impl=args.impl,
+                    zero_grad_at=args.zero_grad_at, seed=args.seed, device=device,
+                    target=effective_target(probe, args.target), checkpointing=int(args.checkpointing),
+                    lora=_lora_text(args.lora), seq=args.seq)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
     settle()  # this process ends with the command
     record = measure(config, protocol)
+    if record.status == Status.ERROR and (record.error or "").startswith(_USAGE):
+        # the user's input (model, batch, rules, flags) refused at run time: one line, no card
+        raise UsageError(record.error[len(_USAGE):])
     print(dumps(record) if args.json else record_text(record))
-    if record.status != "ok":
+    if record.status != Status.OK:
         if not args.json:
             whose = f" (model {args.model!r})" if ":" in args.model else ""  # user code: name it
             print(f"status {record.status}{whose}: {record.error}", file=sys.stderr)
         return 1
     return 0
+
+
+# how measure() records a UsageError raised while the config ran (the type's name first)
+_USAGE = "UsageError: "
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -251,7 +308,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
+    configs = [replace(c, target=effective_target(probe, args.target)) for c in configs]
+    if args.task:
+        configs = [replace(c, model=_model_name(c.model, args.task)) for c in configs]
+    checkpointing = _ints(args.checkpointing, "--checkpointing") or [0]
+    if any(k not in (0, 1) for k in checkpointing):
+        raise UsageError(f"--checkpointing {args.checkpointing}: each is 0 (off) or 1 (on)")
+    lora = _lora_text(args.lora)
+    configs = [replace(c, checkpointing=k, lora=lora, seq=args.seq) for c in configs for k in dict.fromkeys(checkpointing)]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
@@ -280,7 +344,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == "cuda" else 0)
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0)
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 
@@ -311,25 +375,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chosen_combos(presets: Sequence[tuple[str, str]], texts: Sequence[str] | None,
-                   user_combo: Callable[..., tuple[str, str]]) -> list[tuple[str, str]]:
+def _chosen_combos(presets: Sequence[tuple[str, "Rules"]], texts: Sequence[str] | None,
+                   user_combo: Callable[..., tuple[str, "Rules"]]) -> list[tuple[str, "Rules"]]:
     """Preset combos then each `--rules [NAME::]RULES`; one name never stands for two rule sets
     (the gate and the report know a combo by its name)."""
     chosen = list(presets)
     for text in texts or []:
         name, rules = user_combo(text, taken=[n for n, _ in chosen])
         same = [r for n, r in chosen if n == name]
-        if same and _canonical(same[0]) != _canonical(rules):
+        if same and same[0] != rules:  # both canonical text
             raise UsageError(f"--rules {text!r}: the name {name!r} already stands for {same[0]!r}; give it another name")
         if not same:
             chosen.append((name, rules))
     return chosen
-
-
-def _canonical(rules: str) -> str:
-    from .train.spec import canonical  # torch: loaded when a command runs, not for --help
-
-    return canonical(rules)
 
 
 @contextmanager
@@ -374,7 +432,7 @@ def _check_writable_dir(path: Path, flag: str) -> None:
 # flag -> (lowest, highest) allowed value; checked before any command runs
 _INT_LIMITS: dict[str, tuple[int, int]] = {
     "width": (1, 2**31 - 1), "depth": (1, 2**31 - 1), "batch": (1, 2**31 - 1), "threads": (1, 4096),
-    "steps": (0, 2**31 - 1), "warmup": (0, 2**31 - 1), "seed": (0, 2**63 - 1),
+    "steps": (0, 2**31 - 1), "warmup": (0, 2**31 - 1), "seed": (0, 2**63 - 1), "seq": (0, 2**31 - 1),
 }
 
 

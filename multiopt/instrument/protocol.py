@@ -20,18 +20,19 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from ..env import device_name, rank_env
-from ..errors import UsageError
+from ..errors import UsageError, one_line
+from ..kinds import Probe as ProbeName, Status, Target, effective_target
 from ..record import PHASES, Config, OptimizerRecord, Record
 from ..train import models, optimizers as registry
-from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimizer, plan
-from ..train.spec import Rule, canonical, rules_from
+from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
+from ..train.spec import Rule
 from ..train.trainer import Trainer
 from ..units import round_alloc
 from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
-from .timing import time_steps
+from .timing import Calibration, time_steps
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
            "storage_bytes", "training", "validate"]
@@ -44,7 +45,7 @@ AMPS = ("none", "fp16", "bf16")
 class Protocol:
     """How it is measured."""
 
-    probe: str = "tracked"
+    probe: str = ProbeName.TRACKED
     warmup: int = 3
     steps: int = 20  # timed samples; 0 = memory only
     limit_bytes: int | None = None
@@ -52,14 +53,19 @@ class Protocol:
     min_block_ms: float = 10.0
     # CPU threads for the config (torch.set_num_threads); None = torch's default
     threads: int | None = None
-    # target cuda (Config.target): PYTORCH_CUDA_ALLOC_CONF text for the allocator model
-    # (None: read from the environment) and the library workspaces it adds
-    alloc_conf: str | None = None
+    # target cuda (Config.target): the allocator model's options, PYTORCH_CUDA_ALLOC_CONF
+    # text parsed once here (None: read from the environment when a probe needs them), and
+    # the library workspaces it adds
+    alloc_conf: AllocatorConfig | str | None = None
     workspaces: Workspaces = Workspaces()
     # Read reserved memory after the finite-parameter check (isfinite(p).all() per parameter),
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
     # whose reserved columns include the check's temporaries. For replaying those records.
     reserved_after_check: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alloc_conf, str):
+            object.__setattr__(self, "alloc_conf", AllocatorConfig.parse(self.alloc_conf, "alloc_conf"))
 
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
@@ -69,16 +75,15 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     _check_fields(config)
     if config.zero == 1:
         _check_zero(config, protocol)
-    rules = rules_from(config.rules)
-    if protocol.probe == "fake":
-        for rule in rules:
-            name = registry.resolve(rule.optimizer).name
-            if name in registry.HOST_READS:
-                raise UsageError(f"the fake probe cannot run rule '{rule}': {registry.HOST_READS[name]}, and fake "
+    if protocol.probe == ProbeName.FAKE:
+        for rule in config.rules.parsed:
+            reads = registry.resolve(rule.optimizer).host_reads
+            if reads:
+                raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
     with torch.device("meta"):
-        model = models.resolve(config.model).build(config.width, config.depth)
-    plan(model, rules)
+        model = models.for_config(config).build(config.width, config.depth)
+    plan(model, config.rules)
 
 
 def _check_fields(config: Config) -> None:
@@ -88,8 +93,8 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"unknown amp {config.amp!r}; choose one of {', '.join(AMPS)}")
     if config.impl not in IMPLS:
         raise UsageError(f"unknown impl {config.impl!r}; choose one of {', '.join(IMPLS)}")
-    if config.target not in TARGETS:
-        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
+    if config.target not in Target.values():
+        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(Target.values())}")
     if config.zero_grad_at not in ("end", "start"):
         raise UsageError(f"zero_grad_at must be 'end' or 'start', got {config.zero_grad_at!r}")
     if config.batch < 1:
@@ -107,40 +112,36 @@ def _check_zero(config: Config, protocol: Protocol) -> None:
                          "`torchrun --nproc-per-node 2 -m multiopt run --zero 1 ...`")
     if config.ranks != launch.world_size:
         raise UsageError(f"a zero=1 config for {config.ranks} ranks cannot run in a launch of {launch.world_size}")
-    if protocol.probe == "fake":
+    if protocol.probe == ProbeName.FAKE:
         raise UsageError("zero=1 needs real tensors for its broadcasts: use --probe tracked or cuda, not fake")
 
 
 def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[str, Any]:
     """The record fields every record of `config` starts from, measured or not: the config,
     the probe, torch, when, and the caller's `meta` (run_id, preset, git_sha, device_name)."""
-    try:
-        rules = canonical(config.rules)
-    except UsageError:
-        rules = config.rules  # measure() records the refusal as the config's error
     fields = {
-        **asdict(config),
-        "rules": rules,
+        **asdict(config),  # rules: the canonical text, parsed when the Config was made
         **_sizes(config),
         "run_id": meta.pop("run_id", None) or uuid.uuid4().hex[:12],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "probe": protocol.probe,
-        # a cuda probe reports CUDA's numbers whatever the config asked for
-        "target": "cuda" if protocol.probe == "cuda" else config.target,
+        "target": effective_target(protocol.probe, config.target),
         **meta,
     }
     return fields
 
 
-def _sizes(config: Config) -> dict[str, int]:
+def _sizes(config: Config) -> dict[str, Any]:
     """width and depth as the record keeps them: 0 for one the model's factory does not take
-    (`ModelSpec.sizes`); as given when the model cannot be resolved (measure records why)."""
+    (`ModelSpec.sizes`); seq as the batches have it and lora in canonical text; as given when
+    the model cannot be resolved (measure records why)."""
     try:
-        width, depth = models.resolve(config.model).sizes(config.width, config.depth)
+        spec = models.for_config(config)
     except UsageError:
         return {}
-    return {"width": width, "depth": depth}
+    width, depth = spec.sizes(config.width, config.depth)
+    return {"width": width, "depth": depth, "seq": spec.seq, "lora": spec.lora}
 
 
 def failed_record(config: Config, protocol: Protocol, status: str, error: str, **meta: Any) -> Record:
@@ -163,13 +164,13 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
         _run(config, protocol, probe, fields)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
-        fields["status"] = "ok"
+        fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
-        fields.update(status="oom", error=_one_line(e))
+        fields.update(status=Status.OOM, error=one_line(e))
     except _Diverged as e:
-        fields.update(status="diverged", error=str(e))
+        fields.update(status=Status.DIVERGED, error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        fields.update(status="error", error=_reads_values(e) or f"{type(e).__name__}: {_one_line(e)}")
+        fields.update(status=Status.ERROR, error=_reads_values(e) or f"{type(e).__name__}: {one_line(e)}")
     finally:
         torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
@@ -180,13 +181,13 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
-    """The protocol's probe for `config`; target cuda on a CPU probe reads the allocator
-    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF."""
+    """The protocol's probe for `config`; target cuda on a CPU probe takes the allocator
+    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF. (A cuda probe is
+    the device itself: it models no target.)"""
     alloc = None
-    if config.target == "cuda" and protocol.probe != "cuda":
-        alloc = (AllocatorConfig.parse(protocol.alloc_conf) if protocol.alloc_conf is not None
-                 else AllocatorConfig.from_env())
-    target = "cpu" if protocol.probe == "cuda" else config.target
+    if config.target == Target.CUDA and protocol.probe != ProbeName.CUDA:
+        alloc = protocol.alloc_conf if protocol.alloc_conf is not None else AllocatorConfig.from_env()
+    target = Target.CPU if protocol.probe == ProbeName.CUDA else config.target
     return make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes, target=target,
                       alloc_config=alloc, workspaces=protocol.workspaces)
 
@@ -214,7 +215,7 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
     conversion would briefly hold both copies and the fake probe's meta tensors cannot be
     swapped by Module.to. Call it under a device context or through a probe's build_model."""
     dtype = DTYPES[config.dtype]
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
 
     def factory() -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -232,7 +233,7 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
     `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
@@ -280,7 +281,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         # Target cuda: state torch keeps on the host (non-fused `step` counters) leaves the
         # device's allocator as soon as each optimizer's step made it.
         hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
-                 for o in optimizer.optimizers.values()] if getattr(probe, "target", "cpu") == "cuda" else []
+                 for o in optimizer.optimizers.values()] if getattr(probe, "target", Target.CPU) == Target.CUDA else []
         with _watching_steps(probe, optimizer.optimizers) as stepped:
             for i in range(protocol.warmup):
                 step(f"warm-up step {i + 1}")
@@ -400,12 +401,16 @@ def _check_finite(model: torch.nn.Module, read: bool = True) -> None:
 
 def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str], None], out: dict[str, Any]) -> None:
     with probe.paused():
+        host = Calibration(probe.device)  # the host's noise, timed around and between the samples
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms)
+                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms,
+                            host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
-               step_ms_mean=timing.mean, steps_timed=timing.steps)
+               step_ms_mean=timing.mean, steps_timed=timing.steps,
+               step_ms_samples=[round(t, 5) for t in timing.times_ms], host_calib=host.KERNEL,
+               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise)
 
 
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:
@@ -466,12 +471,7 @@ def _reads_values(e: BaseException) -> str | None:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     if not any(type(x).__name__ == "DataDependentOutputException" or "_local_scalar_dense" in str(x) for x in chain):
         return None
-    first = _one_line(chain[0])
+    first = one_line(chain[0])
     who = first.split(": ", 1)[0] if first.startswith("rule '") else "an optimizer or the model"
     return (f"the fake probe cannot run this config: {who} reads tensor values (.item(), .tolist(): "
             "aten._local_scalar_dense), which fake tensors do not have; use --probe tracked")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

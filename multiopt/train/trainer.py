@@ -232,27 +232,29 @@ def forward_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, 
     """The loss of one batch, the way the Trainer (and so every measurement) computes it.
 
     - A Mapping batch is passed as keywords, `model(**batch)` (Hugging Face: input_ids,
-      attention_mask, labels, ...); a 2-tuple/list with a `loss_fn` is (inputs, targets),
-      `loss_fn(model(inputs), targets)`; anything else is the model's one argument.
-    - With a `loss_fn`, a tuple/list output gives its first element (the logits), and an
-      output with `logits` (a Hugging Face ModelOutput) gives those; a Mapping or
-      single-argument batch calls `loss_fn(output)`.
-    - Without one, a tensor output is the loss, else the output's `loss` (attribute or key),
-      which Hugging Face models compute when the batch holds `labels`."""
+      attention_mask, labels, ...); a 2-tuple/list with a `loss_fn` is (inputs, targets);
+      anything else is the model's one argument.
+    - A `loss_fn` gets the model's output *unchanged* (a tensor, a tuple, a ModelOutput with
+      `.logits` and, for mixture-of-experts models, `.aux_loss`), as transformers' Trainer
+      hands its `compute_loss_func(outputs, labels, num_items_in_batch=...)`: for a Mapping
+      batch the `labels` are taken out of the keywords first (so the model does not compute
+      a loss of its own) and passed as the second argument, `loss_fn(outputs, labels)`; a
+      Mapping without labels calls `loss_fn(outputs)`. A 2-tuple batch calls
+      `loss_fn(model(inputs), targets)`, a single-argument batch `loss_fn(model(batch))`.
+    - Without a `loss_fn`, a tensor output is the loss, else the output's `loss` (attribute or
+      key), which Hugging Face models compute when the batch holds `labels`."""
     if isinstance(batch, Mapping):
-        out = model(**batch)
-        return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
+        if loss_fn is None:
+            return _to_loss(model(**batch))
+        inputs = dict(batch)
+        if "labels" not in inputs:
+            return loss_fn(model(**inputs))
+        labels = inputs.pop("labels")
+        return loss_fn(model(**inputs), labels)
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and loss_fn is not None:
-        return loss_fn(_logits(model(batch[0])), batch[1])
+        return loss_fn(model(batch[0]), batch[1])
     out = model(batch)
-    return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
-
-
-def _logits(out: Any) -> Any:
-    if isinstance(out, (tuple, list)) and out:
-        return out[0]
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    return out if logits is None else logits
+    return _to_loss(out) if loss_fn is None else loss_fn(out)
 
 
 def _to_loss(out: Any) -> torch.Tensor:
