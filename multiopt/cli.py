@@ -35,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="multiopt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_train_parser, _measure_parsers, _run_parser, _fit_parser, _gate_parser, _report_parser):
+    for add in (_train_parser, _measure_parsers, _run_parser, _fit_parser, _plan_parser, _gate_parser,
+                _report_parser):
         add(sub)  # in this order in --help
     return p
 
@@ -110,6 +111,35 @@ def _fit_parser(sub: Any) -> None:
     f.set_defaults(func=_cmd_fit)
 
 
+def _plan_parser(sub: Any) -> None:
+    pl = sub.add_parser("plan", help="the setups that fit a memory budget: every candidate's largest batch, the frontier")
+    pl.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB")
+    pl.add_argument("--model", default="transformer", help="mlp | transformer | simple | pkg.module:factory")
+    pl.add_argument("--width", type=int, default=1024, help="for a model that takes a width (default 1024)")
+    pl.add_argument("--depth", type=int, default=4, help="for a model that takes a depth (default 4)")
+    pl.add_argument("--seq", default=None, help="sequence length, for a model that takes one")
+    pl.add_argument("--gpu", default=None, help="predict step time and throughput on this GPU (needs a time model)")
+    pl.add_argument("--combos", default=None, help="combo presets, comma separated (default: adamw,adafactor,"
+                    "muon+adamw,sgd-momentum and torchao's 8-bit AdamW where installed)")
+    pl.add_argument("--rules", action="append", metavar="[NAME::]RULES", help="your own combo, repeatable")
+    pl.add_argument("--checkpointing", default=None, metavar="0,1", help="activation checkpointing values (where the build has it)")
+    pl.add_argument("--lora", default=None, metavar="none,8", help="LoRA ranks (where the build has it)")
+    pl.add_argument("--dtype", default="float32", metavar="LIST", help="parameter dtypes, e.g. float32,bfloat16")
+    pl.add_argument("--amp", default="none", metavar="LIST", help="autocast, e.g. none,bf16")
+    pl.add_argument("--step-in-backward", default="0,1", metavar="0,1",
+                    help="optimizer step inside backward, gradients freed as used (default 0,1)")
+    pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    _target_arguments(pl, Target.CUDA)
+    pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
+    pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
+    pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
+                    help="confirm at its boundary every frontier batch (default) or every candidate's")
+    pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/plan.md and DIR/plan.png (candidates "
+                    "against the budget line)")
+    pl.set_defaults(func=_cmd_plan)
+
+
 def _gate_parser(sub: Any) -> None:
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
@@ -167,6 +197,8 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     m.add_argument("--amp", default="none", help="none | fp16 | bf16")
     m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
+    m.add_argument("--step-in-backward", type=int, default=0, choices=[0, 1],
+                   help="1: each parameter's optimizer steps inside backward as its gradient completes (default 0)")
     m.add_argument("--probe", default=probe, help=f"auto | cuda | tracked | fake (default {probe})")
     m.add_argument("--steps", type=int, default=steps, help=f"timed samples, 0 = memory only (default {steps})")
     m.add_argument("--warmup", type=int, default=3)
@@ -266,7 +298,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     dtype=args.dtype, amp=args.amp, combo=combo, rules=rules, impl=args.impl,
                     zero_grad_at=args.zero_grad_at, seed=args.seed, device=device,
                     target=effective_target(probe, args.target), checkpointing=int(args.checkpointing),
-                    lora=_lora_text(args.lora), seq=args.seq)
+                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
@@ -333,7 +365,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     """0 when every question was answered, 1 when a fake run failed, 2 bad input."""
-    from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render
+    from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render  # fit: a plan with one axis
     from .run.launch import settle
     from .run.presets import combos, user_combo
 
@@ -347,6 +379,55 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                   context=context_bytes(args.context) if args.target == Target.CUDA else 0)
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """0 when something fits, 1 when no candidate does, 2 bad input."""
+    import json
+
+    from .instrument.protocol import Config
+    from .run import plan as planning
+    from .run.launch import settle
+    from .run.presets import combos, user_combo
+
+    budget = _bytes(args.budget, "--budget")
+    if args.report:
+        _check_writable_dir(Path(args.report), "--report")
+    chosen = _chosen_combos(combos(_strs(args.combos)), args.rules, user_combo) or planning.default_combos()
+    axes = [planning.combo_axis(chosen), planning.dtype_axis(args.dtype), planning.amp_axis(args.amp),
+            planning.field_axis("step_in_backward", "--step-in-backward",
+                                planning.int_values(args.step_in_backward, "--step-in-backward", (0, 1)))]
+    checkpointing = args.checkpointing or ("0,1" if planning.has_field("checkpointing") else None)
+    if checkpointing is not None:
+        axes.append(planning.field_axis("checkpointing", "--checkpointing",
+                                        planning.int_values(checkpointing, "--checkpointing", (0, 1))))
+    if args.lora is not None and _strs(args.lora) != ["none"]:
+        axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
+    extra = {}
+    if args.seq is not None:
+        planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
+        extra["seq"] = _ints(args.seq, "--seq")[0]
+    if args.gpu is not None and planning.has_field("gpu"):
+        extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
+    base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
+    context = planning.context_bytes(args.context) if args.target == "cuda" else 0
+    alloc_conf = _alloc_conf(args)
+    settle()  # this process ends with the command
+    with _user_code(args.model):
+        p = planning.plan(base, axes, budget, context=context, warmup=args.warmup, alloc_conf=alloc_conf,
+                          gpu=args.gpu, confirm=args.confirm)
+    data = planning.as_dict(p)
+    text = planning.render(p)
+    if args.report:
+        from .analyze.frontier import plot_plan
+
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_plan(data, out / "plan.png")
+        (out / "plan.md").write_text(text + f"\n![candidates against the budget]({png.name})\n")
+        (out / "plan.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data) if args.json else text, end="\n" if args.json else "")
+    return 0 if p.fitting else 1
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
@@ -439,7 +520,7 @@ _INT_LIMITS: dict[str, tuple[int, int]] = {
 def _check_flags(args: argparse.Namespace) -> None:
     for name, (lo, hi) in _INT_LIMITS.items():
         value = getattr(args, name, None)
-        if args.command == "fit" and name in ("width", "batch", "depth"):
+        if args.command in ("fit", "plan") and name in ("width", "batch", "depth"):
             continue  # fit checks its start sizes itself (and searches past any cap on the fake probe)
         if value is not None and not lo <= value <= hi:
             raise UsageError(f"--{name} {value}: must be between {lo} and {hi}")

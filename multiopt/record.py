@@ -120,6 +120,9 @@ class Config:
     checkpointing: int = 0
     lora: str = ""
     seq: int = 0
+    # 1: each parameter's optimizer steps inside backward as its gradient completes, and the
+    # gradient is freed there (Trainer(step_in_backward=True)); 0: one step after backward
+    step_in_backward: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, Rules):
@@ -128,8 +131,9 @@ class Config:
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
         target = f" target={self.target}" if self.target != Target.CPU else ""
+        sib = " step-in-backward" if self.step_in_backward else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
-                f"amp={self.amp} {self.impl}{zero}{target}")
+                f"amp={self.amp} {self.impl}{zero}{target}{sib}")
 
     def record_key(self, probe: str) -> tuple:
         """The key a record of this config, measured on `probe`, will have (see config_key)."""

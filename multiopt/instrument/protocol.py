@@ -103,6 +103,14 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
     if config.zero == 0 and config.ranks != 1:
         raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    if config.step_in_backward not in (0, 1):
+        raise UsageError(f"step_in_backward must be 0 or 1, got {config.step_in_backward!r}")
+    if config.step_in_backward and config.amp == "fp16":
+        raise UsageError("step_in_backward cannot run with fp16 AMP: its GradScaler unscales and checks every "
+                         "gradient for inf/nan before any optimizer steps; use bf16 AMP or none")
+    if config.step_in_backward and config.zero:
+        raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
+                         "use zero=0")
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -149,9 +157,12 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
     return Record.from_dict({**_identity(config, protocol, meta), "status": status, "error": error})
 
 
-def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
+def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
+            **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
-    `meta` fills identity fields (run_id, preset, git_sha, ...)."""
+    `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
+    factory when the caller already has one (a plan reuses one meta-built model for every
+    candidate: a copy per run); it must build what `model_factory(config)` builds."""
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -162,7 +173,7 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
             _fresh_cuda(config.device)
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields)
+        _run(config, protocol, probe, fields, build)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -237,7 +248,8 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at, assume_finite=not computes)
+                      zero_grad_at=config.zero_grad_at, assume_finite=not computes,
+                      step_in_backward=bool(config.step_in_backward))
     gen = torch.Generator(device=device).manual_seed(config.seed)
     batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
     return optimizer, trainer, batch
@@ -259,13 +271,14 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, both - params
 
 
-def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
+def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
+         build: Callable[[], torch.nn.Module] | None = None) -> None:
     torch.manual_seed(config.seed)
     with probe:
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
-        model = probe.build_model(model_factory(config))
+        model = probe.build_model(build or model_factory(config))
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
@@ -442,7 +455,8 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
         def post(opt_: Any, args: Any, kwargs: Any, key: str = key) -> None:
             probe.sync()
             p = probe.peak()
-            temps[key] = p - running["start"]
+            # step_in_backward steps once per parameter: the largest of its steps
+            temps[key] = max(temps.get(key, 0), p - running["start"])
             running["peak"] = max(running["peak"], p)
             probe.reset_peak()
 
