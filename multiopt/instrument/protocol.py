@@ -1,4 +1,4 @@
-"""The measurement protocol (DESIGN.md): one config in, one Record out.
+"""The measurement protocol (docs/DESIGN.md): one config in, one Record out.
 
 1. base = allocated(); 2. build the model: param_bytes (parameters) and buffer_bytes;
 3. build the optimizers; 4. warm up, then count optimizer state (measured and expected);
