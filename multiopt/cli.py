@@ -410,7 +410,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu is not None and planning.has_field("gpu"):
         extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
-    context = planning.context_bytes(args.context) if args.target == "cuda" else 0
+    context = planning.context_bytes(args.context) if args.target == Target.CUDA else 0
     alloc_conf = _alloc_conf(args)
     settle()  # this process ends with the command
     with _user_code(args.model):
