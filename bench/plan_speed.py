@@ -4,10 +4,10 @@ Run:  python bench/plan_speed.py [--shape transformer-4096x8] [--target cuda] [-
 
 Each shape runs `python -m multiopt plan ... --json` in a fresh process (imports, the model
 built once on meta, every fake run) and prints the wall time, the fake runs and their seconds,
-and the candidates per run. Shapes: our transformer at a large width (the 7B and 1B Llama
-shapes plug in as `hf:` configs once `--model hf:PATH` lands: add them to SHAPES). The
-candidates: the default combos x step_in_backward 0,1 x dtype float32,bfloat16 (>= 24 with
-the 8-bit AdamW, else 16 + what `--combos` adds).
+and the candidates per run. Shapes: our transformer at a large width
+(candidates: 6 combos x step_in_backward 0,1 x dtype float32,bfloat16), and the 1B and 7B Llama
+`hf:` shapes (candidates: 4 combos x checkpointing 0,1 x LoRA none,8,64). The 1-minute load
+average before and after each run is printed: this machine is shared.
 """
 
 from __future__ import annotations
@@ -22,21 +22,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: name -> (model flags, budget)
-SHAPES: dict[str, tuple[list[str], str]] = {
-    "transformer-4096x8": (["--model", "transformer", "--width", "4096", "--depth", "8"], "24GiB"),
-    "transformer-2048x8": (["--model", "transformer", "--width", "2048", "--depth", "8"], "24GiB"),
-    "transformer-1024x4": (["--model", "transformer", "--width", "1024", "--depth", "4"], "8GiB"),
-}
 AXES = ["--combos", "adamw,adafactor,muon+adamw,sgd-momentum,sgd,adam", "--step-in-backward", "0,1",
         "--dtype", "float32,bfloat16"]
+#: the hf: shapes' 24 candidates: 4 combos x checkpointing 0,1 x LoRA none, 8, 64
+HF_AXES = ["--combos", "adamw,adafactor,muon+adamw,sgd-momentum", "--checkpointing", "0,1", "--lora", "none,8,64",
+           "--step-in-backward", "0"]
+_HF = "hf:tests/fixtures/hf"
+#: name -> (model flags, budget, candidate axes)
+SHAPES: dict[str, tuple[list[str], str, list[str]]] = {
+    "transformer-4096x8": (["--model", "transformer", "--width", "4096", "--depth", "8"], "24GiB", AXES),
+    "transformer-2048x8": (["--model", "transformer", "--width", "2048", "--depth", "8"], "24GiB", AXES),
+    "transformer-1024x4": (["--model", "transformer", "--width", "1024", "--depth", "4"], "8GiB", AXES),
+    # TinyLlama-1.1B's and Llama-2-7B's published shapes (tests/fixtures/hf), seq 512
+    "llama-1b": (["--model", f"{_HF}/llama-1b"], "24GiB", HF_AXES),
+    "llama-2-7b": (["--model", f"{_HF}/llama-2-7b"], "80GiB", HF_AXES),
+    "llama-2-7b-24": (["--model", f"{_HF}/llama-2-7b"], "24GiB", HF_AXES),
+}
 
 
 def run(shape: str, target: str, confirm: str) -> dict:
-    flags, budget = SHAPES[shape]
-    argv = [sys.executable, "-m", "multiopt", "plan", "--budget", budget, *flags, *AXES, "--target", target,
+    flags, budget, axes = SHAPES[shape]
+    argv = [sys.executable, "-m", "multiopt", "plan", "--budget", budget, *flags, *axes, "--target", target,
             "--confirm", confirm, "--json"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -46,7 +55,8 @@ def run(shape: str, target: str, confirm: str) -> dict:
     rows = data["rows"]
     return {"shape": shape, "target": target, "confirm": confirm, "candidates": len(rows),
             "fit": sum(1 for r in rows if r["batch"] and not r["why"]), "frontier": sum(r["frontier"] for r in rows),
-            "wall_s": round(wall, 1), "fake_runs": data["fake_runs"], "fake_s": data["fake_seconds"],
+            "wall_s": round(wall, 1),
+            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2), "fake_runs": data["fake_runs"], "fake_s": data["fake_seconds"],
             "best": [(r["candidate"], r["batch"]) for r in rows if r["frontier"]][:3]}
 
 

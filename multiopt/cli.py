@@ -74,6 +74,8 @@ def _run_parser(sub: Any) -> None:
     r.add_argument("--impls", help="default,foreach,fused,forloop")
     r.add_argument("--models", help="mlp,simple,transformer, your own pkg.module:factory, hf:PATH, timm:NAME")
     _real_model_arguments(r, sweep=True)
+    r.add_argument("--step-in-backward", default=None, metavar="0,1", help="optimizer step inside backward, each "
+                   "gradient freed once used: off (0) and/or on (1), a sweep axis (default 0)")
     r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
@@ -343,11 +345,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configs = [replace(c, target=effective_target(probe, args.target)) for c in configs]
     if args.task:
         configs = [replace(c, model=_model_name(c.model, args.task)) for c in configs]
-    checkpointing = _ints(args.checkpointing, "--checkpointing") or [0]
-    if any(k not in (0, 1) for k in checkpointing):
-        raise UsageError(f"--checkpointing {args.checkpointing}: each is 0 (off) or 1 (on)")
+    checkpointing = _switches(args.checkpointing, "--checkpointing")
+    in_backward = _switches(args.step_in_backward, "--step-in-backward")
     lora = _lora_text(args.lora)
-    configs = [replace(c, checkpointing=k, lora=lora, seq=args.seq) for c in configs for k in dict.fromkeys(checkpointing)]
+    configs = [replace(c, checkpointing=k, step_in_backward=s, lora=lora, seq=args.seq)
+               for c in configs for k in checkpointing for s in in_backward]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
@@ -402,7 +404,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         axes.append(planning.field_axis("checkpointing", "--checkpointing",
                                         planning.int_values(checkpointing, "--checkpointing", (0, 1))))
     if args.lora is not None and _strs(args.lora) != ["none"]:
-        axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
+        axes.append(planning.lora_axis(args.lora))
     extra = {}
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
@@ -535,6 +537,14 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _strs(text: str | None) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()] if text else []
+
+
+def _switches(text: str | None, flag: str) -> list[int]:
+    """A sweep axis of 0 (off) and/or 1 (on), each once in the order given; [0] when not given."""
+    values = list(dict.fromkeys(_ints(text, flag))) or [0]
+    if any(k not in (0, 1) for k in values):
+        raise UsageError(f"{flag} {text}: each is 0 (off) or 1 (on)")
+    return values
 
 
 def _ints(text: str | None, flag: str) -> list[int]:

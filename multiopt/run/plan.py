@@ -48,6 +48,7 @@ from ..instrument.state import expected_state, host_state
 from ..kinds import Probe, Status, Target
 from ..record import PHASES, Record
 from ..train import models, optimizers as registry
+from ..train.hf import parse_lora
 from ..train.multi import MultiOptimizer
 from ..rules import Rule, Rules, format_rules, rules_from
 from ..units import fmt_bytes, parse_bytes, round_alloc
@@ -156,6 +157,21 @@ def dtype_axis(text: str) -> Axis:
 
 def amp_axis(text: str) -> Axis:
     return field_axis("amp", "--amp", str_values(text, "--amp", AMPS))
+
+
+def lora_axis(text: str) -> Axis:
+    """--lora none,8,64: LoRA ranks (peft's default targets), `none` for full training; each
+    value the Config's canonical text ("" for none), shown as its rank."""
+    values = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not values:
+        raise UsageError("--lora: give at least one value (none, or a rank such as 8)")
+    bad = [v for v in values if v != "none" and not (v.isdigit() and int(v) > 0)]
+    if bad:
+        raise UsageError(f"--lora: unknown value {bad[0]!r}; give ranks (8,64) or none, comma separated")
+    texts = tuple("" if v == "none" else parse_lora(v).text for v in values)
+    axis = field_axis("lora", "--lora", texts)
+    return replace(axis, show=lambda t: t.split(",")[0].removeprefix("r=") if t else "none",
+                   flags=lambda t: ["--lora", t] if t else [])
 
 
 # --- time -----------------------------------------------------------------------------------
@@ -270,6 +286,10 @@ class Slopes:
     phases: dict[str, float]
     metric: float
     points: tuple[int, int]
+    #: the class's first member's run at points[1], and its optimizers' state by formula (None:
+    #: no formula): the other members are predicted from it, their own state swapped in
+    anchor: Record | None = None
+    state: int | None = None
 
 
 def slopes(a: Record, b: Record) -> Slopes:
@@ -357,6 +377,7 @@ class Row:
     throughput: float | None = None
     frontier: bool = False
     flags: list[str] = field(default_factory=list)
+    shared: bool = False  # predicted from its class's first member's run, its own state by formula
     klass: tuple = ()  # candidates that differ only by optimizers share activations, slopes, bias
     bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
     # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
@@ -502,12 +523,35 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
             a, b = b, runner.run(replace(config, batch=guess), None)
         classes[key] = slopes(a, b) if a.batch < b.batch else slopes(b, a)
         classes[key] = replace(classes[key], points=(min(a.batch, b.batch), b.batch))
+        anchor = runner.run(replace(config, batch=classes[key].points[1]), None)
+        classes[key] = replace(classes[key], anchor=anchor, state=formula_state(config, runner.meta_model(config)))
     s = classes[key]
+    state = formula_state(config, runner.meta_model(config)) if s.state is not None else None
+    if state is not None and s.anchor is not None and s.anchor.status == Status.OK:
+        # same model, dtype, amp and placement: the same activations and gradients; only the
+        # optimizers' state (and their step temporaries, left to the confirmation) differ
+        row.shared = True
+        row.predicted = predict(s.anchor, s, room - (state - s.state), cap)
+        return
     anchor = runner.run(replace(config, batch=s.points[1]), None)
     if anchor.status != Status.OK:
         row.why = f"batch {anchor.batch}: {anchor.status}: {anchor.error}"
         return
     row.predicted = predict(anchor, s, room, cap)
+
+
+def formula_state(config: Config, meta_model: torch.nn.Module) -> int | None:
+    """The bytes the registry's formulas give the config's optimizers (what counts on the
+    target: a cuda step's host scalars left out); None when one of them has no formula."""
+    opt = MultiOptimizer.from_spec(copy.deepcopy(meta_model), config.rules, impl=config.impl, target=config.target)
+    total = 0
+    for child in opt.optimizers.values():
+        expected = expected_state(child)
+        if expected is None:
+            return None
+        host = sum(round_alloc(t.nbytes) for t in host_state(child)) if config.target == Target.CUDA else 0
+        total += expected.alloc - host
+    return total
 
 
 def _second_batch(r1: Record, room: int, cap: int) -> int:
@@ -620,7 +664,7 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
     """The plan as plain data (`--json`, the report's plot)."""
     def row(r: Row) -> dict[str, Any]:
         out: dict[str, Any] = {"candidate": r.values, "batch": r.answer, "confirmed": r.confirmed,
-                               "predicted": r.predicted, "frontier": r.frontier, "capped": r.capped,
+                               "predicted": r.predicted, "shared": r.shared, "frontier": r.frontier, "capped": r.capped,
                                "step_ms": r.step_ms, "throughput": r.throughput, "why": r.why,
                                "formula": r.formula.why if r.formula else None}
         if r.record is not None and r.why is None:
