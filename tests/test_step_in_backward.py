@@ -6,6 +6,7 @@ state is unchanged; fp16's GradScaler, clipping and accumulation refused in one 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -101,3 +102,24 @@ def test_cli_flag_and_its_refusal(capsys):
     rc = cli.main(["estimate", "--amp", "fp16", "--step-in-backward", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "GradScaler" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_sweeps_step_in_backward(tmp_path, capsys):
+    """`run --step-in-backward 0,1`: both values recorded, and the step-in-backward row holds
+    no gradients after backward while its optimizer state is the same bytes."""
+    rc = cli.main(["run", "--preset", "quick", "--models", "mlp", "--widths", "64", "--batches", "4", "--depths", "2",
+                   "--combos", "adam", "--probe", "fake", "--step-in-backward", "0,1", "--no-isolate", "--no-report",
+                   "--no-progress", "--out", str(tmp_path / "r")])
+    assert rc == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    by = {r["step_in_backward"]: r for r in rows}
+    assert sorted(by) == [0, 1] and len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert by[1]["grad_bytes"] == 0 < by[0]["grad_bytes"]
+    assert by[1]["opt_state_alloc_bytes"] == by[0]["opt_state_alloc_bytes"]
+
+
+@pytest.mark.parametrize("value", ["2", "0,x"])
+def test_run_step_in_backward_bad_value_is_one_line(value, capsys):
+    rc = cli.main(["run", "--preset", "quick", "--step-in-backward", value, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--step-in-backward" in err and len(err.strip().splitlines()) == 1
