@@ -470,7 +470,9 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
         for r in rows:
             r.bias = bias.get(r.klass, 0)
         _frontier(rows, predictor is not None)
-        todo = [r for r in rows if r.why is None and not r.confirmed and (confirm == "all" or r.frontier)]
+        # a row predicted to fit nothing is confirmed too: "fits nothing" is a claim, and a
+        # phase whose slope is near zero extrapolates far from its anchor
+        todo = [r for r in rows if r.why is None and not r.confirmed and (confirm == "all" or r.frontier or r.answer == 0)]
         if not todo:
             break
         for row in todo:
