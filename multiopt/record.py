@@ -101,6 +101,9 @@ MEMORY_COLUMNS: tuple[str, ...] = (
     "mem_after_step", "peak_step", "step_temp_bytes", "peak_total",
 )
 
+# Work counters of the whole step (tracked/fake probes: exact, compared like memory).
+WORK_COLUMNS: tuple[str, ...] = ("step_flops", "step_bytes", "step_kernels")
+
 TIME_COLUMNS: tuple[str, ...] = (
     "step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_mean", "steps_timed",
 )
@@ -138,6 +141,22 @@ class OptimizerRecord:
     state_attributed_bytes: int | None = None
     state_gap_bytes: int | None = None
     compiled: str | None = None
+    # its step()'s work (instrument/work.py): FLOPs, bytes read + written, kernels; None
+    # where nothing counts work (cuda probe)
+    work_flops: int | None = None
+    work_bytes: int | None = None
+    work_kernels: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkRecord:
+    """One phase's work (instrument/work.py), and its predicted time on the record's `gpu`."""
+
+    phase: str = ""
+    flops: int = 0
+    bytes: int = 0
+    kernels: int = 0
+    predicted_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +243,17 @@ class Record(Config):
     step_ms_min: float | None = None
     step_ms_mean: float | None = None
     steps_timed: int = 0
+    # work per phase and of the whole step (tracked and fake probes; None/empty elsewhere)
+    work: tuple[WorkRecord, ...] = ()
+    step_flops: int | None = None
+    step_bytes: int | None = None
+    step_kernels: int | None = None
+    # predicted step time on a named GPU (instrument/gpu.py) from the work counters; what the
+    # model was checked against and how far off it was there
+    gpu: str | None = None
+    predicted_step_ms: float | None = None
+    predicted_device_ms: float | None = None
+    predicted_check: str | None = None
     # outcome
     status: str = "ok"
     error: str | None = None
@@ -253,6 +283,7 @@ class Record(Config):
         kept = {k: v for k, v in row.items() if k in names}
         kept["optimizers"] = _subrecords(OptimizerRecord, kept.get("optimizers"))
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
+        kept["work"] = _subrecords(WorkRecord, kept.get("work"))
         return cls(**kept)
 
 
@@ -331,9 +362,10 @@ def check_schema(row: dict[str, Any], where: str) -> None:
 # Byte counts beyond this are not bytes any machine holds (and overflow int64 columns).
 MAX_BYTES = 1 << 62
 _CONFIG_TYPES: dict[str, type] = {"probe": str, **{f.name: f.type for f in dataclasses.fields(Config)}}
-_BYTE_COLUMNS = (*MEMORY_COLUMNS, "buffer_bytes", "reserved_after_step", "peak_reserved", "opt_state_unsharded")
+_BYTE_COLUMNS = (*MEMORY_COLUMNS, "buffer_bytes", "reserved_after_step", "peak_reserved", "opt_state_unsharded",
+                 *WORK_COLUMNS)
 _SUB_BYTES = ("n_params", "n_param_tensors", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes",
-              "expected", "step_temp_bytes", "peak_total", "rank")
+              "expected", "step_temp_bytes", "peak_total", "rank", "work_flops", "work_bytes", "work_kernels")
 
 
 def check_values(row: Mapping[str, Any], where: str) -> None:
@@ -348,13 +380,18 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         raise UsageError(f"{where}: status is {_show(row['status'])}, expected one of {', '.join(STATUSES)}")
     for c in _BYTE_COLUMNS:
         _check_count(row.get(c), f"{where}: {c}")
-    for c in TIME_COLUMNS:
+    for c in (*TIME_COLUMNS, "predicted_step_ms", "predicted_device_ms"):
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
-    for c in ("error", "unmodelled"):
+    for c in ("error", "unmodelled", "gpu", "predicted_check"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
+    for i, item in enumerate(row.get("work") or ()):
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: work[{i}] is {_show(item)}, expected an object")
+        for c in ("flops", "bytes", "kernels"):
+            _check_count(item.get(c), f"{where}: work[{i}].{c}")
     for list_name in ("optimizers", "ranks_state"):
         for i, item in enumerate(row.get(list_name) or ()):
             for c in _SUB_BYTES:

@@ -14,14 +14,14 @@ import gc
 import math
 import uuid
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from ..env import device_name, rank_env
 from ..errors import UsageError
-from ..record import PHASES, Config, OptimizerRecord, Record
+from ..record import PHASES, Config, OptimizerRecord, Record, phase_order
 from ..train import models, optimizers as registry
 from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimizer, plan
 from ..train.spec import Rule, canonical, rules_from
@@ -32,9 +32,10 @@ from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
 from .timing import time_steps
+from .work import Work, counting_work
 
-__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
-           "storage_bytes", "training", "validate"]
+__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "measure_work", "model_bytes",
+           "model_factory", "probe_target", "storage_bytes", "training", "validate"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AMPS = ("none", "fp16", "bf16")
@@ -60,6 +61,11 @@ class Protocol:
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
     # whose reserved columns include the check's temporaries. For replaying those records.
     reserved_after_check: bool = False
+    # count the instrumented step's work (work.py: FLOPs, bytes, kernels per phase and per
+    # optimizer) on the tracked and fake probes; False only to measure what counting costs
+    count_work: bool = True
+    # predict the step time on this GPU (gpu.py: h100, h200, ...) from the work, target cuda
+    gpu: str | None = None
 
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
@@ -67,6 +73,10 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     dtype, amp or impl, rules that do not parse, unknown optimizers, bad keywords, rules that
     claim nothing or leave parameters unclaimed (checked on a meta-device model)."""
     _check_fields(config)
+    if protocol.gpu is not None:
+        from .gpu import check_gpu
+
+        check_gpu(protocol.gpu, config.target, protocol.probe)
     if config.zero == 1:
         _check_zero(config, protocol)
     rules = rules_from(config.rules)
@@ -151,6 +161,12 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
 def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
     `meta` fills identity fields (run_id, preset, git_sha, ...)."""
+    return measure_work(config, protocol, **meta)[0]
+
+
+def measure_work(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> tuple[Record, Work | None]:
+    """`measure`, and the op stream of its instrumented step (work.py; None where no work was
+    counted: the cuda probe, a config that failed before its instrumented step)."""
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -176,7 +192,8 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         # blocks back so memory_reserved starts low too.
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return Record.from_dict(fields)
+    work = fields.pop("_work", None)
+    return Record.from_dict(fields), work
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
@@ -292,9 +309,13 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         counted = _count_state(local, out)
         # attributed at the same moment as walked: later steps may replace state tensors
         watched = {k: _attributed(probe, built, stepped[k], optimizer.optimizers[k], o) for k, o in local.items()}
-        temps = _instrumented_step(probe, trainer, step, out)
+        with (counting_work(probe, trainer, probe_target(probe)) if protocol.count_work
+              else _no_counter()) as counter:
+            temps = _instrumented_step(probe, trainer, step, out)
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
+        if counter is not None:
+            _record_work(counter.work(), config, protocol, out)
         extra = None if protocol.reserved_after_check else probe.extra()
         if probe.computes or protocol.reserved_after_check:  # fake: the ops alone, for the reserved read after
             _check_finite(model, read=probe.computes)
@@ -303,6 +324,41 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             _time(config, protocol, probe, step, out)
+
+
+def probe_target(probe: Probe) -> str:
+    """Whose choices the probe's numbers follow: cuda on the cuda probe, else its target."""
+    return "cuda" if probe.name == "cuda" else getattr(probe, "target", "cpu")
+
+
+@contextmanager
+def _no_counter() -> Iterator[None]:
+    yield None
+
+
+def _record_work(work: Work, config: Config, protocol: Protocol, out: dict[str, Any]) -> None:
+    """The step's work into `out`: per phase, the whole step, each optimizer's share; and,
+    with `protocol.gpu`, the predicted step time (gpu.py)."""
+    order = phase_order(config.zero_grad_at)
+    phases = work.phases(order)
+    total = work.total()
+    out["_work"] = work
+    out["step_flops"], out["step_bytes"], out["step_kernels"] = total.flops, total.bytes, total.kernels
+    owners = work.by_owner()
+    out["optimizers"] = [replace(o, work_flops=owners[o.name].flops if o.name in owners else 0,
+                                 work_bytes=owners[o.name].bytes if o.name in owners else 0,
+                                 work_kernels=owners[o.name].kernels if o.name in owners else 0)
+                         for o in out["optimizers"]]
+    predicted: dict[str, float] = {}
+    if protocol.gpu is not None:
+        from .gpu import predict
+
+        p = predict(work, protocol.gpu)
+        predicted = p.phase_ms
+        out.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_device_ms=p.device_ms,
+                   predicted_check=p.checked)
+    out["work"] = [{"phase": w.phase, "flops": w.flops, "bytes": w.bytes, "kernels": w.kernels,
+                    "predicted_ms": predicted.get(w.phase)} for w in phases]
 
 
 def _count_state(local: dict[str, Any], out: dict[str, Any]) -> dict[str, tuple[StateBytes, StateBytes | None]]:
