@@ -29,6 +29,7 @@ chunk launches plus the one cleanup launch torch makes (ForeachReduceOp.cu).
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -244,7 +245,8 @@ class WorkCounter:
         self.target = target
         self.cuda = target == "cuda"
         self._host_of = host
-        self._host_born: set[int] = set()
+        # storages born of host-only ops, by id, weakly: an id is reused once its storage dies
+        self._host_born: dict[int, weakref.ref] = {}
         self.large_args = large_kernel_args
         self.phase: str | None = None
         self.owner: str | None = None
@@ -255,8 +257,15 @@ class WorkCounter:
         return Work(tuple(self.ops), self.target)
 
     def _is_host(self, t: _Tensor) -> bool:
-        key = id(t.untyped_storage())
-        return key in self._host_born or self._host_of(key)
+        st = t.untyped_storage()
+        key = id(st)
+        ref = self._host_born.get(key)
+        return (ref is not None and ref() is st) or self._host_of(key)
+
+    def _born_on_host(self, out: Any) -> None:
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            self._host_born[id(st)] = weakref.ref(st)
 
     def __call__(self, func: Any, args: tuple, kwargs: dict | None, out: Any) -> None:
         if self.phase is None:
@@ -273,8 +282,7 @@ class WorkCounter:
             all_args += [kwargs.get(a.name) for a in schema_args[len(args):]]
         dtype = _first_dtype(all_args, out)
         if info.kind == _HOST or (self.cuda and info.host_born):
-            for t in _tensors(out):
-                self._host_born.add(id(t.untyped_storage()))
+            self._born_on_host(out)
             self.ops.append(OpWork(self.phase, info.name, 0, 0, 0, 0, dtype, self.owner, host=True))
             return
         if info.kind == _VIEW:
@@ -283,8 +291,7 @@ class WorkCounter:
         outs = list(_tensors(out)) if not info.write_args else []
         inputs = [t for a in all_args for t in _tensors(a)]
         if self.cuda and inputs and all(self._is_host(t) for t in inputs):
-            for t in outs:
-                self._host_born.add(id(t.untyped_storage()))
+            self._born_on_host(outs)
             self.ops.append(OpWork(self.phase, info.name, 0, 0, 0, 0, dtype, self.owner, host=True))
             return
         flops = int(info.flops(*args, **kwargs, out_val=out)) if info.flops is not None else 0
