@@ -118,6 +118,20 @@ def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
+    m.add_argument("--gpu", default=None, metavar="NAME",
+                   help="with --target cuda: predict the step time on this GPU (h100, h200, a100, l4, rtx4090) "
+                        "from the step's work counters")
+
+
+def _gpu(args: argparse.Namespace, probe: str) -> str | None:
+    """--gpu, checked now (a known GPU, target cuda, a counting probe) so a bad value is a
+    usage error before any work."""
+    if args.gpu is None:
+        return None
+    from .instrument.gpu import check_gpu
+
+    check_gpu(args.gpu, args.target, probe)
+    return args.gpu.strip().lower()
 
 
 def _alloc_conf(args: argparse.Namespace) -> str | None:
@@ -203,7 +217,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
                     seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
+                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
+                        gpu=_gpu(args, probe))
     validate(config, protocol)
     settle()  # this process ends with the command
     record = measure(config, protocol)
@@ -239,7 +254,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
-                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
+                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms),
+                        gpu=_gpu(args, probe))
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_writable_dir(out, "--out")
     result = sweep(configs, out, protocol, preset=args.preset, resume=args.resume, isolate=args.isolate,
@@ -265,7 +281,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == "cuda" else 0)
+                  context=context_bytes(args.context) if args.target == "cuda" else 0, gpu=_gpu(args, "fake"))
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 

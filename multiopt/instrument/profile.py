@@ -78,7 +78,9 @@ from ..train.multi import MultiOptimizer, impl_of
 from ..units import fmt_bytes, fmt_ms
 from .probes import Probe, make_probe
 from .protocol import storage_bytes
+from .gpu import check_gpu, predict
 from .state import StateBytes, expected_state, measured_state
+from .work import Work, WorkCounter
 
 __all__ = ["Profile", "profile", "PHASES"]
 
@@ -94,6 +96,7 @@ def profile(
     *,
     track: Iterable[Any] = (),
     target: str = "cpu",
+    gpu: str | None = None,
 ) -> "Profile":
     """Instruments for a hand-written training loop; use as `with profile(...) as prof:`.
 
@@ -101,8 +104,11 @@ def profile(
     "tracked", or a Probe instance (entered here unless already active; an active one is
     left active on exit). track: tensors/modules/optimizers made before the block that the
     loop uses (the model and the optimizers are tracked anyway). target: "cuda" makes the
-    tracked probe report what a CUDA device would (allocator blocks, reserved, workspaces)."""
-    return Profile(model, optimizer, probe, track=track, target=target)
+    tracked probe report what a CUDA device would (allocator blocks, reserved, workspaces).
+    gpu: with target "cuda" on the tracked probe, count each step's work (instrument/work.py)
+    and predict its time on this GPU (instrument/gpu.py: h100, h200, a100, l4, rtx4090): row
+    fields step_flops, step_bytes, step_kernels, predicted_step_ms, predicted_ms_<phase>."""
+    return Profile(model, optimizer, probe, track=track, target=target, gpu=gpu)
 
 
 class Profile:
@@ -116,9 +122,15 @@ class Profile:
         *,
         track: Iterable[Any] = (),
         target: str = "cpu",
+        gpu: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"profile() needs the model (a torch.nn.Module) first, got {type(model).__name__}")
+        if gpu is not None:
+            check_gpu(gpu, target, probe if isinstance(probe, str) else getattr(probe, "name", "tracked"))
+        self._gpu = gpu
+        self._counter: WorkCounter | None = None
+        self._counting: Any = None
         self.model = model
         self._tops, self.optimizers = _optimizers(optimizer, model)
         self._probe_arg = probe
@@ -148,6 +160,8 @@ class Profile:
         try:
             self.probe.track(self.model, *self.optimizers.values(), *self._track)
             self._install()
+            if self._gpu is not None:
+                self._count_work()
         except BaseException:
             self._uninstall()
             if self._owns_probe:
@@ -180,10 +194,24 @@ class Profile:
         finally:
             self._active = False
             _ACTIVE.remove(self)
+            if self._counting is not None:
+                counting, self._counting = self._counting, None
+                counting.__exit__(None, None, None)
             self._uninstall()
             if self._owns_probe and self.probe is not None:
                 self._owns_probe = False
                 self.probe.__exit__(*exc)
+
+    def _count_work(self) -> None:
+        """Count every op of the loop's phases (work.py), for the GPU prediction."""
+        probe = self.probe
+        counter = WorkCounter(getattr(probe, "target", "cpu"), host=getattr(probe, "is_host", lambda key: False))
+        counting = probe.counting(counter)  # type: ignore[union-attr]
+        if not counting.__enter__():
+            counting.__exit__(None, None, None)
+            raise UsageError(f"gpu={self._gpu!r} predicts from the tracked probe's work counters; the "
+                             f"{probe.name} probe counts none: use probe='tracked' with target='cuda'")  # type: ignore[union-attr]
+        self._counter, self._counting = counter, counting
 
     def _make_probe(self) -> Probe:
         arg = self._probe_arg
@@ -262,6 +290,8 @@ class Profile:
         if next_phase is not None:
             self._open_row(now, t)
         self._phase = next_phase
+        if self._counter is not None:
+            self._counter.phase = next_phase
         self._t = t
         return now, peak
 
@@ -269,6 +299,8 @@ class Profile:
         if self._row is None:
             self._row = {"step": len(self.rows) + 1, "mem_step_start": now, "_t0": t, "n_forward": 0, "n_backward": 0,
                          "stepped": False}
+            if self._counter is not None:
+                self._row["_ops0"] = len(self._counter.ops)
         return self._row
 
     def _begin(self, phase: str) -> None:
@@ -298,7 +330,17 @@ class Profile:
         if row.get("_before_step") is not None:
             row["step_temp_bytes"] = row["peak_step"] - row["_before_step"]
         row.pop("_before_step", None)
+        first = row.pop("_ops0", None)
+        if self._counter is not None and first is not None:
+            self._predict(row, Work(tuple(self._counter.ops[first:]), self._counter.target))
         self.rows.append(row)
+
+    def _predict(self, row: dict[str, Any], work: Work) -> None:
+        total = work.total()
+        row.update(step_flops=total.flops, step_bytes=total.bytes, step_kernels=total.kernels)
+        p = predict(work, self._gpu)  # type: ignore[arg-type]
+        row.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_check=p.checked,
+                   **{f"predicted_ms_{phase}": ms for phase, ms in p.phase_ms.items()})
 
     # --- hooks --------------------------------------------------------------------------------
 
@@ -379,12 +421,16 @@ class Profile:
                 self._lone = key
             now, _ = self._cut("step")
             self._child_start[key] = now
+            if self._counter is not None:
+                self._counter.owner = key
 
         return pre
 
     def _child_post(self, key: str) -> Callable[..., None]:
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             _, peak = self._cut("step")
+            if self._counter is not None:
+                self._counter.owner = None
             row = self._row
             assert row is not None
             col = f"step_temp_bytes:{key}"

@@ -400,12 +400,17 @@ def counting_work(probe: Any, trainer: Any, target: str) -> Iterator[WorkCounter
         counter.phase = phase if when == "before" else None
 
     handles = [trainer.register_phase_hook(on_phase)]
+    depth = [0]  # a subclass's step calling super().step() runs the hooks twice, nested
     for key, opt in trainer.optimizer.optimizers.items():
         def pre(opt_: Any, args: Any, kwargs: Any, key: str = key) -> None:
+            depth[0] += 1
             counter.owner = key
 
         def post(opt_: Any, args: Any, kwargs: Any) -> None:
-            counter.owner = None
+            depth[0] -= 1
+            if depth[0] <= 0:
+                depth[0] = 0
+                counter.owner = None
 
         handles += [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
     try:

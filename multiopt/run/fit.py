@@ -92,14 +92,15 @@ class Answer:
 
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
-            cap: int | None = None, alloc_conf: str | None = None, context: int = 0) -> Answer:
+            cap: int | None = None, alloc_conf: str | None = None, context: int = 0, gpu: str | None = None) -> Answer:
     """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`
-    (target cuda: peak reserved + `context`; target cpu: peak allocated)."""
+    (target cuda: peak reserved + `context`; target cpu: peak allocated). `gpu`: each record
+    also predicts its step time on that GPU (instrument/gpu.py)."""
     if axis not in CAPS:
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
     limited = Protocol(probe="fake", warmup=Protocol.warmup if warmup is None else warmup, steps=0,
-                       limit_bytes=max(budget - context, 0), alloc_conf=alloc_conf)
+                       limit_bytes=max(budget - context, 0), alloc_conf=alloc_conf, gpu=gpu)
     unlimited = replace(limited, limit_bytes=None)
     budget = limited.limit_bytes
     metric = "peak_reserved" if config.target == "cuda" else "peak_total"
@@ -228,7 +229,8 @@ def _search(ok: Callable[[int], bool], cap: int) -> tuple[int, bool]:
 
 def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
         depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
-        target: str = "cpu", alloc_conf: str | None = None, context: int = 0) -> list[Answer]:
+        target: str = "cpu", alloc_conf: str | None = None, context: int = 0,
+        gpu: str | None = None) -> list[Answer]:
     """Both questions for every combo: largest batch at `width`, largest width at `batch`.
     target "cuda": on predicted peak reserved plus `context` bytes (see the module doc)."""
     if budget < 1:
@@ -237,7 +239,7 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
         raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
     configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=canonical(rules),
                       impl=impl, target=target) for name, rules in combos]
-    fake = Protocol(probe="fake", steps=0, limit_bytes=budget)
+    fake = Protocol(probe="fake", steps=0, limit_bytes=budget, gpu=gpu)
     for c in configs:
         try:
             validate(c, fake)
@@ -246,7 +248,7 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
     out = []
     for c in configs:
         for axis in ("batch", "width"):
-            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=alloc_conf, context=context))
+            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=alloc_conf, context=context, gpu=gpu))
     return out
 
 
@@ -277,6 +279,8 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
             used = _used(r, a.context)
             nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
+            if r.predicted_step_ms is not None:
+                answer += f" ({r.predicted_step_ms:.2f} ms/step on {r.gpu})"
             if r.target == "cuda":
                 splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
             rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
@@ -286,6 +290,9 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                               tablefmt="github", disable_numparse=True))
         if splits:
             lines += ["", "How the budget splits at the peak (target cuda):", "", *splits]
+        checked = sorted({a.record.predicted_check for a in group if a.record is not None and a.record.predicted_check})
+        if checked:
+            lines += ["", f"Step times predicted from the work counters (instrument/gpu.py); checked on {checked[0]}."]
         unmodelled = sorted({a.record.unmodelled for a in group if a.record is not None and a.record.unmodelled})
         if unmodelled:
             lines += ["", f"Estimate, not CUDA's to the byte: this model runs ops whose CUDA kernels allocate "
