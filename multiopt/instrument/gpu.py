@@ -70,7 +70,8 @@ GPUS: dict[str, GpuSpec] = {
         ("NVIDIA H200 Tensor Core GPU datasheet (H200 SXM column), https://www.nvidia.com/en-us/data-center/h200/: "
          "FP32 67 TFLOPS, BF16/FP16 Tensor Core 1,979 TFLOPS with sparsity (989.4 dense), FP64 34 TFLOPS, "
          "GPU memory bandwidth 4.8 TB/s",
-         "H200 is the GH100 die of H100 SXM5 (132 SMs) with HBM3e: same datasheet")),
+         "132 SMs: cudaDeviceProp.multiProcessorCount on the H200 that measured reports/gpu-h200 "
+         "(probes/reduce.py GpuProps; the NVIDIA H100 architecture whitepaper's GH100 in SXM5 form)")),
     "a100": GpuSpec(
         "a100", "NVIDIA A100 SXM4 80GB",
         {"float32": 19.5 * _T, "bfloat16": 312 * _T, "float16": 312 * _T, "float64": 9.7 * _T},

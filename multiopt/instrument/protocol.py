@@ -31,6 +31,7 @@ from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
+from .gpu import check_gpu, predict
 from .timing import time_steps
 from .work import Work, counting_work
 
@@ -74,8 +75,6 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     claim nothing or leave parameters unclaimed (checked on a meta-device model)."""
     _check_fields(config)
     if protocol.gpu is not None:
-        from .gpu import check_gpu
-
         check_gpu(protocol.gpu, config.target, protocol.probe)
     if config.zero == 1:
         _check_zero(config, protocol)
@@ -351,8 +350,6 @@ def _record_work(work: Work, config: Config, protocol: Protocol, out: dict[str, 
                          for o in out["optimizers"]]
     predicted: dict[str, float] = {}
     if protocol.gpu is not None:
-        from .gpu import predict
-
         p = predict(work, protocol.gpu)
         predicted = p.phase_ms
         out.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_device_ms=p.device_ms,
