@@ -27,8 +27,6 @@ prediction for another GPU assumes a comparable host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
-
 from ..errors import UsageError
 from .work import OpWork, Work
 
@@ -196,8 +194,3 @@ def predict(work: Work, gpu: str | GpuSpec, model: TimeModel = MODEL, checked: s
         last = max(phase_end, key=phase_end.get)  # type: ignore[arg-type]
         phase_ms[last] += (end - before) / 1e3
     return Prediction(spec.name, end / 1e3, busy / 1e3, phase_ms, CHECKED if checked is None else checked)
-
-
-def simulate_many(streams: Iterable[Work], gpu: str, model: TimeModel) -> list[float]:
-    """Predicted step ms of each stream (for fitting)."""
-    return [predict(w, gpu, model, checked="").step_ms for w in streams]

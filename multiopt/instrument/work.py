@@ -30,7 +30,6 @@ chunk launches plus the one cleanup launch torch makes (ForeachReduceOp.cu).
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -39,8 +38,7 @@ import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["KERNEL_ARG_LIMITS", "OpWork", "PhaseWork", "Work", "WorkCounter", "counting_work", "mta_launches",
-           "phase_summary"]
+__all__ = ["CHUNK", "KERNEL_ARG_LIMITS", "OpWork", "PhaseWork", "Work", "WorkCounter", "counting_work", "mta_launches"]
 
 _Tensor = torch.Tensor
 
@@ -373,20 +371,6 @@ def _first_dtype(args: list, out: Any) -> str:
     for t in _tensors(out):
         return str(t.dtype).removeprefix("torch.")
     return ""
-
-
-def phase_summary(work: Work, order: Iterable[str]) -> list[dict[str, Any]]:
-    """The record's `work`: per phase, its FLOPs, bytes and kernels."""
-    return [{"phase": p.phase, "flops": p.flops, "bytes": p.bytes, "kernels": p.kernels}
-            for p in work.phases(order)]
-
-
-def op_counts(work: Work) -> dict[str, int]:
-    """How many times each op ran (for reading a stream)."""
-    counts: dict[str, int] = defaultdict(int)
-    for o in work.ops:
-        counts[o.op] += 1
-    return dict(counts)
 
 
 @contextmanager
