@@ -151,10 +151,10 @@ def test_gpt2_runs_and_trains_from_the_cli(hf, gpt2_record, tmp_path, capsys):
                "--probe", "fake", "--steps", "0", "--warmup", "1", "--no-isolate", "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     (row,) = read_jsonl(out / "results.jsonl")
-    assert row["status"] == "ok", row["error"]
-    assert (row["width"], row["depth"], row["param_bytes"]) == (0, 0, gpt2_record.param_bytes)
-    assert row["peak_total"] == gpt2_record.peak_total  # the fake probe agrees with tracked to the byte
-    assert {o["name"]: o["state_bytes"] for o in row["optimizers"]} == {o.name: o.expected for o in gpt2_record.optimizers}
+    assert row.status == "ok", row.error
+    assert (row.width, row.depth, row.param_bytes) == (0, 0, gpt2_record.param_bytes)
+    assert row.peak_total == gpt2_record.peak_total  # the fake probe agrees with tracked to the byte
+    assert {o.name: o.state_bytes for o in row.optimizers} == {o.name: o.expected for o in gpt2_record.optimizers}
     capsys.readouterr()
     assert main(["train", "--model", GPT2, "--rules", RULES, "--steps", "1", "--batch", "2"]) == 0
     text = capsys.readouterr().out

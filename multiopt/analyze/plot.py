@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, Locator
 
+from ..kinds import Status
 from .frame import PEAK_PARTS
 from .select import MAX_BARS, MAX_PANELS, MAX_SERIES, evenly, labelled_ok, largest, main_model
 from ..units import fmt_bytes, fmt_ms
@@ -279,7 +280,7 @@ PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
 
 def figures(df: pd.DataFrame) -> dict[str, Plot]:
     """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record."""
-    if len(df) == 0 or not (df["status"] == "ok").any():
+    if len(df) == 0 or not (df["status"] == Status.OK).any():
         return {}
     ok = labelled_ok(df)
     return {name: build(ok) for name, build in PLOTS.items()}
