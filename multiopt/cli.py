@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mem-tol", default=None, help="relative memory tolerance, e.g. 0, 1%% or 0.01 (default: 0 on tracked/fake, 1%% on cuda)")
     g.add_argument("--time-tol", default="10%", help="relative step-time tolerance (default 10%%)")
     g.add_argument("--time-k", type=float, default=3.0, help="time band is at least K x baseline IQR/median (default 3)")
-    g.add_argument("--only", choices=["memory", "time"], default=None,
-                   help="compare only memory (CPU CI) or only step time")
+    g.add_argument("--only", default=None, metavar="KINDS",
+                   help="compare only these: memory, work, time, or a comma list (CPU CI: memory,work)")
     g.add_argument("--update-baseline", action="store_true", help="after comparing, write the current records as the new baseline")
     g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
     g.set_defaults(func=_cmd_gate)

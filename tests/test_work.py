@@ -181,3 +181,39 @@ def test_views_move_nothing_and_broadcasts_are_read_once():
 def test_cuda_probe_counts_nothing_and_counting_can_be_off():
     record, work = measure_work(_config("sgd"), Protocol(probe="tracked", steps=0, warmup=1, count_work=False))
     assert work is None and record.step_flops is None and record.work == ()
+
+
+# -- the gate: work is compared exactly, naming phase and optimizer ---------------------------
+
+def test_gate_fails_on_one_more_pass_naming_phase_and_optimizer(monkeypatch):
+    from multiopt.analyze import gate
+
+    config = _config("sgd+adam", target="cuda")
+    baseline, _ = _work(config, "tracked")
+    # the same config, but SGD's step now makes one more elementwise pass over its parameters
+    original = torch.optim.SGD.step
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        loss = original(self, closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1.0)
+        return loss
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    current, _ = _work(config, "tracked")
+    monkeypatch.undo()
+    res = gate.compare([baseline], [current], only="memory,work")
+    bad = {v.metric: v for v in res.regressions}
+    assert res.exit_code == 1
+    assert set(bad) == {"work:step:bytes", "work:step:kernels", "work:step[layer1=sgd]:bytes",
+                        "work:step[layer1=sgd]:kernels"}
+    assert "optimizer layer1=sgd (sgd)" in bad["work:step[layer1=sgd]:kernels"].detail
+    assert bad["work:step:kernels"].new - bad["work:step:kernels"].old == 2  # weight and bias of layer1
+    assert "work:step[layer1=sgd]:kernels" in gate.render(res)
+    # unchanged work passes at tolerance 0; a record without counters now is a regression
+    same = gate.compare([baseline], [baseline], only="work")
+    assert same.exit_code == 0 and same.unchanged
+    gone = gate.compare([baseline], [dataclasses.replace(baseline, work=())], only="work")
+    assert gone.exit_code == 1 and all(v.missing for v in gone.regressions)
