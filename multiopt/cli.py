@@ -15,9 +15,14 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .errors import UsageError
+from .kinds import Probe, Status, Target, effective_target
+
+if TYPE_CHECKING:
+    from .instrument.allocator import AllocatorConfig
+    from .rules import Rules
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
-    _config_arguments(m, probe="auto", steps=20, target="cpu")
+    _config_arguments(m, probe="auto", steps=20, target=Target.CPU)
     e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
-    _config_arguments(e, probe="fake", steps=0, target="cuda")
+    _config_arguments(e, probe=Probe.FAKE, steps=0, target=Target.CUDA)
 
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
@@ -61,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
-    _target_arguments(r, "cpu")
+    _target_arguments(r, Target.CPU)
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
     r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, default=4)
     f.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     f.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
-    _target_arguments(f, "cuda")
+    _target_arguments(f, Target.CUDA)
     f.add_argument("--context", default=None, help="CUDA context bytes outside torch's counters, e.g. 512MiB, "
                    "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
     f.set_defaults(func=_cmd_fit)
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
-    m.add_argument("--target", default=target, choices=["cpu", "cuda"],
+    m.add_argument("--target", default=target, choices=list(Target.values()),
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
@@ -134,15 +139,16 @@ def _gpu(args: argparse.Namespace, probe: str) -> str | None:
     return args.gpu.strip().lower()
 
 
-def _alloc_conf(args: argparse.Namespace) -> str | None:
-    """--alloc-conf, checked now so a bad value is a usage error before any work."""
+def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
+    """--alloc-conf (else $PYTORCH_CUDA_ALLOC_CONF for --target cuda), parsed once, now, so a
+    bad value is a usage error before any work; every config's probe gets the parsed value."""
     from .instrument.allocator import AllocatorConfig
 
     if args.alloc_conf is not None:
-        AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
-    elif args.target == "cuda":
-        AllocatorConfig.from_env()
-    return args.alloc_conf
+        return AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
+    if args.target == Target.CUDA:
+        return AllocatorConfig.from_env()
+    return None
 
 
 def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
@@ -175,6 +181,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .instrument.probes import make_probe
+    from .rules import Rules
     from .train import models
     from .train.multi import MultiOptimizer
     from .train.trainer import Trainer
@@ -185,7 +192,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with probe, _user_code(args.model):
         spec = models.resolve(args.model)
         model = probe.build_model(lambda: spec.build(args.width, args.depth))
-        optimizer = MultiOptimizer.from_spec(model, args.rules)
+        optimizer = MultiOptimizer.from_spec(model, Rules(args.rules))
         print(optimizer.describe())
         trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if args.amp == "none" else args.amp)
         gen = torch.Generator(device=probe.device).manual_seed(args.seed)
@@ -208,14 +215,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .instrument.protocol import Config, Protocol, measure, validate
     from .run.launch import settle
     from .run.presets import combos
+    from .rules import Rules
     from .store import dumps
-    from .train.spec import canonical
 
     probe, device = resolve_probe(args.probe)
-    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
+    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", Rules(args.rules)))
     config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
-                    amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
+                    amp=args.amp, combo=combo, rules=rules, impl=args.impl, zero_grad_at=args.zero_grad_at,
+                    seed=args.seed, device=device, target=effective_target(probe, args.target))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
                         gpu=_gpu(args, probe))
@@ -223,7 +230,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     record = measure(config, protocol)
     print(dumps(record) if args.json else record_text(record))
-    if record.status != "ok":
+    if record.status != Status.OK:
         if not args.json:
             whose = f" (model {args.model!r})" if ":" in args.model else ""  # user code: name it
             print(f"status {record.status}{whose}: {record.error}", file=sys.stderr)
@@ -251,7 +258,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
+    configs = [replace(c, target=effective_target(probe, args.target)) for c in configs]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms),
@@ -281,7 +288,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == "cuda" else 0, gpu=_gpu(args, "fake"))
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0, gpu=_gpu(args, "fake"))
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 
@@ -312,25 +319,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chosen_combos(presets: Sequence[tuple[str, str]], texts: Sequence[str] | None,
-                   user_combo: Callable[..., tuple[str, str]]) -> list[tuple[str, str]]:
+def _chosen_combos(presets: Sequence[tuple[str, "Rules"]], texts: Sequence[str] | None,
+                   user_combo: Callable[..., tuple[str, "Rules"]]) -> list[tuple[str, "Rules"]]:
     """Preset combos then each `--rules [NAME::]RULES`; one name never stands for two rule sets
     (the gate and the report know a combo by its name)."""
     chosen = list(presets)
     for text in texts or []:
         name, rules = user_combo(text, taken=[n for n, _ in chosen])
         same = [r for n, r in chosen if n == name]
-        if same and _canonical(same[0]) != _canonical(rules):
+        if same and same[0] != rules:  # both canonical text
             raise UsageError(f"--rules {text!r}: the name {name!r} already stands for {same[0]!r}; give it another name")
         if not same:
             chosen.append((name, rules))
     return chosen
-
-
-def _canonical(rules: str) -> str:
-    from .train.spec import canonical  # torch: loaded when a command runs, not for --help
-
-    return canonical(rules)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import UsageError
 from .kinds import Phase, Probe, Status, Target, effective_target
+from .rules import Rules
 
 SCHEMA = "multiopt.record/3"
 SCHEMAS: tuple[str, ...] = ("multiopt.record/1", "multiopt.record/2", SCHEMA)
@@ -91,7 +92,9 @@ def _target_when_absent(row: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class Config:
     """What is measured: model, sizes, dtypes and the optimizer combo. Its fields are the
-    record's config columns; `rules` holds the canonical rule text (`spec.format_rules`)."""
+    record's config columns. `rules` is parsed once, here: rule text (or a list of dicts, or
+    Rule values) becomes `Rules`, the canonical text (as records store it and keys compare it)
+    carrying its parsed rules; text that does not parse is a UsageError naming the part."""
 
     device: str = _role(Role.WHERE, "cpu")
     model: str = "mlp"
@@ -101,7 +104,7 @@ class Config:
     dtype: str = "float32"
     amp: str = "none"
     combo: str = _role(Role.NAME, "adam")
-    rules: str = _role(Role.DETAIL, "rest=adam")
+    rules: Rules = _role(Role.DETAIL, Rules("rest=adam"))
     impl: str = "default"
     zero_grad_at: str = "end"
     seed: int = 0
@@ -112,6 +115,10 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = field(default=Target.CPU.value, metadata={ABSENT: _target_when_absent})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, Rules):
+            object.__setattr__(self, "rules", Rules.of(self.rules))
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
@@ -276,6 +283,15 @@ class Record(Config):
     # outcome
     status: str = Status.OK.value
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        # A record keeps the rule text it was stored with: parsed (`Rules`) when it parses, as
+        # every record this version writes does, else kept as text: reading never refuses a
+        # row for its rules; only a Config (what is about to be measured) must parse.
+        try:
+            super().__post_init__()
+        except UsageError:
+            pass
 
     def to_dict(self) -> dict[str, Any]:
         """The row as stored: fields in `FIELDS` order, sub-records as lists of dicts."""

@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from ..env import device_name, rank_env
-from ..errors import UsageError
+from ..errors import UsageError, one_line
+from ..kinds import Probe as ProbeName, Status, Target, effective_target
 from ..record import PHASES, Config, OptimizerRecord, Record, phase_order
 from ..train import models, optimizers as registry
-from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimizer, plan
-from ..train.spec import Rule, canonical, rules_from
+from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
+from ..train.spec import Rule
 from ..train.trainer import Trainer
 from ..units import round_alloc
 from .allocator import AllocatorConfig
@@ -46,7 +47,7 @@ AMPS = ("none", "fp16", "bf16")
 class Protocol:
     """How it is measured."""
 
-    probe: str = "tracked"
+    probe: str = ProbeName.TRACKED
     warmup: int = 3
     steps: int = 20  # timed samples; 0 = memory only
     limit_bytes: int | None = None
@@ -54,9 +55,10 @@ class Protocol:
     min_block_ms: float = 10.0
     # CPU threads for the config (torch.set_num_threads); None = torch's default
     threads: int | None = None
-    # target cuda (Config.target): PYTORCH_CUDA_ALLOC_CONF text for the allocator model
-    # (None: read from the environment) and the library workspaces it adds
-    alloc_conf: str | None = None
+    # target cuda (Config.target): the allocator model's options, PYTORCH_CUDA_ALLOC_CONF
+    # text parsed once here (None: read from the environment when a probe needs them), and
+    # the library workspaces it adds
+    alloc_conf: AllocatorConfig | str | None = None
     workspaces: Workspaces = Workspaces()
     # Read reserved memory after the finite-parameter check (isfinite(p).all() per parameter),
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
@@ -68,6 +70,10 @@ class Protocol:
     # predict the step time on this GPU (gpu.py: h100, h200, ...) from the work, target cuda
     gpu: str | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.alloc_conf, str):
+            object.__setattr__(self, "alloc_conf", AllocatorConfig.parse(self.alloc_conf, "alloc_conf"))
+
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     """Raise UsageError for anything wrong with a config before any compute: unknown model,
@@ -78,16 +84,15 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
         check_gpu(protocol.gpu, config.target, protocol.probe)
     if config.zero == 1:
         _check_zero(config, protocol)
-    rules = rules_from(config.rules)
-    if protocol.probe == "fake":
-        for rule in rules:
-            name = registry.resolve(rule.optimizer).name
-            if name in registry.HOST_READS:
-                raise UsageError(f"the fake probe cannot run rule '{rule}': {registry.HOST_READS[name]}, and fake "
+    if protocol.probe == ProbeName.FAKE:
+        for rule in config.rules.parsed:
+            reads = registry.resolve(rule.optimizer).host_reads
+            if reads:
+                raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
     with torch.device("meta"):
         model = models.resolve(config.model).build(config.width, config.depth)
-    plan(model, rules)
+    plan(model, config.rules)
 
 
 def _check_fields(config: Config) -> None:
@@ -97,8 +102,8 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"unknown amp {config.amp!r}; choose one of {', '.join(AMPS)}")
     if config.impl not in IMPLS:
         raise UsageError(f"unknown impl {config.impl!r}; choose one of {', '.join(IMPLS)}")
-    if config.target not in TARGETS:
-        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
+    if config.target not in Target.values():
+        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(Target.values())}")
     if config.zero_grad_at not in ("end", "start"):
         raise UsageError(f"zero_grad_at must be 'end' or 'start', got {config.zero_grad_at!r}")
     if config.batch < 1:
@@ -116,27 +121,21 @@ def _check_zero(config: Config, protocol: Protocol) -> None:
                          "`torchrun --nproc-per-node 2 -m multiopt run --zero 1 ...`")
     if config.ranks != launch.world_size:
         raise UsageError(f"a zero=1 config for {config.ranks} ranks cannot run in a launch of {launch.world_size}")
-    if protocol.probe == "fake":
+    if protocol.probe == ProbeName.FAKE:
         raise UsageError("zero=1 needs real tensors for its broadcasts: use --probe tracked or cuda, not fake")
 
 
 def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[str, Any]:
     """The record fields every record of `config` starts from, measured or not: the config,
     the probe, torch, when, and the caller's `meta` (run_id, preset, git_sha, device_name)."""
-    try:
-        rules = canonical(config.rules)
-    except UsageError:
-        rules = config.rules  # measure() records the refusal as the config's error
     fields = {
-        **asdict(config),
-        "rules": rules,
+        **asdict(config),  # rules: the canonical text, parsed when the Config was made
         **_sizes(config),
         "run_id": meta.pop("run_id", None) or uuid.uuid4().hex[:12],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "probe": protocol.probe,
-        # a cuda probe reports CUDA's numbers whatever the config asked for
-        "target": "cuda" if protocol.probe == "cuda" else config.target,
+        "target": effective_target(protocol.probe, config.target),
         **meta,
     }
     return fields
@@ -178,13 +177,13 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), **meta: Any) -
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
         _run(config, protocol, probe, fields)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
-        fields["status"] = "ok"
+        fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
-        fields.update(status="oom", error=_one_line(e))
+        fields.update(status=Status.OOM, error=one_line(e))
     except _Diverged as e:
-        fields.update(status="diverged", error=str(e))
+        fields.update(status=Status.DIVERGED, error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        fields.update(status="error", error=_reads_values(e) or f"{type(e).__name__}: {_one_line(e)}")
+        fields.update(status=Status.ERROR, error=_reads_values(e) or f"{type(e).__name__}: {one_line(e)}")
     finally:
         torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
@@ -196,13 +195,13 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), **meta: Any) -
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
-    """The protocol's probe for `config`; target cuda on a CPU probe reads the allocator
-    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF."""
+    """The protocol's probe for `config`; target cuda on a CPU probe takes the allocator
+    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF. (A cuda probe is
+    the device itself: it models no target.)"""
     alloc = None
-    if config.target == "cuda" and protocol.probe != "cuda":
-        alloc = (AllocatorConfig.parse(protocol.alloc_conf) if protocol.alloc_conf is not None
-                 else AllocatorConfig.from_env())
-    target = "cpu" if protocol.probe == "cuda" else config.target
+    if config.target == Target.CUDA and protocol.probe != ProbeName.CUDA:
+        alloc = protocol.alloc_conf if protocol.alloc_conf is not None else AllocatorConfig.from_env()
+    target = Target.CPU if protocol.probe == ProbeName.CUDA else config.target
     return make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes, target=target,
                       alloc_config=alloc, workspaces=protocol.workspaces)
 
@@ -296,7 +295,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         # Target cuda: state torch keeps on the host (non-fused `step` counters) leaves the
         # device's allocator as soon as each optimizer's step made it.
         hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
-                 for o in optimizer.optimizers.values()] if getattr(probe, "target", "cpu") == "cuda" else []
+                 for o in optimizer.optimizers.values()] if getattr(probe, "target", Target.CPU) == Target.CUDA else []
         with _watching_steps(probe, optimizer.optimizers) as stepped:
             for i in range(protocol.warmup):
                 step(f"warm-up step {i + 1}")
@@ -519,12 +518,7 @@ def _reads_values(e: BaseException) -> str | None:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     if not any(type(x).__name__ == "DataDependentOutputException" or "_local_scalar_dense" in str(x) for x in chain):
         return None
-    first = _one_line(chain[0])
+    first = one_line(chain[0])
     who = first.split(": ", 1)[0] if first.startswith("rule '") else "an optimizer or the model"
     return (f"the fake probe cannot run this config: {who} reads tensor values (.item(), .tolist(): "
             "aten._local_scalar_dense), which fake tensors do not have; use --probe tracked")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

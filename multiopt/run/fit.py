@@ -37,9 +37,11 @@ import numpy as np
 from tabulate import tabulate
 
 from ..errors import UsageError
+from ..instrument.allocator import AllocatorConfig
 from ..instrument.protocol import Config, Protocol, measure, validate
+from ..kinds import Probe, Status, Target
 from ..record import Record
-from ..train.spec import canonical
+from ..rules import Rules
 from ..instrument.probes import Workspaces
 from ..units import fmt_bytes, parse_bytes
 
@@ -78,7 +80,7 @@ class Answer:
     """The largest `axis` value that fits, with the other axis fixed."""
 
     combo: str
-    rules: str
+    rules: Rules
     axis: str  # "batch" or "width"
     fixed: tuple[str, int]  # the other axis and its value
     value: int  # 0: not even 1 fits
@@ -92,18 +94,19 @@ class Answer:
 
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
-            cap: int | None = None, alloc_conf: str | None = None, context: int = 0, gpu: str | None = None) -> Answer:
+            cap: int | None = None, alloc_conf: AllocatorConfig | str | None = None, context: int = 0,
+            gpu: str | None = None) -> Answer:
     """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`
     (target cuda: peak reserved + `context`; target cpu: peak allocated). `gpu`: each record
     also predicts its step time on that GPU (instrument/gpu.py)."""
     if axis not in CAPS:
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
-    limited = Protocol(probe="fake", warmup=Protocol.warmup if warmup is None else warmup, steps=0,
+    limited = Protocol(probe=Probe.FAKE, warmup=Protocol.warmup if warmup is None else warmup, steps=0,
                        limit_bytes=max(budget - context, 0), alloc_conf=alloc_conf, gpu=gpu)
     unlimited = replace(limited, limit_bytes=None)
     budget = limited.limit_bytes
-    metric = "peak_reserved" if config.target == "cuda" else "peak_total"
+    metric = "peak_reserved" if config.target == Target.CUDA else "peak_total"
     runs = {"n": 0}
     peaks: dict[int, int] = {}
     checked: dict[int, Record] = {}
@@ -111,7 +114,7 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
     def run(n: int, protocol: Protocol) -> Record:
         runs["n"] += 1
         r = measure(replace(config, **{axis: n}), protocol)
-        if r.status not in ("ok", "oom"):
+        if r.status not in (Status.OK, Status.OOM):
             raise FitFailed(f"{axis}={n}: {r.status}: {r.error}")
         return r
 
@@ -123,7 +126,7 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
     def ok(n: int) -> bool:  # what a device of `budget` bytes says
         if n not in checked:
             checked[n] = run(n, limited)
-        return checked[n].status == "ok"
+        return checked[n].status == Status.OK
 
     other = "width" if axis == "batch" else "batch"
     base = dict(combo=config.combo, rules=config.rules, axis=axis, fixed=(other, getattr(config, other)))
@@ -227,9 +230,9 @@ def _search(ok: Callable[[int], bool], cap: int) -> tuple[int, bool]:
     return lo, False
 
 
-def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
+def fit(combos: Sequence[tuple[str, str | Rules]], budget: int, *, width: int, batch: int, model: str = "mlp",
         depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
-        target: str = "cpu", alloc_conf: str | None = None, context: int = 0,
+        target: str = Target.CPU, alloc_conf: AllocatorConfig | str | None = None, context: int = 0,
         gpu: str | None = None) -> list[Answer]:
     """Both questions for every combo: largest batch at `width`, largest width at `batch`.
     target "cuda": on predicted peak reserved plus `context` bytes (see the module doc)."""
@@ -237,9 +240,9 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
         raise UsageError(f"the budget must be at least 1 byte, got {budget}")
     if width < 1 or batch < 1 or depth < 1:
         raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
-    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=canonical(rules),
+    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=rules,
                       impl=impl, target=target) for name, rules in combos]
-    fake = Protocol(probe="fake", steps=0, limit_bytes=budget, gpu=gpu)
+    fake = Protocol(probe=Probe.FAKE, steps=0, limit_bytes=budget, alloc_conf=alloc_conf, gpu=gpu)  # parsed once, here
     for c in configs:
         try:
             validate(c, fake)
@@ -248,13 +251,13 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
     out = []
     for c in configs:
         for axis in ("batch", "width"):
-            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=alloc_conf, context=context, gpu=gpu))
+            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=fake.alloc_conf, context=context, gpu=gpu))
     return out
 
 
 def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dtype: str) -> str:
     """Markdown: one table per combo, human units."""
-    cuda = [a for a in answers if a.record is not None and a.record.target == "cuda"]
+    cuda = [a for a in answers if a.record is not None and a.record.target == Target.CUDA]
     semantics = (f"fake probe, target cuda: peak = predicted peak reserved (CUDA caching-allocator model, "
                  f"cuBLAS workspaces) + CUDA context {fmt_bytes(cuda[0].context)}" if cuda else
                  "fake probe (`memory_allocated` semantics: live tensor bytes, 512-byte blocks). A GPU needs more "
@@ -264,16 +267,16 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
     for a in answers:
         by_combo.setdefault(a.combo, []).append(a)
     for combo, group in by_combo.items():
-        lines += ["", f"## {combo}: `{canonical(group[0].rules)}`", ""]
+        lines += ["", f"## {combo}: `{group[0].rules}`", ""]
         rows, splits = [], []
         for a in group:
             question = f"largest {a.axis} at {a.fixed[0]} {a.fixed[1]:,}"
             if a.error:
-                rows.append((question, "error", a.error, "", "", "", "", ""))
+                rows.append((question, Status.ERROR, a.error, "", "", "", "", ""))
                 continue
             r = a.record
             if a.value == 0:
-                need = f"needs {fmt_bytes(a.over_peak)}" if a.over_peak is not None else "oom"
+                need = f"needs {fmt_bytes(a.over_peak)}" if a.over_peak is not None else Status.OOM
                 rows.append((question, f"none ({a.axis} 1 {need})", "-", "-", "-", "-", "-", "-"))
                 continue
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
@@ -281,7 +284,7 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
             nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
             if r.predicted_step_ms is not None:
                 answer += f" ({r.predicted_step_ms:.2f} ms/step on {r.gpu})"
-            if r.target == "cuda":
+            if r.target == Target.CUDA:
                 splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
             rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
                          fmt_bytes(r.param_bytes), fmt_bytes(r.grad_bytes), fmt_bytes(r.opt_state_alloc_bytes), nxt))
@@ -302,7 +305,7 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
 
 def _used(r: Record, context: int) -> int:
     """What counts against the budget: peak reserved + context (target cuda), else peak allocated."""
-    if r.target == "cuda" and r.peak_reserved is not None:
+    if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved + context
     return r.peak_total or 0
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 from .. import env as envmod
 from ..errors import UsageError
 from ..instrument.protocol import Protocol, validate
+from ..kinds import Status
 from ..record import Config, Record, config_key
 from ..store import append_jsonl, iter_jsonl, write_jsonl_atomic, write_text_atomic
 from .launch import RankScope, make_launcher, merge_zero
@@ -60,7 +61,7 @@ class SweepResult:
 
     @property
     def failed(self) -> tuple[Record, ...]:
-        return tuple(r for r in self.records if r.status != "ok")
+        return tuple(r for r in self.records if r.status != Status.OK)
 
     def summary(self) -> list[str]:
         """The lines a person reads after a sweep: counts, time, and every failure named by
@@ -223,7 +224,7 @@ class Ranks(Team):
         box: list[Any] = [None]
         if self.is_main:
             try:
-                box[0] = ("ok", fn())
+                box[0] = ("value", fn())
             except UsageError as e:
                 box[0] = ("usage", str(e))
         self._dist.broadcast_object_list(box, src=0)

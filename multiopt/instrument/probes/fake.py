@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ...errors import UsageError
+from ...kinds import Probe as ProbeName, Target
 from ..allocator import AllocatorConfig
 from .target import Workspaces
 from .tracked import LedgerProbe, Sizer
@@ -28,11 +29,11 @@ from .tracked import LedgerProbe, Sizer
 class FakeProbe(LedgerProbe):
     """Sizes only: estimates per-phase allocated/peak of configs too big to run."""
 
-    name = "fake"
+    name = ProbeName.FAKE
     computes = False
 
     def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None,
-                 target: str = "cpu", alloc_config: AllocatorConfig | None = None,
+                 target: str = Target.CPU, alloc_config: AllocatorConfig | None = None,
                  workspaces: Workspaces = Workspaces()) -> None:
         super().__init__(device, limit_bytes, target, alloc_config, workspaces, sizers=_real_storage_sizers())
         # Real tensors made outside (e.g. a user's input batch) may meet fake ones.
