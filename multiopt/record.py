@@ -115,6 +115,15 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = field(default=Target.CPU.value, metadata={ABSENT: _target_when_absent})
+    # activation checkpointing (1: each block recomputed in the backward), LoRA adapters
+    # (canonical `hf.parse_lora` text, "" = none) and the batches' sequence length (0: the
+    # model has none)
+    checkpointing: int = 0
+    lora: str = ""
+    seq: int = 0
+    # 1: each parameter's optimizer steps inside backward as its gradient completes, and the
+    # gradient is freed there (Trainer(step_in_backward=True)); 0: one step after backward
+    step_in_backward: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, Rules):
@@ -123,8 +132,9 @@ class Config:
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
         target = f" target={self.target}" if self.target != Target.CPU else ""
+        sib = " step-in-backward" if self.step_in_backward else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
-                f"amp={self.amp} {self.impl}{zero}{target}")
+                f"amp={self.amp} {self.impl}{zero}{target}{sib}")
 
     def record_key(self, probe: str) -> tuple:
         """The key a record of this config, measured on `probe`, will have (see config_key)."""
@@ -268,6 +278,14 @@ class Record(Config):
     step_ms_min: float | None = _role(Role.TIME)
     step_ms_mean: float | None = _role(Role.TIME)
     steps_timed: int = _role(Role.TIME, 0)
+    # the timed samples themselves (ms, each the mean of a block of steps), and the host's own
+    # noise while they ran: a fixed calibration kernel (`host_calib` names it) timed around and
+    # between them (`host_calib_ms`), and its spread, IQR / median (`host_noise`). Empty / None
+    # in records written before they were measured; the gate then cannot tell noise from a change.
+    step_ms_samples: tuple[float, ...] = ()
+    host_calib: str | None = None
+    host_calib_ms: tuple[float, ...] = ()
+    host_noise: float | None = _role(Role.TIME)
     # work per phase and of the whole step (instrument/work.py; tracked and fake probes, None or
     # empty elsewhere): exact and deterministic, so gated like memory
     work: tuple[WorkRecord, ...] = ()
@@ -316,6 +334,8 @@ class Record(Config):
         kept = {k: v for k, v in row.items() if k in _NAMES}
         kept["optimizers"] = _subrecords(OptimizerRecord, kept.get("optimizers"))
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
+        for c in SAMPLE_COLUMNS:  # tuples, as measured: a frozen record stays hashable
+            kept[c] = tuple(kept.get(c) or ())
         kept["work"] = _subrecords(WorkRecord, kept.get("work"))
         return cls(**kept)
 
@@ -364,6 +384,8 @@ MEMORY_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=_ALL)
 # Every byte count a record holds (checked as non-negative integers).
 BYTE_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, Role.BYTES, fields=_ALL)
 TIME_COLUMNS: tuple[str, ...] = _with_role(Role.TIME, fields=_ALL)
+# Lists of timed samples (ms): the step's and the host's calibration kernel's.
+SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
 # Work counters of the whole step (instrument/work.py), exact on deterministic probes.
 WORK_COLUMNS: tuple[str, ...] = _with_role(Role.WORK, fields=_ALL)
 # The memory metrics the regression gate compares.
@@ -495,7 +517,11 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
-    for c in ("error", "unmodelled", "gpu", "predicted_check"):
+    for c in SAMPLE_COLUMNS:
+        v = row.get(c)
+        if v is not None and not (isinstance(v, (list, tuple)) and all(_is(x, float) and x >= 0 for x in v)):
+            raise UsageError(f"{where}: {c} is {_show(v)}, expected a list of non-negative numbers")
+    for c in ("error", "unmodelled", "host_calib", "gpu", "predicted_check"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
     for c in WORK_COLUMNS:

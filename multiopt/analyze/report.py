@@ -262,7 +262,8 @@ def _step_time(df: pd.DataFrame, ok: pd.DataFrame, plots: dict[str, str] | None)
     note = (f"Median step time, at the batch timed at the most widths and up to {_STEP_WIDTHS} widths chosen evenly "
             "(every width is in the CSV). A failed config shows its status.")
     return _section("Step time", note + "\n\n" + "\n\n".join(tables)
-                    + _image(plots, "step_time_vs_width", "step time vs width"))
+                    + _image(plots, "step_time_vs_width", "step time vs width")
+                    + _image(plots, "predicted_vs_measured", "predicted vs measured step time"))
 
 
 def _per_optimizer(ok: pd.DataFrame) -> str:

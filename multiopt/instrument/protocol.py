@@ -33,7 +33,7 @@ from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
 from .gpu import check_gpu, predict
-from .timing import time_steps
+from .timing import Calibration, time_steps
 from .work import Work, counting_work
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "measure_work", "model_bytes",
@@ -91,7 +91,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
                 raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
     with torch.device("meta"):
-        model = models.resolve(config.model).build(config.width, config.depth)
+        model = models.for_config(config).build(config.width, config.depth)
     plan(model, config.rules)
 
 
@@ -112,6 +112,14 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
     if config.zero == 0 and config.ranks != 1:
         raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    if config.step_in_backward not in (0, 1):
+        raise UsageError(f"step_in_backward must be 0 or 1, got {config.step_in_backward!r}")
+    if config.step_in_backward and config.amp == "fp16":
+        raise UsageError("step_in_backward cannot run with fp16 AMP: its GradScaler unscales and checks every "
+                         "gradient for inf/nan before any optimizer steps; use bf16 AMP or none")
+    if config.step_in_backward and config.zero:
+        raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
+                         "use zero=0")
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -141,14 +149,16 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
     return fields
 
 
-def _sizes(config: Config) -> dict[str, int]:
+def _sizes(config: Config) -> dict[str, Any]:
     """width and depth as the record keeps them: 0 for one the model's factory does not take
-    (`ModelSpec.sizes`); as given when the model cannot be resolved (measure records why)."""
+    (`ModelSpec.sizes`); seq as the batches have it and lora in canonical text; as given when
+    the model cannot be resolved (measure records why)."""
     try:
-        width, depth = models.resolve(config.model).sizes(config.width, config.depth)
+        spec = models.for_config(config)
     except UsageError:
         return {}
-    return {"width": width, "depth": depth}
+    width, depth = spec.sizes(config.width, config.depth)
+    return {"width": width, "depth": depth, "seq": spec.seq, "lora": spec.lora}
 
 
 def failed_record(config: Config, protocol: Protocol, status: str, error: str, **meta: Any) -> Record:
@@ -156,13 +166,17 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
     return Record.from_dict({**_identity(config, protocol, meta), "status": status, "error": error})
 
 
-def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
+def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
+            **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
-    `meta` fills identity fields (run_id, preset, git_sha, ...)."""
-    return measure_work(config, protocol, **meta)[0]
+    `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
+    factory when the caller already has one (a plan reuses one meta-built model for every
+    candidate: a copy per run); it must build what `model_factory(config)` builds."""
+    return measure_work(config, protocol, build=build, **meta)[0]
 
 
-def measure_work(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> tuple[Record, Work | None]:
+def measure_work(config: Config, protocol: Protocol = Protocol(), *,
+                 build: Callable[[], torch.nn.Module] | None = None, **meta: Any) -> tuple[Record, Work | None]:
     """`measure`, and the op stream of its instrumented step (work.py; None where no work was
     counted: the cuda probe, a config that failed before its instrumented step)."""
     fields = _identity(config, protocol, meta)
@@ -175,7 +189,7 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), **meta: Any) -
             _fresh_cuda(config.device)
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields)
+        _run(config, protocol, probe, fields, build)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -229,7 +243,7 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
     conversion would briefly hold both copies and the fake probe's meta tensors cannot be
     swapped by Module.to. Call it under a device context or through a probe's build_model."""
     dtype = DTYPES[config.dtype]
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
 
     def factory() -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -247,11 +261,12 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
     `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at, assume_finite=not computes)
+                      zero_grad_at=config.zero_grad_at, assume_finite=not computes,
+                      step_in_backward=bool(config.step_in_backward))
     gen = torch.Generator(device=device).manual_seed(config.seed)
     batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
     return optimizer, trainer, batch
@@ -273,13 +288,14 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, both - params
 
 
-def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
+def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
+         build: Callable[[], torch.nn.Module] | None = None) -> None:
     torch.manual_seed(config.seed)
     with probe:
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
-        model = probe.build_model(model_factory(config))
+        model = probe.build_model(build or model_factory(config))
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
@@ -452,12 +468,16 @@ def _check_finite(model: torch.nn.Module, read: bool = True) -> None:
 
 def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str], None], out: dict[str, Any]) -> None:
     with probe.paused():
+        host = Calibration(probe.device)  # the host's noise, timed around and between the samples
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms)
+                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms,
+                            host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
-               step_ms_mean=timing.mean, steps_timed=timing.steps)
+               step_ms_mean=timing.mean, steps_timed=timing.steps,
+               step_ms_samples=[round(t, 5) for t in timing.times_ms], host_calib=host.KERNEL,
+               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise)
 
 
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:
@@ -489,7 +509,8 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
         def post(opt_: Any, args: Any, kwargs: Any, key: str = key) -> None:
             probe.sync()
             p = probe.peak()
-            temps[key] = p - running["start"]
+            # step_in_backward steps once per parameter: the largest of its steps
+            temps[key] = max(temps.get(key, 0), p - running["start"])
             running["peak"] = max(running["peak"], p)
             probe.reset_peak()
 

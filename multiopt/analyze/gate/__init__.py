@@ -2,7 +2,8 @@
 
 `multiopt gate --baseline BASE --current CUR` compares config by config (`compare`: status,
 then one check object per kind of metric: memory under a relative tolerance, step time under
-a noise-widened band), renders the verdict as markdown (`render`) and reads and writes the
+a noise-widened band and against the host's own noise (`noise`), `inconclusive` where that
+could explain the change), renders the verdict as markdown (`render`) and reads and writes the
 files around them (`baseline`: loading, printing, `$GITHUB_STEP_SUMMARY`, `--update-baseline`).
 
 * **configs on one side only** are always listed: missing in current FAILS the gate (a
@@ -16,14 +17,15 @@ empty, corrupt or wrong-schema file; the CLI prints one line naming it).
 """
 
 from .baseline import run_gate, write_baseline
-from .compare import (BYTES, DEFAULT_MEM_TOL, FALLBACK_MEM_TOL, IMPROVEMENT, MEMORY_METRICS, MS, REGRESSION, STATUS,
-                      TIME_IQR, TIME_METRIC, UNCHANGED, Check, ConfigRef, GateResult, NotCompared, Outcome, Pair,
-                      TimeCheck, ToleranceCheck, Unit, Verdict, checks, compare, parse_tolerance, short_names)
+from .compare import (BYTES, DEFAULT_MEM_TOL, FALLBACK_MEM_TOL, IMPROVEMENT, INCONCLUSIVE, MEMORY_METRICS, MS,
+                      REGRESSION, STATUS, TIME_IQR, TIME_METRIC, UNCHANGED, Check, ConfigRef, GateResult, NotCompared,
+                      Outcome, Pair, TimeCheck, ToleranceCheck, Unit, Verdict, checks, compare, parse_tolerance, short_names)
+from .noise import CONFIRM, host_noise, host_shift
 from .render import headline, render
 
 __all__ = [
-    "BYTES", "DEFAULT_MEM_TOL", "FALLBACK_MEM_TOL", "IMPROVEMENT", "MEMORY_METRICS", "MS", "REGRESSION", "STATUS",
+    "BYTES", "CONFIRM", "DEFAULT_MEM_TOL", "FALLBACK_MEM_TOL", "IMPROVEMENT", "INCONCLUSIVE", "MEMORY_METRICS", "MS", "REGRESSION", "STATUS",
     "TIME_IQR", "TIME_METRIC", "UNCHANGED", "Check", "ConfigRef", "GateResult", "NotCompared", "Outcome", "Pair",
     "TimeCheck", "ToleranceCheck", "Unit", "Verdict", "checks", "compare", "parse_tolerance", "short_names",
-    "headline", "render", "run_gate", "write_baseline",
+    "headline", "host_noise", "host_shift", "render", "run_gate", "write_baseline",
 ]

@@ -17,11 +17,16 @@ touching no other check:
   value missing now where the baseline has one is a regression (a missing value can hide
   one). Without a tolerance, memory takes it per probe: 0 on `tracked`/`fake` (deterministic
   to the byte), 1% on `cuda` and anything else.
-* `TimeCheck` -- step time: a regression only when
-  `new > old * (1 + max(time_tol, time_k * old_iqr / old))`, so a noisy baseline widens its
-  own band; compared only on the same `device_name` and `torch`, else not compared, with the
-  reason. On the same machine a config timed in the baseline with no finite time now is a
-  regression, as for memory.
+* `TimeCheck` -- step time, against the host's own noise (`noise.host_noise`: a fixed
+  calibration kernel's spread in both runs and its shift between them). The band is
+  `max(time_tol, time_k * old_iqr / old)`, so a noisy baseline widens its own band. Noise
+  above the band: `inconclusive` whatever the change, never a regression (the host moved as
+  much as the change the gate could call); else a change beyond band + noise is a regression
+  (faster: an improvement), one beyond the band but within band + noise is inconclusive, the
+  rest unchanged. Records without the calibration (older files, pytest-benchmark JSON) keep
+  the band alone, and say so. Compared only on the same `device_name` and `torch`, else not
+  compared, with the reason. On the same machine a config timed in the baseline with no
+  finite time now is a regression, as for memory.
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ from ...errors import UsageError
 from ...kinds import Probe, Status
 from ...record import GATED_COLUMNS, KEY_COLUMNS, NAME_COLUMNS, Record
 from ...units import fmt_bytes, fmt_ms, missing, parse_fraction
+from .noise import host_noise, pct as noise_pct
 
 
 class Outcome(str, Enum):
     """A verdict on one (config, metric), worst first: the order results are listed in. A
-    new outcome (say `inconclusive`) is one member; only REGRESSION fails the gate."""
+    new outcome is one member; only REGRESSION fails the gate. INCONCLUSIVE: a step time the
+    host's own noise could explain (see TimeCheck)."""
 
     REGRESSION = "regression"
     IMPROVEMENT = "improvement"
+    INCONCLUSIVE = "inconclusive"
     UNCHANGED = "unchanged"
 
     def __str__(self) -> str:
@@ -54,6 +62,7 @@ class Outcome(str, Enum):
 
 
 REGRESSION, IMPROVEMENT, UNCHANGED = Outcome.REGRESSION, Outcome.IMPROVEMENT, Outcome.UNCHANGED
+INCONCLUSIVE = Outcome.INCONCLUSIVE
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,12 @@ class Verdict:
     old: Any
     new: Any
     change: float | None  # (new - old) / old; inf if old == 0 < new; None for status or a missing value
-    allowed: float | None  # the relative band applied; None for status or a missing value
+    allowed: float | None  # the relative band applied (time: before the host's noise); None for status or a missing value
     verdict: Outcome
     unit: Unit
     detail: str = ""  # why the band is what it is, a failed config's error, or why a value is missing
     missing: bool = False  # no finite current value where the baseline has one
+    noise: float | None = None  # time: the host's noise (noise.host_noise); None where not recorded
 
     @property
     def delta(self) -> float | None:
@@ -145,6 +155,10 @@ class GateResult:
     @property
     def unchanged(self) -> tuple[Verdict, ...]:
         return self.having(UNCHANGED)
+
+    @property
+    def inconclusive(self) -> tuple[Verdict, ...]:
+        return self.having(INCONCLUSIVE)
 
     @property
     def passed(self) -> bool:
@@ -320,7 +334,8 @@ _UNTIMED_NOW = "not timed in current"
 
 @dataclass(frozen=True)
 class TimeCheck:
-    """Median step time under max(tol, k x the baseline's IQR / median), same machine only."""
+    """Median step time under max(tol, k x the baseline's IQR / median) plus the host's own
+    noise, which must be inside that band; same machine only (see the module's docstring)."""
 
     tol: float = 0.10
     k: float = 3.0
@@ -331,7 +346,8 @@ class TimeCheck:
         _check_number("time_k", self.k)
 
     def describe(self) -> str:
-        return f"time: max({pct(self.tol)}, {self.k:g} x IQR/median), same device_name and torch only"
+        return (f"time: max({pct(self.tol)}, {self.k:g} x IQR/median) plus the host's noise, which must be inside "
+                "that band (else inconclusive), same device_name and torch only")
 
     def __call__(self, p: Pair) -> Iterator[Found]:
         reason = _time_incomparable(p.old, p.new)
@@ -344,12 +360,30 @@ class TimeCheck:
         elif reason is not None:
             yield NotCompared(p.config, p.key, TIME_METRIC, reason)
         else:
-            old, new = float(p.old.step_ms_median), float(p.new.step_ms_median)
-            noise = self.k * float(p.old.step_ms_iqr or 0.0) / old if old > 0 else 0.0
-            band = max(self.tol, noise)
-            detail = f"{self.k:g} x IQR/median" if noise > self.tol else ""
-            yield Verdict(p.config, p.key, TIME_METRIC, old, new, _rel(old, new), band, _classify(old, new, band),
-                          MS, detail)
+            yield self.verdict(p)
+
+    def verdict(self, p: Pair) -> Verdict:
+        """The step time of a pair timed on the same machine (see the module's docstring)."""
+        old, new = float(p.old.step_ms_median), float(p.new.step_ms_median)
+        change = _rel(old, new)
+        spread = self.k * float(p.old.step_ms_iqr or 0.0) / old if old > 0 else 0.0
+        band = max(self.tol, spread)
+        why = f"{self.k:g} x IQR/median" if spread > self.tol else ""
+        noise = host_noise(p.old, p.new)
+
+        def verdict(outcome: Outcome, detail: str) -> Verdict:
+            return Verdict(p.config, p.key, TIME_METRIC, old, new, change, band, outcome, MS,
+                           "; ".join(d for d in (why, detail) if d), noise=noise)
+
+        if noise is None:
+            return verdict(_classify(old, new, band), "host noise not recorded")
+        words = f"host noise {noise_pct(noise)}"
+        if noise > band:
+            return verdict(INCONCLUSIVE, f"{words} > band")
+        outcome = _classify(old, new, band + noise)
+        if outcome == UNCHANGED and abs(change) > band:
+            return verdict(INCONCLUSIVE, f"{words}: within it")
+        return verdict(outcome, f"+ {words}" if noise else "")
 
 
 def _timed(r: Record) -> bool:
@@ -478,7 +512,7 @@ def _severity(v: Verdict) -> tuple:
     """Worst outcome first; within one, status before metrics and the biggest move first."""
     status_first = 0 if not v.unit.numeric else 1
     ch = v.change if v.change is not None else 0.0
-    severity = -ch if v.verdict == REGRESSION else ch  # biggest move first
+    severity = -ch if v.verdict == REGRESSION else -abs(ch) if v.verdict == INCONCLUSIVE else ch  # biggest move first
     return (v.verdict.rank, status_first, severity, v.config, v.metric)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ...units import missing
-from .compare import REGRESSION, UNCHANGED, GateResult, Verdict, pct
+from .compare import INCONCLUSIVE, REGRESSION, UNCHANGED, GateResult, Verdict, pct
+from .noise import inconclusive_note, pct as noise_pct
 
 
 def _plural(n: int, word: str) -> str:
@@ -37,6 +38,8 @@ def _allowed(v: Verdict) -> str:
 
 
 def _outcome(v: Verdict) -> str:
+    if v.verdict == INCONCLUSIVE:
+        return f"inconclusive (host noise {noise_pct(v.noise or 0.0)})"
     return f"**{v.verdict.value.upper()}**" if v.verdict == REGRESSION else v.verdict.value
 
 
@@ -60,7 +63,9 @@ def headline(r: GateResult) -> str:
 
 
 def _table(r: GateResult) -> list[str]:
-    changed = [v for v in r.verdicts if v.verdict != UNCHANGED]
+    # an inconclusive step time is listed where the change would have been a verdict
+    changed = [v for v in r.verdicts if v.verdict != UNCHANGED
+               and not (v.verdict == INCONCLUSIVE and abs(v.change or 0.0) <= (v.allowed or 0.0))]
     if not changed:
         return []
     lines = ["| config | metric | old | new | change | allowed | verdict |", "|---|---|--:|--:|--:|--:|---|"]
@@ -103,7 +108,9 @@ def render(result: GateResult) -> str:
         "",
         *_table(r),
         f"{_plural(len(r.regressions), 'regression')}, {_plural(len(r.improvements), 'improvement')}, "
-        f"{_plural(len(r.unchanged), 'metric')} unchanged, over {_plural(n_cfg, 'config')} present on both sides.",
+        + (f"{_plural(len(r.inconclusive), 'step time')} inconclusive, " if r.inconclusive else "")
+        + f"{_plural(len(r.unchanged), 'metric')} unchanged, over {_plural(n_cfg, 'config')} present on both sides.",
+        *([""] + [inconclusive_note([v.noise or 0.0 for v in r.inconclusive])] if r.inconclusive else []),
         *_lists(r),
     ]
     return "\n".join(lines) + "\n"
