@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import UsageError
 from .kinds import Probe, Status, Target, effective_target
@@ -35,7 +35,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="multiopt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_train_parser, _measure_parsers, _run_parser, _fit_parser, _plan_parser, _gate_parser,
+                _report_parser):
+        add(sub)  # in this order in --help
+    return p
 
+
+def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model on synthetic data, printing loss and memory per step")
     t.add_argument("--rules", required=True, help='e.g. "layer1=sgd(lr=0.01); layer2=adam(lr=1e-3)"')
     t.add_argument("--model", default="simple", help="simple | mlp | transformer | pkg.module:factory")
@@ -47,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)
 
+
+def _measure_parsers(sub: Any) -> None:
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
     _config_arguments(m, probe="auto", steps=20, target=Target.CPU)
     e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
     _config_arguments(e, probe=Probe.FAKE, steps=0, target=Target.CUDA)
 
+
+def _run_parser(sub: Any) -> None:
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
     r.add_argument("--widths", help="e.g. 64,256")
@@ -83,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 
+
+def _fit_parser(sub: Any) -> None:
     f = sub.add_parser("fit", help="largest batch and width that fit a memory budget, per combo (fake probe)")
     f.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB, 512MiB or bytes")
     f.add_argument("--width", type=int, default=1024, help="width at which to find the largest batch (default 1024)")
@@ -98,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
     f.set_defaults(func=_cmd_fit)
 
+
+def _plan_parser(sub: Any) -> None:
     pl = sub.add_parser("plan", help="the setups that fit a memory budget: every candidate's largest batch, the frontier")
     pl.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB")
     pl.add_argument("--model", default="transformer", help="mlp | transformer | simple | pkg.module:factory")
@@ -114,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--step-in-backward", default="0,1", metavar="0,1",
                     help="optimizer step inside backward, gradients freed as used (default 0,1)")
     pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
-    _target_arguments(pl, "cuda")
+    _target_arguments(pl, Target.CUDA)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
     pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
@@ -124,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "against the budget line)")
     pl.set_defaults(func=_cmd_plan)
 
+
+def _gate_parser(sub: Any) -> None:
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
     g.add_argument("--current", required=True, nargs="+", help="run dir, results JSONL or pytest-benchmark JSON")
@@ -136,13 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
     g.set_defaults(func=_cmd_gate)
 
+
+def _report_parser(sub: Any) -> None:
     rp = sub.add_parser("report", help="markdown report + plots from run dirs, results JSONL or pytest-benchmark JSON")
     rp.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run directory, results .jsonl or --benchmark-json file")
     rp.add_argument("-o", "--out", default=None, help="output markdown, e.g. reports/NAME.md (default: report.md beside the first run)")
     rp.add_argument("--baseline", default=None, metavar="B",
                     help="baseline records (as for `multiopt gate`): add the gate's verdict to the report")
     rp.set_defaults(func=_cmd_report)
-    return p
 
 
 def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
@@ -408,7 +425,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu is not None and planning.has_field("gpu"):
         extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
-    context = planning.context_bytes(args.context) if args.target == "cuda" else 0
+    context = planning.context_bytes(args.context) if args.target == Target.CUDA else 0
     alloc_conf = _alloc_conf(args)
     settle()  # this process ends with the command
     with _user_code(args.model):

@@ -113,3 +113,28 @@ def test_estimate_prints_the_prediction(run_cli):
     assert row["gpu"] == "h100" and row["predicted_step_ms"] > 0 and row["step_kernels"] > 0
     assert [w["phase"] for w in row["work"]] == ["forward", "backward", "step", "zero_grad"]
     assert sum(w["predicted_ms"] for w in row["work"]) == pytest.approx(row["predicted_step_ms"])
+
+
+def test_profile_predicts_each_step_of_a_hand_written_loop():
+    import torch
+
+    import multiopt
+    from multiopt.train.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(64, 3)
+    opt = multiopt.MultiOptimizer.from_spec(model, "rest=adam(lr=1e-3)", target="cuda")
+    x = torch.randn(16, 64)
+    with pytest.raises(UsageError, match="--target cuda"):
+        multiopt.profile(model, opt, probe="tracked", gpu="h100")
+    with multiopt.profile(model, opt, probe="tracked", target="cuda", gpu="h100") as prof:
+        for _ in range(3):
+            torch.nn.functional.mse_loss(model(x), x).backward()
+            opt.step()
+            opt.zero_grad()
+    first, *steady = prof.rows
+    assert first["step_kernels"] > steady[0]["step_kernels"]  # the first step also creates Adam's state
+    assert steady[0]["predicted_step_ms"] == steady[1]["predicted_step_ms"] > 0
+    phases = sum(v for k, v in steady[0].items() if k.startswith("predicted_ms_"))
+    assert phases == pytest.approx(steady[0]["predicted_step_ms"])
+    assert steady[0]["gpu"] == "h100" and steady[0]["predicted_check"] == CHECKED

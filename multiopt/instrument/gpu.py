@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from ..errors import UsageError
+from ..kinds import Probe, Target
 from .work import OpWork, Work
 
 __all__ = ["CHECKED", "GPUS", "GpuSpec", "MODEL", "Prediction", "TimeModel", "check_gpu", "gpu_spec", "predict"]
@@ -106,10 +107,10 @@ def gpu_spec(name: str) -> GpuSpec:
 def check_gpu(name: str, target: str, probe: str) -> None:
     """Refuse a prediction the counters cannot make, naming what to change."""
     gpu_spec(name)
-    if probe == "cuda":
+    if probe == Probe.CUDA:
         raise UsageError("--gpu predicts from the work counters of the tracked or fake probe; on a GPU, the cuda "
                          "probe measures the step time itself: drop --gpu or use --probe fake")
-    if target != "cuda":
+    if target != Target.CUDA:
         raise UsageError("--gpu predicts what CUDA would run: add --target cuda (its optimizer defaults, fused "
                          "and foreach kernels)")
 
@@ -164,7 +165,7 @@ def predict(work: Work, gpu: str | GpuSpec, model: TimeModel = MODEL, checked: s
     """The step's time on `gpu`, phase by phase (module doc). `work` must follow CUDA's choices
     (target cuda): its kernels are CUDA's launches."""
     spec = gpu if isinstance(gpu, GpuSpec) else gpu_spec(gpu)
-    if work.target != "cuda":
+    if work.target != Target.CUDA:
         raise UsageError("a GPU prediction needs work counted under target cuda (--target cuda)")
     host = model.step_us
     device = 0.0

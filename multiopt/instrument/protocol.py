@@ -1,4 +1,4 @@
-"""The measurement protocol (DESIGN.md): one config in, one Record out.
+"""The measurement protocol (docs/DESIGN.md): one config in, one Record out.
 
 1. base = allocated(); 2. build the model: param_bytes (parameters) and buffer_bytes;
 3. build the optimizers; 4. warm up, then count optimizer state (measured and expected);
@@ -342,7 +342,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
 
 def probe_target(probe: Probe) -> str:
     """Whose choices the probe's numbers follow: cuda on the cuda probe, else its target."""
-    return "cuda" if probe.name == "cuda" else getattr(probe, "target", "cpu")
+    return effective_target(probe.name, getattr(probe, "target", Target.CPU))
 
 
 @contextmanager

@@ -38,6 +38,8 @@ import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.utils.flop_counter import flop_registry
 
+from ..kinds import Target
+
 __all__ = ["CHUNK", "KERNEL_ARG_LIMITS", "OpWork", "PhaseWork", "Work", "WorkCounter", "counting_work", "mta_launches"]
 
 _Tensor = torch.Tensor
@@ -114,7 +116,7 @@ class Work:
     """The op stream of one step and its totals."""
 
     ops: tuple[OpWork, ...]
-    target: str = "cpu"
+    target: str = Target.CPU
 
     def phases(self, order: Iterable[str]) -> list[PhaseWork]:
         """Per-phase totals in `order` (a phase that ran no op has zeros)."""
@@ -238,10 +240,10 @@ class WorkCounter:
     step hooks). `host(storage_key)` says whether a storage lives on the host under the
     target (probes: `LedgerProbe.is_host`); tensors born of host-only ops are host too."""
 
-    def __init__(self, target: str = "cpu", host: Callable[[int], bool] = lambda key: False,
+    def __init__(self, target: str = Target.CPU, host: Callable[[int], bool] = lambda key: False,
                  large_kernel_args: bool = True) -> None:
         self.target = target
-        self.cuda = target == "cuda"
+        self.cuda = target == Target.CUDA
         self._host_of = host
         # storages born of host-only ops, by id, weakly: an id is reused once its storage dies
         self._host_born: dict[int, weakref.ref] = {}

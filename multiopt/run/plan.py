@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from tabulate import tabulate
 
 from ..errors import UsageError
 from ..instrument.probes import Workspaces
@@ -472,7 +473,7 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
     try:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
-        validate(row.config, Protocol(probe="tracked"))
+        validate(row.config, Protocol(probe=Probe.TRACKED))
         row.formula = formula_for(row.config, runner.meta_model(row.config))
         if row.formula is not None:
             validate(_run_config(row), Protocol(probe=Probe.FAKE))
@@ -640,7 +641,6 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
 def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     """Markdown: the frontier with its breakdown and commands, the other fitting candidates,
     the candidates that fit nothing with why."""
-    from tabulate import tabulate
 
     ctx = p.context if p.target == Target.CUDA else 0
     b = p.base
@@ -688,7 +688,6 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
 
 def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) -> list[str]:
     """Rows with their breakdown, best first."""
-    from tabulate import tabulate
 
     ctx = p.context if p.target == Target.CUDA else 0
     body = []
