@@ -412,18 +412,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     axes = [planning.combo_axis(chosen), planning.dtype_axis(args.dtype), planning.amp_axis(args.amp),
             planning.field_axis("step_in_backward", "--step-in-backward",
                                 planning.int_values(args.step_in_backward, "--step-in-backward", (0, 1)))]
-    checkpointing = args.checkpointing or ("0,1" if planning.has_field("checkpointing") else None)
-    if checkpointing is not None:
-        axes.append(planning.field_axis("checkpointing", "--checkpointing",
-                                        planning.int_values(checkpointing, "--checkpointing", (0, 1))))
+    axes.append(planning.field_axis("checkpointing", "--checkpointing",
+                                    planning.int_values(args.checkpointing or "0,1", "--checkpointing", (0, 1))))
     if args.lora is not None and _strs(args.lora) != ["none"]:
         axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
     extra = {}
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
         extra["seq"] = _ints(args.seq, "--seq")[0]
-    if args.gpu is not None and planning.has_field("gpu"):
-        extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
     context = planning.context_bytes(args.context) if args.target == Target.CUDA else 0
     alloc_conf = _alloc_conf(args)

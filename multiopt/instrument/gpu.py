@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..kinds import Probe, Target
 from .work import OpWork, Work
 
-__all__ = ["CHECKED", "GPUS", "GpuSpec", "MODEL", "Prediction", "TimeModel", "check_gpu", "gpu_spec", "predict"]
+__all__ = ["CALIBRATED_ON", "CHECKED", "check_text", "GPUS", "GpuSpec", "MODEL", "Prediction", "TimeModel", "check_gpu", "gpu_spec", "predict"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ class TimeModel:
 #: bench/gpu_time_model.py's fit on the H200 quick preset, pasted.
 MODEL = TimeModel()
 
+#: The GPU whose records fitted and checked MODEL.
+CALIBRATED_ON = "h200"
 #: What MODEL was checked against, and how far off it was (bench/gpu_time_model.py).
 CHECKED = ("H200 default preset, 40 configs held out of the fit: median |error| 10%, p90 15% "
            "(bench/gpu_time_model.py, reports/gpu-h200/time-model.md)")
@@ -194,4 +196,12 @@ def predict(work: Work, gpu: str | GpuSpec, model: TimeModel = MODEL, checked: s
     if phase_ms:  # the step's fixed cost and its final wait go to the last phase
         last = max(phase_end, key=phase_end.get)  # type: ignore[arg-type]
         phase_ms[last] += (end - before) / 1e3
-    return Prediction(spec.name, end / 1e3, busy / 1e3, phase_ms, CHECKED if checked is None else checked)
+    return Prediction(spec.name, end / 1e3, busy / 1e3, phase_ms, check_text(spec.name) if checked is None else checked)
+
+
+def check_text(gpu: str) -> str:
+    """What a prediction for `gpu` was checked against: the H200's held-out error where it is
+    the H200, else a plain statement that no record of that GPU checked it."""
+    if gpu_spec(gpu).name == CALIBRATED_ON:
+        return CHECKED
+    return f"not checked on {gpu_spec(gpu).name} (no records of one); on the {CHECKED}"

@@ -42,6 +42,7 @@ import torch
 from tabulate import tabulate
 
 from ..errors import UsageError
+from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
@@ -165,14 +166,11 @@ Predictor = Callable[[Record], "float | None"]
 
 
 def time_model(gpu: str | None) -> tuple[Predictor | None, str]:
-    """The predictor for `gpu`, and a sentence saying what it is. The GPU time model (work
-    counters, `predicted_step_ms`) is not on this build: no predictor, and the sentence says so."""
+    """The predictor for `gpu`, and a sentence saying what it is and what it was checked
+    against: each record's `predicted_step_ms` (instrument/gpu.py), made by the Runner."""
     if gpu is None:
         return None, "no time model (no --gpu given): ranked by batch, no throughput claimed"
-    if not has_field("gpu"):
-        return None, (f"no time model for --gpu {gpu} on this build (the GPU time model is not merged): "
-                      "ranked by batch, no throughput claimed")
-    return (lambda r: getattr(r, "predicted_step_ms", None)), f"predicted step time on {gpu} (the record's predicted_step_ms)"
+    return (lambda r: r.predicted_step_ms), f"predicted step time on {gpu}: {check_text(gpu)}"
 
 
 # --- the engine -----------------------------------------------------------------------------
@@ -423,7 +421,7 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     limit = budget - context
     if limit <= 0:
         raise UsageError(f"the budget {fmt_bytes(budget)} leaves nothing beside the CUDA context ({fmt_bytes(context)})")
-    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf)
+    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
     predictor, note = time_model(gpu)
     if predictor is not None:
         confirm = "all"  # a throughput needs a run at the batch it is claimed for
