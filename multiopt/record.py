@@ -63,9 +63,18 @@ class Config:
     # the device whose numbers a CPU probe reports: "cpu" (this machine) or "cuda" (what a
     # CUDA device would report: its optimizer defaults, workspaces, caching allocator)
     target: str = "cpu"
+    # FSDP2 (`fully_shard` on each block and the root): the sharding degree, 0 or 1 = none;
+    # whether blocks free their unsharded parameters after forward (1, FSDP2's default) or keep
+    # them until backward (0); "bf16" = MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)
+    fsdp: int = 0
+    reshard_after_forward: int = 1
+    fsdp_mp: str = "none"
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
+        if self.fsdp > 1:
+            zero += f" fsdp/{self.fsdp}" + ("" if self.reshard_after_forward else " keep-after-fwd") + \
+                ("" if self.fsdp_mp == "none" else f" mp={self.fsdp_mp}")
         target = f" target={self.target}" if self.target != "cpu" else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
                 f"amp={self.amp} {self.impl}{zero}{target}")
@@ -84,7 +93,8 @@ CONFIG_COLUMNS: tuple[str, ...] = ("probe", *(f.name for f in dataclasses.fields
 # baselines keep loading and keep their keys.
 # `target` came later too: an older record reported what its own device allocates, so its
 # target is its device ("cuda" for cuda-probe records), see `_column_default`.
-CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu"}
+CONFIG_DEFAULTS: dict[str, Any] = {"zero": 0, "ranks": 1, "target": "cpu", "fsdp": 0, "reshard_after_forward": 1,
+                                   "fsdp_mp": "none"}
 
 
 def _column_default(row: Mapping[str, Any], column: str) -> Any:
@@ -142,8 +152,15 @@ class OptimizerRecord:
 
 @dataclass(frozen=True)
 class RankRecord:
-    """One rank of a ZeRO config: its partition's state and peak, its outcome, and its
-    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes)."""
+    """One rank of a ZeRO or FSDP config: its partition's state and peak, its outcome, and its
+    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes).
+
+    FSDP (config fsdp > 1) fills the rest: the rank's sharded parameters (local shards with
+    their padding), sharded gradients, phase peaks, and what FSDP2 itself holds per phase
+    (instrument/fsdp.py): the peak bytes of unsharded parameters (all-gather outputs) live in
+    forward and in backward, of the all-gather staging buffers, and of the reduce-scatter
+    inputs. `same_as`: the rank whose run these numbers are, where the fake probe simulated one
+    rank for every rank whose shards are the same size (None: measured on this rank)."""
 
     rank: int = 0
     state_bytes: int | None = None
@@ -156,6 +173,20 @@ class RankRecord:
     status: str | None = None
     error: str | None = None
     by_optimizer: tuple[OptimizerRecord, ...] = ()
+    param_bytes: int | None = None
+    grad_bytes: int | None = None
+    mem_step_start: int | None = None
+    peak_forward: int | None = None
+    peak_backward: int | None = None
+    peak_step: int | None = None
+    peak_zero_grad: int | None = None
+    mem_after_step: int | None = None
+    unsharded_forward: int | None = None
+    unsharded_backward: int | None = None
+    all_gather_forward: int | None = None
+    all_gather_backward: int | None = None
+    reduce_scatter_backward: int | None = None
+    same_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -328,12 +359,18 @@ def check_schema(row: dict[str, Any], where: str) -> None:
     check_values(row, where)
 
 
+# The per-rank byte columns an FSDP config adds to `ranks_state` (RankRecord); `same_as` is a rank.
+RANK_FSDP_COLUMNS: tuple[str, ...] = (
+    "param_bytes", "grad_bytes", "mem_step_start", "peak_forward", "peak_backward", "peak_step", "peak_zero_grad",
+    "mem_after_step", "unsharded_forward", "unsharded_backward", "all_gather_forward", "all_gather_backward",
+    "reduce_scatter_backward", "same_as")
+
 # Byte counts beyond this are not bytes any machine holds (and overflow int64 columns).
 MAX_BYTES = 1 << 62
 _CONFIG_TYPES: dict[str, type] = {"probe": str, **{f.name: f.type for f in dataclasses.fields(Config)}}
 _BYTE_COLUMNS = (*MEMORY_COLUMNS, "buffer_bytes", "reserved_after_step", "peak_reserved", "opt_state_unsharded")
 _SUB_BYTES = ("n_params", "n_param_tensors", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes",
-              "expected", "step_temp_bytes", "peak_total", "rank")
+              "expected", "step_temp_bytes", "peak_total", "rank", *RANK_FSDP_COLUMNS)
 
 
 def check_values(row: Mapping[str, Any], where: str) -> None:

@@ -13,11 +13,12 @@ import datetime as _dt
 import gc
 import math
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..env import device_name, rank_env
 from ..errors import UsageError
@@ -27,6 +28,7 @@ from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimiz
 from ..train.spec import Rule, canonical, rules_from
 from ..train.trainer import Trainer
 from ..units import round_alloc
+from . import fsdp
 from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
@@ -79,6 +81,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     with torch.device("meta"):
         model = models.resolve(config.model).build(config.width, config.depth)
     plan(model, rules)
+    fsdp.check(config, protocol.probe, model)
 
 
 def _check_fields(config: Config) -> None:
@@ -98,6 +101,7 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
     if config.zero == 0 and config.ranks != 1:
         raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    fsdp.check_fields(config)
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -151,6 +155,10 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
 def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
     `meta` fills identity fields (run_id, preset, git_sha, ...)."""
+    if config.fsdp > 1 and protocol.probe == "fake" and not fsdp.in_group():
+        # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py)
+        meta.setdefault("run_id", uuid.uuid4().hex[:12])
+        return fsdp.simulate(config, lambda: measure(config, protocol, **meta))
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -159,9 +167,10 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
             torch.set_num_threads(protocol.threads)
         if config.device.startswith("cuda") and torch.cuda.is_available():
             _fresh_cuda(config.device)
+        sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields)
+        _run(config, protocol, probe, fields, sharding)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = "ok"
     except torch.OutOfMemoryError as e:
@@ -246,8 +255,21 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the unique storages under `tensors` (None skipped), each rounded up to 512
     as every probe (and CUDA's memory_allocated) counts an allocation. Unique by storage, so
     tied weights and views count once; on fake tensors too (their data pointers are all 0)."""
-    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
+    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in _plain(tensors)}
     return sum(round_alloc(n) for n in sizes.values())
+
+
+def _plain(tensors: Iterable[torch.Tensor | None]) -> Iterator[torch.Tensor]:
+    """The tensors holding the memory: a wrapper subclass's inner tensors (a DTensor's local
+    shard, under FSDP), never its storage-less wrapper. None skipped."""
+    for t in tensors:
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            attrs, _ = t.__tensor_flatten__()
+            yield from _plain(x for a in attrs if isinstance(x := getattr(t, a), torch.Tensor))  # not a DTensor's mesh
+        else:
+            yield t
 
 
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -258,19 +280,26 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return params, both - params
 
 
-def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) -> None:
+def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
+         sharding: fsdp.Sharding | None = None) -> None:
     torch.manual_seed(config.seed)
-    with probe:
+    with probe, (sharding or nullcontext()):
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
         model = probe.build_model(model_factory(config))
+        if sharding is not None:  # FSDP2: param_bytes are this rank's shards
+            sharding.attach(probe)
+            model = sharding.shard(model)
+            gc.collect()
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
         # births while optimizers are built belong to the one being built (shared maps)
         with probe.watching(Watch(constructing_optimizer)) as built:
             optimizer, trainer, batch = training(config, model, probe.device, probe.computes)
+        if sharding is not None:
+            trainer.register_phase_hook(sharding.buffers.on_phase)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)
@@ -295,6 +324,8 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any]) 
         temps = _instrumented_step(probe, trainer, step, out)
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
+        if sharding is not None:
+            out["ranks_state"] = [sharding.row(out)]
         extra = None if protocol.reserved_after_check else probe.extra()
         if probe.computes or protocol.reserved_after_check:  # fake: the ops alone, for the reserved read after
             _check_finite(model, read=probe.computes)
@@ -403,7 +434,7 @@ def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str]
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms)
+                            device=probe.device, min_block_ms=0.0 if config.zero or config.fsdp > 1 else protocol.min_block_ms)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
                step_ms_mean=timing.mean, steps_timed=timing.steps)
 
