@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
     _target_arguments(r, "cpu")
+    _fsdp_arguments(r)
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
     r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
@@ -131,9 +132,25 @@ def _alloc_conf(args: argparse.Namespace) -> str | None:
     return args.alloc_conf
 
 
+def _fsdp_arguments(m: argparse.ArgumentParser) -> None:
+    """FSDP2 sharding (instrument/fsdp.py), on measure, estimate and run."""
+    m.add_argument("--fsdp", type=int, default=0, metavar="N",
+                   help="FSDP2 degree: fully_shard each block and the root over N ranks; per-rank numbers "
+                        "(fake probe: simulated in one process; tracked: torchrun --nproc-per-node N -m multiopt run)")
+    m.add_argument("--reshard-after-forward", type=int, default=1, choices=[0, 1],
+                   help="1 (FSDP2's default): blocks free their unsharded parameters after forward; 0: keep them")
+    m.add_argument("--fsdp-mp", default="none", choices=["none", "bf16"],
+                   help="bf16: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
+
+
+def _fsdp_fields(args: argparse.Namespace) -> dict:
+    return {"fsdp": args.fsdp, "reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
+
+
 def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
     """One config's flags, shared by `measure` and `estimate`."""
     _target_arguments(m, target)
+    _fsdp_arguments(m)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
     m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
@@ -201,7 +218,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
     config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
                     amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target)
+                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target,
+                    **_fsdp_fields(args))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
@@ -236,7 +254,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target="cuda" if probe == "cuda" else args.target) for c in configs]
+    configs = [replace(c, target="cuda" if probe == "cuda" else args.target, **_fsdp_fields(args)) for c in configs]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))

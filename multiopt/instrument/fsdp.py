@@ -307,6 +307,10 @@ class Sharding:
         self.rank = dist.get_rank()
         self.mesh = init_device_mesh("cuda" if config.device.startswith("cuda") else "cpu", (config.fsdp,))
         self.buffers = _Buffers()
+        # gloo's worker threads let go of a collective's tensors a moment after it completes:
+        # collectives then run on copies no probe sees (`_detached`), so what a rank holds is
+        # what FSDP2 holds, deterministic (fake: collectives hold nothing; nccl: none patched)
+        self.detached = dist.get_backend() == "gloo"
         self._resized: Callable[..., None] = lambda *t: None
         self._stack: ExitStack | None = None
 
@@ -372,7 +376,10 @@ class Sharding:
         _patch(stack, fgroup, "foreach_all_gather", named(fgroup.foreach_all_gather, ["all_gather"]))
         # foreach_reduce allocates the reduce-scatter input, then the output the sharded grads view
         _patch(stack, fgroup, "foreach_reduce", named(fgroup.foreach_reduce, ["reduce_scatter", ""]))
-        _gather_muon(stack)
+        if self.detached:
+            for comm in (coll.DefaultAllGather, coll.DefaultReduceScatter):
+                _patch(stack, comm, "__call__", _detached(comm.__call__))
+        _gather_muon(stack, self.detached)
         self._stack = stack
         return self
 
@@ -412,9 +419,29 @@ def _patch(stack: ExitStack, owner: Any, name: str, value: Any) -> None:
     stack.callback(setattr, owner, name, old)
 
 
-def _gather_muon(stack: ExitStack) -> None:
+def _detached(collective: Callable[..., Any]) -> Callable[..., None]:
+    """`collective(output_tensor=, input_tensor=, ...)` run synchronously on untracked copies
+    (made with every dispatch mode off), the result copied into `output_tensor`. Gloo keeps its
+    own references to a collective's tensors until its worker thread moves on, a moment after
+    `wait()` returns, so a buffer FSDP2 drops would otherwise die early or late by a race."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def run(comm: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        kwargs["async_op"] = False
+        with _disable_current_modes():
+            out, inp = torch.empty_like(output_tensor), input_tensor.clone()
+            collective(comm, out, inp, *args, **kwargs)
+            output_tensor.copy_(out)
+        return None  # FSDP2 waits only on a Work it is given
+
+    return run
+
+
+def _gather_muon(stack: ExitStack, detached: bool) -> None:
     """torch's Muon orthogonalises through `_muon._zeropower_via_newtonschulz`: on a sharded
-    (DTensor) update, gather the matrix, orthogonalise it whole, keep this rank's rows."""
+    (DTensor) update, gather the matrix into one buffer of every rank's padded rows (the
+    all-gather's output, as FSDP2 gathers parameters), orthogonalise its first rows (the
+    whole matrix), keep this rank's rows."""
     try:
         from torch.optim import _muon
     except ImportError:  # a torch without Muon
@@ -428,13 +455,23 @@ def _gather_muon(stack: ExitStack) -> None:
             return newton_schulz(grad, *args, **kwargs)
         if any(not isinstance(p, Shard) or p.dim != 0 for p in grad.placements):
             raise UsageError(f"Muon under FSDP gathers dim-0 shards; got placements {grad.placements}")
-        full = grad.full_tensor()  # the all-gather: the whole matrix on this rank
-        ortho = newton_schulz(full, *args, **kwargs)
-        del full
+        import torch.distributed as dist
+
         mesh = grad.device_mesh
-        rows = shard_rows(ortho.shape[0], mesh.size())
-        start = sum(rows[:mesh.get_local_rank()])
-        local = ortho.narrow(0, start, rows[mesh.get_local_rank()]).clone()  # the scatter: keep this rank's rows
+        rank, world = mesh.get_local_rank(), mesh.size()
+        rows = shard_rows(grad.shape[0], world)
+        mine = grad.to_local()
+        gathered = mine.new_empty((rows[0] * world, *mine.shape[1:]))  # the all-gather's output
+        slot = gathered.narrow(0, rank * rows[0], rows[0])
+        slot.narrow(0, 0, rows[rank]).copy_(mine)
+        gather = lambda comm, output_tensor, input_tensor, **kw: dist.all_gather_into_tensor(  # noqa: E731
+            output_tensor, input_tensor, group=mesh.get_group(), **kw)
+        (_detached(gather) if detached else gather)(None, output_tensor=gathered, input_tensor=slot)
+        del slot
+        ortho = newton_schulz(gathered.narrow(0, 0, grad.shape[0]), *args, **kwargs)  # the whole matrix
+        del gathered
+        start = rows[0] * rank
+        local = ortho.narrow(0, start, rows[rank]).clone()  # the scatter: this rank keeps its rows
         del ortho
         return DTensor.from_local(local, mesh, grad.placements, run_check=False, shape=grad.shape,
                                   stride=grad.stride())

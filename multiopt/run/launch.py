@@ -39,7 +39,7 @@ from ..record import Config, Record
 from ..store import append_jsonl
 from ..units import fmt_bytes
 
-__all__ = ["Launcher", "InProcess", "Isolated", "RankScope", "merge_zero", "make_launcher"]
+__all__ = ["Launcher", "InProcess", "Isolated", "RankScope", "merge_zero", "make_launcher", "together"]
 
 # What a launcher does with a measured record before keeping it: the record to keep, or None
 # to keep none (a ZeRO config's ranks merge into one record, kept by rank 0).
@@ -237,6 +237,7 @@ class RankScope:
     host: str
     port: int
     timeout_s: float
+    probe: str = "tracked"
 
     @contextmanager
     def enter(self, config: Any) -> Iterator[None]:
@@ -244,7 +245,7 @@ class RankScope:
 
         if str(config.device).startswith("cuda"):
             torch.cuda.set_device(self.local_rank)
-        if not getattr(config, "zero", 0):
+        if not together(config, self.probe):
             yield
             return
         key = hashlib.sha1(repr(config).encode()).hexdigest()[:16]
@@ -257,6 +258,12 @@ class RankScope:
             yield
         finally:
             dist.destroy_process_group()
+
+
+def together(config: Any, probe: str) -> bool:
+    """Whether every rank of the launch runs `config` together in one process group: ZeRO, and
+    FSDP on a probe with real tensors (the fake probe simulates FSDP's ranks in one process)."""
+    return bool(getattr(config, "zero", 0)) or (getattr(config, "fsdp", 0) > 1 and probe != "fake")
 
 
 _BAD_FIRST = ("oom", "diverged", "error")
