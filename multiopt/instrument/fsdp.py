@@ -49,6 +49,7 @@ from torch import nn
 from ..env import rank_env
 from ..errors import UsageError
 from ..record import Config, Record
+from ..train import models
 from ..units import round_alloc
 
 __all__ = ["MIXED_PRECISION", "Sharding", "check", "check_fields", "fake_group", "merge_ranks", "rank_kinds",
@@ -187,8 +188,6 @@ def in_group() -> bool:
 def simulate(config: Config, measure_rank: Callable[[], Record]) -> Record:
     """An fsdp config on the fake probe: each kind of rank (`rank_kinds`, from the model built
     on meta) measured on a fake group of its own, merged into one record."""
-    from ..train import models
-
     with torch.device("meta"):
         model = models.resolve(config.model).build(config.width, config.depth)
     kinds = rank_kinds(model, config.fsdp)
@@ -323,10 +322,22 @@ class Sharding:
 
     def __enter__(self) -> "Sharding":
         from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
-        from torch.distributed.fsdp._fully_shard import _fsdp_param as fparam
-        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fgroup
 
         stack = ExitStack()
+        self._follow_resizes(stack)
+        _name_buffers(stack, self.buffers)
+        if self.detached:
+            for comm in (coll.DefaultAllGather, coll.DefaultReduceScatter):
+                _patch(stack, comm, "__call__", _detached(comm.__call__))
+        _gather_muon(stack, self.detached)
+        self._stack = stack
+        return self
+
+    def _follow_resizes(self, stack: ExitStack) -> None:
+        """FSDP2's `alloc_storage` / `free_storage` (UntypedStorage.resize_, which no dispatch
+        mode sees) tell the probe and the buffers the storage's new size."""
+        from torch.distributed.fsdp._fully_shard import _fsdp_param as fparam
+
         buffers = self.buffers
         alloc, free = fparam.alloc_storage, fparam.free_storage
 
@@ -340,48 +351,8 @@ class Sharding:
             self._resized(t)
             buffers.resized(t)
 
-        init_outputs = fparam.FSDPParam.init_all_gather_outputs
-
-        def init_all_gather_outputs(fsdp_param: Any, *args: Any, **kwargs: Any) -> None:
-            init_outputs(fsdp_param, *args, **kwargs)
-            for t in fsdp_param.all_gather_outputs:
-                buffers.add("unsharded", t)
-
-        naming: list[list[str]] = []  # what the next allocations of a collective are, innermost last
-
-        def allocating(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-            def wrapped(comm: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-                t = allocate(comm, *args, **kwargs)
-                if naming and naming[-1]:
-                    category = naming[-1].pop(0)
-                    if category:
-                        buffers.add(category, t)
-                return t
-            return wrapped
-
-        def named(fn: Callable[..., Any], categories: list[str]) -> Callable[..., Any]:
-            def wrapped(*args: Any, **kwargs: Any) -> Any:
-                naming.append(list(categories))
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    naming.pop()
-            return wrapped
-
         _patch(stack, fparam, "alloc_storage", alloc_storage)
         _patch(stack, fparam, "free_storage", free_storage)
-        _patch(stack, fparam.FSDPParam, "init_all_gather_outputs", init_all_gather_outputs)
-        for mixin in (coll.DefaultAllocMixin, coll.ProcessGroupAllocMixin):
-            _patch(stack, mixin, "allocate", allocating(mixin.allocate))
-        _patch(stack, fgroup, "foreach_all_gather", named(fgroup.foreach_all_gather, ["all_gather"]))
-        # foreach_reduce allocates the reduce-scatter input, then the output the sharded grads view
-        _patch(stack, fgroup, "foreach_reduce", named(fgroup.foreach_reduce, ["reduce_scatter", ""]))
-        if self.detached:
-            for comm in (coll.DefaultAllGather, coll.DefaultReduceScatter):
-                _patch(stack, comm, "__call__", _detached(comm.__call__))
-        _gather_muon(stack, self.detached)
-        self._stack = stack
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._stack is not None:
@@ -410,6 +381,48 @@ class Sharding:
                                 ("all_gather", "backward"), ("reduce_scatter", "backward")):
             row[f"{category}_{phase}"] = phases.get(phase, {}).get(category)
         return row
+
+
+def _name_buffers(stack: ExitStack, buffers: _Buffers) -> None:
+    """Name what FSDP2 allocates by where it is made (see the module docstring) into `buffers`."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
+    from torch.distributed.fsdp._fully_shard import _fsdp_param as fparam
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fgroup
+
+    init_outputs = fparam.FSDPParam.init_all_gather_outputs
+
+    def init_all_gather_outputs(fsdp_param: Any, *args: Any, **kwargs: Any) -> None:
+        init_outputs(fsdp_param, *args, **kwargs)
+        for t in fsdp_param.all_gather_outputs:
+            buffers.add("unsharded", t)
+
+    naming: list[list[str]] = []  # what the next allocations of a collective are, innermost last
+
+    def allocating(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapped(comm: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            t = allocate(comm, *args, **kwargs)
+            if naming and naming[-1]:
+                category = naming[-1].pop(0)
+                if category:
+                    buffers.add(category, t)
+            return t
+        return wrapped
+
+    def named(fn: Callable[..., Any], categories: list[str]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            naming.append(list(categories))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                naming.pop()
+        return wrapped
+
+    _patch(stack, fparam.FSDPParam, "init_all_gather_outputs", init_all_gather_outputs)
+    for mixin in (coll.DefaultAllocMixin, coll.ProcessGroupAllocMixin):
+        _patch(stack, mixin, "allocate", allocating(mixin.allocate))
+    _patch(stack, fgroup, "foreach_all_gather", named(fgroup.foreach_all_gather, ["all_gather"]))
+    # foreach_reduce allocates the reduce-scatter input, then the output the sharded grads view
+    _patch(stack, fgroup, "foreach_reduce", named(fgroup.foreach_reduce, ["reduce_scatter", ""]))
 
 
 def _patch(stack: ExitStack, owner: Any, name: str, value: Any) -> None:
