@@ -15,9 +15,14 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .errors import UsageError
+from .kinds import Probe, Status, Target, effective_target
+
+if TYPE_CHECKING:
+    from .instrument.allocator import AllocatorConfig
+    from .rules import Rules
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
-    _config_arguments(m, probe="auto", steps=20, target="cpu")
+    _config_arguments(m, probe="auto", steps=20, target=Target.CPU)
     e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
-    _config_arguments(e, probe="fake", steps=0, target="cuda")
+    _config_arguments(e, probe=Probe.FAKE, steps=0, target=Target.CUDA)
 
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
@@ -57,11 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='your own combo, repeatable: "split::layer1=sgd(lr=0.01); rest=adam"')
     r.add_argument("--dtypes", help="float32,bfloat16")
     r.add_argument("--impls", help="default,foreach,fused,forloop")
-    r.add_argument("--models", help="mlp,simple,transformer or your own pkg.module:factory")
+    r.add_argument("--models", help="mlp,simple,transformer, your own pkg.module:factory, hf:PATH, timm:NAME")
+    _real_model_arguments(r, sweep=True)
     r.add_argument("--zero", metavar="0,1", help="ZeRO optimizer-state sharding: 1 wraps each optimizer in "
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
-    _target_arguments(r, "cpu")
+    _target_arguments(r, Target.CPU)
     _fsdp_arguments(r)
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
@@ -88,10 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, default=4)
     f.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     f.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
-    _target_arguments(f, "cuda")
+    _target_arguments(f, Target.CUDA)
     f.add_argument("--context", default=None, help="CUDA context bytes outside torch's counters, e.g. 512MiB, "
                    "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
     f.set_defaults(func=_cmd_fit)
+
+    pl = sub.add_parser("plan", help="the setups that fit a memory budget: every candidate's largest batch, the frontier")
+    pl.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB")
+    pl.add_argument("--model", default="transformer", help="mlp | transformer | simple | pkg.module:factory")
+    pl.add_argument("--width", type=int, default=1024, help="for a model that takes a width (default 1024)")
+    pl.add_argument("--depth", type=int, default=4, help="for a model that takes a depth (default 4)")
+    pl.add_argument("--seq", default=None, help="sequence length, for a model that takes one")
+    pl.add_argument("--gpu", default=None, help="predict step time and throughput on this GPU (needs a time model)")
+    pl.add_argument("--combos", default=None, help="combo presets, comma separated (default: adamw,adafactor,"
+                    "muon+adamw,sgd-momentum and torchao's 8-bit AdamW where installed)")
+    pl.add_argument("--rules", action="append", metavar="[NAME::]RULES", help="your own combo, repeatable")
+    pl.add_argument("--checkpointing", default=None, metavar="0,1", help="activation checkpointing values (where the build has it)")
+    pl.add_argument("--lora", default=None, metavar="none,8", help="LoRA ranks (where the build has it)")
+    pl.add_argument("--dtype", default="float32", metavar="LIST", help="parameter dtypes, e.g. float32,bfloat16")
+    pl.add_argument("--amp", default="none", metavar="LIST", help="autocast, e.g. none,bf16")
+    pl.add_argument("--step-in-backward", default="0,1", metavar="0,1",
+                    help="optimizer step inside backward, gradients freed as used (default 0,1)")
+    pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
+    _target_arguments(pl, "cuda")
+    pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
+    pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
+    pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
+                    help="confirm at its boundary every frontier batch (default) or every candidate's")
+    pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
+    pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/plan.md and DIR/plan.png (candidates "
+                    "against the budget line)")
+    pl.set_defaults(func=_cmd_plan)
 
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
@@ -115,21 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
-    m.add_argument("--target", default=target, choices=["cpu", "cuda"],
+    m.add_argument("--target", default=target, choices=list(Target.values()),
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
 
 
-def _alloc_conf(args: argparse.Namespace) -> str | None:
-    """--alloc-conf, checked now so a bad value is a usage error before any work."""
+def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
+    """--alloc-conf (else $PYTORCH_CUDA_ALLOC_CONF for --target cuda), parsed once, now, so a
+    bad value is a usage error before any work; every config's probe gets the parsed value."""
     from .instrument.allocator import AllocatorConfig
 
     if args.alloc_conf is not None:
-        AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
-    elif args.target == "cuda":
-        AllocatorConfig.from_env()
-    return args.alloc_conf
+        return AllocatorConfig.parse(args.alloc_conf, "--alloc-conf")
+    if args.target == Target.CUDA:
+        return AllocatorConfig.from_env()
+    return None
 
 
 def _fsdp_arguments(m: argparse.ArgumentParser) -> None:
@@ -153,7 +187,9 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     _fsdp_arguments(m)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
-    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory")
+    m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory | "
+                   "hf:PATH (a config.json or its directory; a hub id already cached) | timm:NAME")
+    _real_model_arguments(m)
     m.add_argument("--width", type=int, default=256)
     m.add_argument("--depth", type=int, default=3)
     m.add_argument("--batch", type=int, default=32)
@@ -161,6 +197,8 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     m.add_argument("--amp", default="none", help="none | fp16 | bf16")
     m.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     m.add_argument("--zero-grad-at", default="end", choices=["end", "start"])
+    m.add_argument("--step-in-backward", type=int, default=0, choices=[0, 1],
+                   help="1: each parameter's optimizer steps inside backward as its gradient completes (default 0)")
     m.add_argument("--probe", default=probe, help=f"auto | cuda | tracked | fake (default {probe})")
     m.add_argument("--steps", type=int, default=steps, help=f"timed samples, 0 = memory only (default {steps})")
     m.add_argument("--warmup", type=int, default=3)
@@ -171,6 +209,45 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
     m.set_defaults(func=_cmd_measure)
 
 
+def _real_model_arguments(m: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """--task, --seq, --lora and --checkpointing (a list in a sweep: `--checkpointing 0,1`)."""
+    m.add_argument("--task", default=None, help="hf: models: causal-lm | masked-lm | seq-cls | image-cls "
+                   "(default: from the config's architectures)")
+    m.add_argument("--seq", type=int, default=0, help="tokens per sequence for hf: models "
+                   "(default: min(512, max_position_embeddings))")
+    m.add_argument("--lora", default="", metavar="r=8[,alpha=8][,dropout=0][,targets=q_proj,v_proj]",
+                   help="LoRA adapters through peft: the base frozen, the rules see only the adapters")
+    if sweep:
+        m.add_argument("--checkpointing", default=None, metavar="0,1",
+                       help="activation checkpointing off (0) and/or on (1): a sweep axis (default 0)")
+    else:
+        m.add_argument("--checkpointing", action="store_true",
+                       help="activation checkpointing: each block recomputed in the backward (mlp, transformer, "
+                            "hf: and timm: models)")
+
+
+def _model_name(model: str, task: str | None) -> str:
+    """The model as configs name it: `hf:PATH#TASK` when --task names one."""
+    if not task:
+        return model
+    from .train.hf import TASKS  # no torch import: hf imports torch, but only when a command runs
+
+    if not model.startswith("hf:"):
+        raise UsageError(f"--task {task}: applies to hf: models, not {model!r}")
+    if task not in TASKS:
+        raise UsageError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    return f"{model}#{task}"
+
+
+def _lora_text(text: str) -> str:
+    """--lora in canonical form ("" = none), checked before any work."""
+    if not text.strip():
+        return ""
+    from .train.hf import parse_lora
+
+    return parse_lora(text).text
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     """The classic program: trains on synthetic data, prints loss and memory per step."""
     import math
@@ -178,6 +255,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .instrument.probes import make_probe
+    from .rules import Rules
     from .train import models
     from .train.multi import MultiOptimizer
     from .train.trainer import Trainer
@@ -188,7 +266,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with probe, _user_code(args.model):
         spec = models.resolve(args.model)
         model = probe.build_model(lambda: spec.build(args.width, args.depth))
-        optimizer = MultiOptimizer.from_spec(model, args.rules)
+        optimizer = MultiOptimizer.from_spec(model, Rules(args.rules))
         print(optimizer.describe())
         trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if args.amp == "none" else args.amp)
         gen = torch.Generator(device=probe.device).manual_seed(args.seed)
@@ -211,27 +289,36 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .instrument.protocol import Config, Protocol, measure, validate
     from .run.launch import settle
     from .run.presets import combos
+    from .rules import Rules
     from .store import dumps
-    from .train.spec import canonical
 
     probe, device = resolve_probe(args.probe)
-    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", args.rules))
-    config = Config(model=args.model, width=args.width, depth=args.depth, batch=args.batch, dtype=args.dtype,
-                    amp=args.amp, combo=combo, rules=canonical(rules), impl=args.impl, zero_grad_at=args.zero_grad_at,
-                    seed=args.seed, device=device, target="cuda" if probe == "cuda" else args.target,
+    combo, rules = (combos([args.combo])[0] if args.combo else ("custom", Rules(args.rules)))
+    config = Config(model=_model_name(args.model, args.task), width=args.width, depth=args.depth, batch=args.batch,
+                    dtype=args.dtype, amp=args.amp, combo=combo, rules=rules, impl=args.impl,
+                    zero_grad_at=args.zero_grad_at, seed=args.seed, device=device,
+                    target=effective_target(probe, args.target), checkpointing=int(args.checkpointing),
+                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward,
                     **_fsdp_fields(args))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
     validate(config, protocol)
     settle()  # this process ends with the command
     record = measure(config, protocol)
+    if record.status == Status.ERROR and (record.error or "").startswith(_USAGE):
+        # the user's input (model, batch, rules, flags) refused at run time: one line, no card
+        raise UsageError(record.error[len(_USAGE):])
     print(dumps(record) if args.json else record_text(record))
-    if record.status != "ok":
+    if record.status != Status.OK:
         if not args.json:
             whose = f" (model {args.model!r})" if ":" in args.model else ""  # user code: name it
             print(f"status {record.status}{whose}: {record.error}", file=sys.stderr)
         return 1
     return 0
+
+
+# how measure() records a UsageError raised while the config ran (the type's name first)
+_USAGE = "UsageError: "
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -254,7 +341,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target="cuda" if probe == "cuda" else args.target, **_fsdp_fields(args)) for c in configs]
+    configs = [replace(c, target=effective_target(probe, args.target), **_fsdp_fields(args)) for c in configs]
+    if args.task:
+        configs = [replace(c, model=_model_name(c.model, args.task)) for c in configs]
+    checkpointing = _ints(args.checkpointing, "--checkpointing") or [0]
+    if any(k not in (0, 1) for k in checkpointing):
+        raise UsageError(f"--checkpointing {args.checkpointing}: each is 0 (off) or 1 (on)")
+    lora = _lora_text(args.lora)
+    configs = [replace(c, checkpointing=k, lora=lora, seq=args.seq) for c in configs for k in dict.fromkeys(checkpointing)]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
                         threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
@@ -272,7 +366,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     """0 when every question was answered, 1 when a fake run failed, 2 bad input."""
-    from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render
+    from .run.fit import DEFAULT_COMBOS, context_bytes, fit, render  # fit: a plan with one axis
     from .run.launch import settle
     from .run.presets import combos, user_combo
 
@@ -283,9 +377,58 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == "cuda" else 0)
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0)
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """0 when something fits, 1 when no candidate does, 2 bad input."""
+    import json
+
+    from .instrument.protocol import Config
+    from .run import plan as planning
+    from .run.launch import settle
+    from .run.presets import combos, user_combo
+
+    budget = _bytes(args.budget, "--budget")
+    if args.report:
+        _check_writable_dir(Path(args.report), "--report")
+    chosen = _chosen_combos(combos(_strs(args.combos)), args.rules, user_combo) or planning.default_combos()
+    axes = [planning.combo_axis(chosen), planning.dtype_axis(args.dtype), planning.amp_axis(args.amp),
+            planning.field_axis("step_in_backward", "--step-in-backward",
+                                planning.int_values(args.step_in_backward, "--step-in-backward", (0, 1)))]
+    checkpointing = args.checkpointing or ("0,1" if planning.has_field("checkpointing") else None)
+    if checkpointing is not None:
+        axes.append(planning.field_axis("checkpointing", "--checkpointing",
+                                        planning.int_values(checkpointing, "--checkpointing", (0, 1))))
+    if args.lora is not None and _strs(args.lora) != ["none"]:
+        axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
+    extra = {}
+    if args.seq is not None:
+        planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
+        extra["seq"] = _ints(args.seq, "--seq")[0]
+    if args.gpu is not None and planning.has_field("gpu"):
+        extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
+    base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
+    context = planning.context_bytes(args.context) if args.target == "cuda" else 0
+    alloc_conf = _alloc_conf(args)
+    settle()  # this process ends with the command
+    with _user_code(args.model):
+        p = planning.plan(base, axes, budget, context=context, warmup=args.warmup, alloc_conf=alloc_conf,
+                          gpu=args.gpu, confirm=args.confirm)
+    data = planning.as_dict(p)
+    text = planning.render(p)
+    if args.report:
+        from .analyze.frontier import plot_plan
+
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_plan(data, out / "plan.png")
+        (out / "plan.md").write_text(text + f"\n![candidates against the budget]({png.name})\n")
+        (out / "plan.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data) if args.json else text, end="\n" if args.json else "")
+    return 0 if p.fitting else 1
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
@@ -314,25 +457,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chosen_combos(presets: Sequence[tuple[str, str]], texts: Sequence[str] | None,
-                   user_combo: Callable[..., tuple[str, str]]) -> list[tuple[str, str]]:
+def _chosen_combos(presets: Sequence[tuple[str, "Rules"]], texts: Sequence[str] | None,
+                   user_combo: Callable[..., tuple[str, "Rules"]]) -> list[tuple[str, "Rules"]]:
     """Preset combos then each `--rules [NAME::]RULES`; one name never stands for two rule sets
     (the gate and the report know a combo by its name)."""
     chosen = list(presets)
     for text in texts or []:
         name, rules = user_combo(text, taken=[n for n, _ in chosen])
         same = [r for n, r in chosen if n == name]
-        if same and _canonical(same[0]) != _canonical(rules):
+        if same and same[0] != rules:  # both canonical text
             raise UsageError(f"--rules {text!r}: the name {name!r} already stands for {same[0]!r}; give it another name")
         if not same:
             chosen.append((name, rules))
     return chosen
-
-
-def _canonical(rules: str) -> str:
-    from .train.spec import canonical  # torch: loaded when a command runs, not for --help
-
-    return canonical(rules)
 
 
 @contextmanager
@@ -377,14 +514,14 @@ def _check_writable_dir(path: Path, flag: str) -> None:
 # flag -> (lowest, highest) allowed value; checked before any command runs
 _INT_LIMITS: dict[str, tuple[int, int]] = {
     "width": (1, 2**31 - 1), "depth": (1, 2**31 - 1), "batch": (1, 2**31 - 1), "threads": (1, 4096),
-    "steps": (0, 2**31 - 1), "warmup": (0, 2**31 - 1), "seed": (0, 2**63 - 1),
+    "steps": (0, 2**31 - 1), "warmup": (0, 2**31 - 1), "seed": (0, 2**63 - 1), "seq": (0, 2**31 - 1),
 }
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     for name, (lo, hi) in _INT_LIMITS.items():
         value = getattr(args, name, None)
-        if args.command == "fit" and name in ("width", "batch", "depth"):
+        if args.command in ("fit", "plan") and name in ("width", "batch", "depth"):
             continue  # fit checks its start sizes itself (and searches past any cap on the fake probe)
         if value is not None and not lo <= value <= hi:
             raise UsageError(f"--{name} {value}: must be between {lo} and {hi}")

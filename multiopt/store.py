@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .errors import UsageError
+from .kinds import Status
 from .record import Record, check_schema
 
 
@@ -85,8 +87,9 @@ def read_text(path: Path, what: str = "file") -> str:
         raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); is this a multiopt file?") from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file. A torn last line (a killed writer) is skipped; any other bad
+def iter_jsonl(path: str | Path) -> Iterator[Record]:
+    """Records of a JSONL file, each checked (`record.check_schema`) and brought to this
+    schema. A torn last line (a killed writer) is skipped; any other bad
     line is a UsageError naming the file and line. A whole record without its newline is
     kept, as `append_jsonl` keeps it."""
     path = Path(path)
@@ -105,10 +108,10 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         if not isinstance(row, dict):
             raise UsageError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
         check_schema(row, f"{path}:{i}")
-        yield row
+        yield Record.from_dict(row)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path) -> list[Record]:
     return list(iter_jsonl(path))
 
 
@@ -198,29 +201,38 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise UsageError(f"{path}: cannot write ({e.strerror}); choose another place or free space") from None
 
 
-def read_sources(paths: Sequence[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Record dicts of run directories, JSONL files and pytest-benchmark JSON files, each tagged
-    with its `source`, and one env dict per source. UsageError for a missing path, a file with
-    no records, corrupt JSON or a record of another schema."""
+@dataclass(frozen=True)
+class Source:
+    """The records of one file, and what it says of the machine that wrote them: a run
+    directory's env.json, or a pytest-benchmark file's machine and commit info."""
+
+    path: str  # the file the records came from (a run directory's results.jsonl)
+    records: tuple[Record, ...]
+    env: Mapping[str, Any] = field(default_factory=dict)
+
+
+def read_sources(paths: Sequence[str | Path]) -> list[Source]:
+    """The records of run directories, JSONL files and pytest-benchmark JSON files, one
+    `Source` per path. UsageError for a missing path, a file with no records, corrupt JSON or a
+    record of another schema."""
     if not paths:
         raise UsageError("no results given: name a run directory, a results .jsonl or a pytest-benchmark .json")
-    rows: list[dict[str, Any]] = []
-    envs: list[dict[str, Any]] = []
-    for p in paths:
-        src_rows, env = _read_source(Path(p))
-        rows.extend(src_rows)
-        envs.append(env)
-    return rows, envs
+    return [_read_source(Path(p)) for p in paths]
 
 
-def _read_source(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def read_records(*paths: str | os.PathLike) -> list[Record]:
+    """Every record of `paths` (as `read_sources` reads them), in order."""
+    return [r for s in read_sources(paths) for r in s.records]
+
+
+def _read_source(path: Path) -> Source:
     try:
         return _read_source_unchecked(path)
     except OSError as e:  # an unreadable directory (chmod 000) fails in is_dir/is_file
         raise UsageError(f"{e.filename or path}: cannot read ({e.strerror})") from None
 
 
-def _read_source_unchecked(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _read_source_unchecked(path: Path) -> Source:
     if path.is_dir():
         results = path / "results.jsonl"
         if not results.is_file():
@@ -239,10 +251,7 @@ def _read_source_unchecked(path: Path) -> tuple[list[dict[str, Any]], dict[str, 
         env = _read_env(path.parent / "env.json") if path.name == "results.jsonl" else {}
     if not rows:
         raise UsageError(f"{source}: no records (empty file); did the sweep run?")
-    for r in rows:
-        r["source"] = str(source)
-    env = {**env, "source": str(source)}
-    return rows, env
+    return Source(str(source), tuple(rows), env)
 
 
 def _looks_like_jsonl(path: Path) -> bool:
@@ -303,7 +312,7 @@ def _object(doc: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
     return value
 
 
-def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _read_benchmark_json(path: Path) -> tuple[list[Record], dict[str, Any]]:
     if not read_text(path).strip():
         raise UsageError(f"{path}: no records (empty file)")
     try:
@@ -322,9 +331,9 @@ def _read_benchmark_json(path: Path) -> tuple[list[dict[str, Any]], dict[str, An
         check_schema(row, where)
         stats = b.get("stats")
         # a failed config's timing (if any) is not a step time: keep its record's None
-        if row.get("status") == "ok" and isinstance(stats, dict) and stats.get("median") is not None:
+        if row.get("status") == Status.OK and isinstance(stats, dict) and stats.get("median") is not None:
             row.update(_stats_columns(stats, where))
-        rows.append(row)
+        rows.append(Record.from_dict(row))
     machine = _object(doc, "machine_info", path)
     commit = _object(doc, "commit_info", path)
     cpu = _object(machine, "cpu", path)

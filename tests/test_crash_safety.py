@@ -139,7 +139,7 @@ def test_ctrl_c_to_the_process_group_is_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["multiopt run: interrupted"], err
     for row in iter_jsonl(out / "results.jsonl") if (out / "results.jsonl").exists() else ():
-        assert row["status"] == "ok"  # what was written is whole
+        assert row.status == "ok"  # what was written is whole
 
 
 # --- a full disk ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from multiopt import cli
+from multiopt.errors import UsageError
 from multiopt.instrument.allocator import ALLOC_MODEL
 from multiopt.instrument.probes import FakeProbe, TrackedProbe
 from multiopt.instrument.probes.reduce import staging_bytes
@@ -99,6 +100,23 @@ def test_bad_alloc_conf_is_a_one_line_usage_error(capsys: pytest.CaptureFixture[
     assert rc == 2 and len(err.splitlines()) == 1 and "max_split_size_mb" in err
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "nonsense_option:1")
     assert cli.main(["estimate", "--width", "8", "--depth", "1", "--batch", "1"]) == 2
+
+
+def test_the_allocator_config_is_parsed_once_where_it_enters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The protocol holds the parsed options (text given to it is parsed at construction, once);
+    the command line parses --alloc-conf (or the environment) and hands the parsed value on."""
+    from multiopt.instrument.allocator import AllocatorConfig
+    from multiopt.instrument.protocol import Protocol
+
+    parsed = Protocol(alloc_conf="max_split_size_mb:64,expandable_segments:True").alloc_conf
+    assert parsed == AllocatorConfig(max_split_size=64 << 20, expandable_segments=True)
+    with pytest.raises(UsageError, match="max_split_size_mb"):
+        Protocol(alloc_conf="max_split_size_mb:abc")
+    args = cli.build_parser().parse_args(["estimate", "--alloc-conf", "max_split_size_mb:64"])
+    assert cli._alloc_conf(args) == AllocatorConfig(max_split_size=64 << 20)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert cli._alloc_conf(cli.build_parser().parse_args(["estimate"])) == AllocatorConfig(expandable_segments=True)
+    assert cli._alloc_conf(cli.build_parser().parse_args(["measure"])) is None  # --target cpu: no allocator model
 
 
 # Reduce.cuh's setReduceConfig on an H200 (132 SMs x 2048 threads), derived by hand:

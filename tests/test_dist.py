@@ -23,6 +23,12 @@ from multiopt.store import append_jsonl, read_jsonl
 from multiopt.run.presets import COMBOS
 from multiopt.run.sweep import shard, sweep
 
+
+def _rows(path) -> list[dict]:
+    """The records of a results file as stored rows (dicts)."""
+    return [r.to_dict() for r in read_jsonl(path)]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
 
@@ -61,7 +67,7 @@ def sharded(tmp_path_factory):
 
 def test_torchrun_two_ranks_record_every_config_once_with_single_process_numbers(sharded):
     out, proc = sharded
-    rows = read_jsonl(out / "results.jsonl")
+    rows = _rows(out / "results.jsonl")
     configs = _configs(**SHARDED)
     assert len(configs) == 8
     keys = [config_key(r) for r in rows]
@@ -102,7 +108,7 @@ def zero_run(tmp_path_factory):
 
 def test_resume_keeps_what_a_killed_sharded_sweep_wrote(zero_run):
     out, proc, planted = zero_run
-    rows = read_jsonl(out / "results.jsonl")
+    rows = _rows(out / "results.jsonl")
     configs = _configs(("adam", "sgd+adam"), (256,), (16,), zeros=(0, 1))
     assert [config_key(r) for r in rows] == [c.record_key("tracked") for c in configs]
     assert rows[0]["run_id"] == "planted" and rows[0] == json.loads(json.dumps(planted.to_dict()))
@@ -119,7 +125,7 @@ def _largest_state(row) -> int:
 
 
 def test_zero_halves_each_ranks_adam_state_give_or_take_one_tensor(zero_run):
-    rows = {(r["combo"], r["zero"]): r for r in read_jsonl(zero_run[0] / "results.jsonl")}
+    rows = {(r["combo"], r["zero"]): r for r in _rows(zero_run[0] / "results.jsonl")}
     for combo in ("adam", "sgd+adam"):
         plain, zero = rows[(combo, 0)], rows[(combo, 1)]
         assert zero["status"] == "ok", zero["error"]
@@ -198,7 +204,7 @@ def test_sharded_sweep_refuses_a_directory_with_results_unless_resuming(tmp_path
     with pytest.raises(UsageError, match="ranks already holds results of a sharded sweep; pass --resume"):
         sweep(configs, tmp_path, protocol, isolate=False, progress=False)
     assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
-    rows = read_jsonl(tmp_path / "results.jsonl")
+    rows = _rows(tmp_path / "results.jsonl")
     assert [r["combo"] for r in rows] == ["sgd", "adam"] and rows[0]["run_id"] == "old"
     assert not (tmp_path / "ranks").exists()
     with pytest.raises(UsageError, match="results.jsonl already holds results"):
@@ -206,7 +212,7 @@ def test_sharded_sweep_refuses_a_directory_with_results_unless_resuming(tmp_path
 
 
 def test_records_written_before_zero_existed_load_as_zero_0_on_one_rank():
-    rows = read_jsonl(FIX / "run_small" / "results.jsonl")
+    rows = _rows(FIX / "run_small" / "results.jsonl")
     raw = (FIX / "run_small" / "results.jsonl").read_text().splitlines()[0]
     assert '"zero"' not in raw  # the fixture predates the column
     assert all(r["zero"] == 0 and r["ranks"] == 1 for r in rows)
@@ -227,7 +233,7 @@ def test_one_process_resume_folds_a_killed_sharded_sweeps_shards(tmp_path, monke
     with pytest.raises(UsageError, match="sharded sweep; pass --resume"):
         sweep(configs, tmp_path, protocol, isolate=False, progress=False)
     assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
-    rows = read_jsonl(tmp_path / "results.jsonl")
+    rows = _rows(tmp_path / "results.jsonl")
     assert sorted((r["combo"], r["run_id"] == "old") for r in rows) == [("adam", True), ("sgd", False)]
     assert not (tmp_path / "ranks").exists()
 
@@ -241,7 +247,7 @@ def test_report_shows_each_ranks_state_against_the_zero_model(zero_run):
     section = md.split("## ZeRO: optimizer state per rank", 1)[1].split("\n## ", 1)[0]
     rows = [l for l in section.splitlines() if l.startswith("| adam") or l.startswith("| sgd+adam")]
     assert len(rows) == 2
-    by = {(r["combo"], r["zero"]): r for r in read_jsonl(zero_run[0] / "results.jsonl")}
+    by = {(r["combo"], r["zero"]): r for r in _rows(zero_run[0] / "results.jsonl")}
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         combo = cells[0]

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from multiopt import cli
-from multiopt.run.fit import _interpolate, _search, fit
+from multiopt.run.fit import _interpolate, fit
+from multiopt.run.plan import boundary
 from multiopt.instrument.protocol import Config, Protocol, measure
 from multiopt.run.presets import combos
 from multiopt.units import parse_bytes
@@ -23,7 +24,7 @@ def answers():
 
 
 def _tracked(answer, n):
-    fixed = dict([answer.fixed])
+    fixed = dict([answer.fixed]) if answer.fixed else {}
     config = Config(model="mlp", depth=DEPTH, combo=answer.combo, rules=answer.rules, **fixed, **{answer.axis: n})
     return measure(config, Protocol(probe="tracked", warmup=3, steps=2, limit_bytes=parse_bytes(BUDGET)))
 
@@ -68,7 +69,8 @@ def test_search_is_exact_on_stepped_curves():
         want = _brute(f, budget, cap)
         got, capped = _interpolate(f, budget, cap)
         assert got == want and capped == (want == cap and f(cap) <= budget), (a, b, c, budget, cap, got, want)
-        assert _search(lambda n: f(n) <= budget, cap)[0] == want
+        for guess in (1, want, want + 1, rng.randint(1, cap)):
+            assert boundary(lambda n: f(n) <= budget, guess, cap) == (want, want == cap), (guess, want)
     # a curve that does not grow: the search stops at the cap and says so
     assert _interpolate(lambda n: 1000, 5000, 1 << 20) == (1 << 20, True)
     assert _interpolate(lambda n: 6000, 5000, 1 << 20) == (0, False)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from multiopt.analyze import gate
@@ -113,9 +112,8 @@ def test_reserved_memory_is_gated_where_both_sides_have_it(tmp_path):
 def test_cuda_probe_defaults_to_one_percent():
     base = [_rec("adam", 256, 32, probe="cuda", device="cuda")]
     cur = [dataclasses.replace(base[0], peak_total=int(base[0].peak_total * 1.005))]
-    df = lambda rs: pd.DataFrame([r.to_dict() for r in rs])  # noqa: E731
-    assert gate.compare(df(base), df(cur)).exit_code == 0
-    assert gate.compare(df(base), df(cur), mem_tol=0).exit_code == 1
+    assert gate.compare(base, cur).exit_code == 0
+    assert gate.compare(base, cur, mem_tol=0).exit_code == 1
 
 
 def test_step_time_plus_50_percent_with_small_iqr_fails(tmp_path):
@@ -166,8 +164,7 @@ def test_regressions_listed_worst_first():
     cur = _edit(cur, "adam", 256, status="oom", error="CUDA out of memory")
     cur = _edit(cur, "sgd+adam", 256, peak_total=base[1].peak_total * 2,
                 opt_state_bytes=base[1].opt_state_bytes // 2)
-    df = lambda rs: pd.DataFrame([r.to_dict() for r in rs])  # noqa: E731
-    res = gate.compare(df(base), df(cur))
+    res = gate.compare(base, cur)
     order = [(v.config, v.metric, v.verdict) for v in res.verdicts if v.verdict != "unchanged"]
     assert order == [
         ("adam, width=256", "status", "regression"),
@@ -231,8 +228,7 @@ def test_different_device_name_time_not_compared_with_reason(tmp_path):
 
 def test_short_names_show_only_varying_columns():
     base = [_rec("adam", 256, b) for b in (16, 32)]
-    df = pd.DataFrame([r.to_dict() for r in base])
-    res = gate.compare(df, df)
+    res = gate.compare(base, base)
     assert {v.config for v in res.verdicts} == {"batch=16", "batch=32"}
 
 
@@ -321,7 +317,7 @@ def test_update_baseline_writes_current_records(tmp_path):
     assert code == 0
     assert "REGRESSION" in out and "baseline updated" in out
     written = read_jsonl(tmp_path / "base.jsonl")
-    assert written == [r.to_dict() for r in cur]  # exact, ints stay ints
+    assert [r.to_dict() for r in written] == [r.to_dict() for r in cur]  # exact, ints stay ints
     # and now the gate passes against it
     assert _gate(tmp_path / "again", cur, cur)[0] == 0
 
@@ -344,8 +340,7 @@ def test_duplicates_last_record_wins(tmp_path):
 
 
 def test_gate_result_is_frozen():
-    df = pd.DataFrame([r.to_dict() for r in _configs()])
-    res = gate.compare(df, df)
+    res = gate.compare(_configs(), _configs())
     with pytest.raises(dataclasses.FrozenInstanceError):
         res.missing = ()  # type: ignore[misc]
     assert res.exit_code == 0 and not res.regressions and len(res.unchanged) > 0
@@ -388,6 +383,35 @@ def test_current_from_pytest_benchmark_json(tmp_path):
     target = tmp_path / "gpu-quick.jsonl"
     assert gate.run_gate(target, slow, update_baseline=True, stdout=io.StringIO(), environ={}) == 0
     rows = read_jsonl(target)
-    assert len(rows) == len(base) and {r["step_ms_median"] for r in rows if r["combo"] == "adam"} == {20.0}
-    assert all(isinstance(r["opt_state_bytes"], int) for r in rows)
-    assert all(isinstance(r["step_ms_median"], float) for r in rows)
+    assert len(rows) == len(base) and {r.step_ms_median for r in rows if r.combo == "adam"} == {20.0}
+    assert all(isinstance(r.opt_state_bytes, int) for r in rows)
+    assert all(isinstance(r.step_ms_median, float) for r in rows)
+
+
+@pytest.mark.parametrize("twin", [dict(target="cuda", probe="fake"), dict(zero=1, ranks=2)], ids=["target", "zero"])
+def test_configs_differing_only_in_a_config_column_have_names_that_say_it(twin):
+    """Every config column can name a config: two records that differ only in `target` (or
+    in zero and ranks) are named by it, not numbered #1 and #2."""
+    base = [_rec("adam", 256, 32, probe=twin.get("probe", "tracked"))]
+    both = base + [dataclasses.replace(base[0], **twin)]
+    res = gate.compare(both, both)
+    names = {v.config for v in res.verdicts}
+    assert len(names) == 2 and not any("#" in n for n in names), names
+    col = next(c for c in twin if c != "probe")
+    assert {n.split(f"{col}=")[1].split(",")[0] for n in names} == {str(getattr(r, col)) for r in both}
+
+
+def test_a_metric_kind_is_one_check_object():
+    """A new kind of metric is a check passed in `using`: here an exact one on n_params, its
+    own kind for --only, its verdicts ordered with the others, and a missing value failing."""
+    base = _configs()
+    cur = _edit(base, "adam", 128, n_params=base[2].n_params + 1)
+    count = gate.ToleranceCheck("params", ("n_params",), gate.Unit("params", lambda n: f"{n:,}"), tol=0.0)
+    res = gate.compare(base, cur, using=(count,))
+    assert [(v.config, v.metric, v.verdict) for v in res.regressions] == [("adam, width=128", "n_params", "regression")]
+    assert res.settings == "params: 0%" and not any(v.metric == "peak_total" for v in res.verdicts)
+    assert f"{base[2].n_params + 1:,}" in gate.render(res)
+    both = gate.compare(base, cur, using=(*gate.checks(), count), only="params")
+    assert {v.metric for v in both.verdicts} == {"n_params"} and "memory not compared (--only params)" in both.settings
+    with pytest.raises(UsageError, match="--only takes 'memory' or 'time'"):
+        gate.compare(base, cur, only="work")

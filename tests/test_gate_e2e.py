@@ -60,14 +60,15 @@ def test_two_runs_on_the_same_machine_do_not_fail_each_other_on_time(quick_run, 
     the host (this shared 2-vCPU VM: one config in six identical fresh
     workers spanned 46-100%, back to back for 12 s it drifted 30-80% for a second at a
     time) and the test skips with the number; a uniform shift, or a steady host, fails."""
-    from multiopt.analyze.gate import compare, load_records
+    from multiopt.analyze.gate import compare
+    from multiopt.store import read_records
 
     base = quick_run[0]
     for attempt in range(2):
         out = tmp_path / f"again{attempt}"
         proc, _ = run_quick(out, "--no-report")
         assert proc.returncode == 0, proc.stderr
-        result = compare(load_records(base), load_records(out), only="time")
+        result = compare(read_records(base), read_records(out), only="time")
         if result.exit_code == 0:
             assert result.unchanged, "nothing was compared"
             return

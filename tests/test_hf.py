@@ -62,9 +62,11 @@ def test_forward_loss_follows_hf_conventions():
     model, x, y = _Pair(), torch.randn(4, 3), torch.randn(4, 2)
     mse = lambda out, target: (out - target).pow(2).mean()  # noqa: E731
     want = mse(model.lin(x), y)
-    assert torch.equal(forward_loss(model, mse, (x, y)), want)  # tuple output: its first element
+    assert torch.equal(forward_loss(model, lambda out, t: mse(out[0], t), (x, y)), want)  # the tuple, unchanged
     assert torch.equal(forward_loss(model, None, {"x": x, "labels": y}), want)  # mapping: keywords, .loss
-    assert torch.equal(forward_loss(model, lambda logits: logits.sum(), {"x": x, "labels": y}), model.lin(x).sum())
+    # a loss_fn gets the output unchanged, the labels taken out of the keywords (transformers'
+    # compute_loss_func convention): the model, called without labels, returns its tuple
+    assert torch.equal(forward_loss(model, lambda out, labels: mse(out[0], labels), {"x": x, "labels": y}), want)
     with pytest.raises(UsageError, match="without a loss and no loss_fn"):
         forward_loss(model, None, {"x": x})
 
@@ -151,10 +153,10 @@ def test_gpt2_runs_and_trains_from_the_cli(hf, gpt2_record, tmp_path, capsys):
                "--probe", "fake", "--steps", "0", "--warmup", "1", "--no-isolate", "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     (row,) = read_jsonl(out / "results.jsonl")
-    assert row["status"] == "ok", row["error"]
-    assert (row["width"], row["depth"], row["param_bytes"]) == (0, 0, gpt2_record.param_bytes)
-    assert row["peak_total"] == gpt2_record.peak_total  # the fake probe agrees with tracked to the byte
-    assert {o["name"]: o["state_bytes"] for o in row["optimizers"]} == {o.name: o.expected for o in gpt2_record.optimizers}
+    assert row.status == "ok", row.error
+    assert (row.width, row.depth, row.param_bytes) == (0, 0, gpt2_record.param_bytes)
+    assert row.peak_total == gpt2_record.peak_total  # the fake probe agrees with tracked to the byte
+    assert {o.name: o.state_bytes for o in row.optimizers} == {o.name: o.expected for o in gpt2_record.optimizers}
     capsys.readouterr()
     assert main(["train", "--model", GPT2, "--rules", RULES, "--steps", "1", "--batch", "2"]) == 0
     text = capsys.readouterr().out

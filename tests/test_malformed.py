@@ -323,8 +323,8 @@ def test_checkpoint_torch_refuses_is_one_line(tmp_path):
 
 
 def test_a_forward_returning_a_tuple_trains_on_its_first_element(capsys):
-    """Not malformed since the Hugging Face conventions: a tuple output's first element is the
-    output the loss sees (loss_fn(out) = mean(out^2) here)."""
+    """Not malformed since the Hugging Face conventions: the loss_fn gets the tuple unchanged and
+    takes its first element (loss_fn(out) = mean(out[0]^2) here)."""
     rc = main(["train", "--rules", "rest=sgd", "--width", "8", "--batch", "2", "--steps", "1",
                "--model", "tests.usermodels_raising:forward_tuple"])
     out = capsys.readouterr().out

@@ -122,3 +122,94 @@ def test_impl_is_applied_where_the_optimizer_offers_it():
     assert [impl_of(o) for o in mo] == ["forloop", "foreach"]
     with pytest.raises(UsageError, match="unknown impl"):
         MultiOptimizer.from_spec(m, "rest=sgd", impl="cuda-graph")
+
+
+# --- keyword values checked against the type of the optimizer's default (issue 20) ---------
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ("rest=adam(lr=0.1, amsgrad='yes')",
+         "adam's keyword amsgrad takes a bool (True or False), like its default False; got 'yes' (str) "
+         "in rule 'rest=adam(lr=0.1, amsgrad='yes')'"),
+        ("rest=adam(amsgrad=1)", "adam's keyword amsgrad takes a bool (True or False), like its default False; got 1 (int)"),
+        ("rest=adam(betas=(0.9,))", "adam's keyword betas takes a tuple or list of 2 values, like its default "
+                                    "(0.9, 0.999); got (0.9,) (tuple)"),
+        ("rest=adam(betas=(0.9, 'x'))", "keyword betas takes a tuple or list of 2 values"),
+        ("rest=sgd(lr=True)", "sgd's keyword lr takes a number, like its default 0.001; got True (bool)"),
+        ("rest=sgd(lr='0.1')", "sgd's keyword lr takes a number"),
+    ],
+)
+def test_a_keyword_value_of_another_type_than_its_default_is_refused(rules, message):
+    with pytest.raises(UsageError) as e:
+        MultiOptimizer.from_spec(SimpleNet(), rules)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_keyword_values_of_the_defaults_type_are_accepted():
+    # an int where the default is a float (or the reverse: SGD's momentum default is 0),
+    # a list for a tuple, None where the default is None
+    mo = MultiOptimizer.from_spec(SimpleNet(), "layer1=sgd(lr=1, momentum=0.9); "
+                                               "rest=adam(betas=[0.8, 0.9], amsgrad=True, foreach=None, eps=1)")
+    assert mo["rest=adam"].param_groups[0]["betas"] == (0.8, 0.9)
+    assert mo["layer1=sgd"].param_groups[0]["lr"] == 1
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+def test_every_descriptor_is_found_by_its_names_and_its_class():
+    from multiopt.train import optimizers as registry
+
+    names = [n for d in registry.REGISTRY for n in (d.name, *d.aliases)]
+    assert len(names) == len(set(names))
+    for name in registry.available():
+        spec = registry.resolve(name)
+        assert spec.descriptor is registry.lookup(name) is registry.descriptor_of(spec.cls)
+        assert spec.descriptor.state is not None, name
+        assert registry.name_of(spec.cls([nn.Parameter(torch.zeros(2, 2))])) == name
+    assert {d.name for d in registry.REGISTRY if d.refused} == {"lbfgs", "sparseadam"}
+    assert {d.name for d in registry.REGISTRY if d.host_reads} == {"asgd", "adafactor"}
+
+
+def test_a_class_named_by_import_path_gets_its_descriptor():
+    """`torch.optim:Muon` is Muon: matrix-only like `muon` (the name-keyed tables missed it)."""
+    from multiopt.train import optimizers as registry
+
+    assert registry.resolve("torch.optim:Muon").matrix_only
+    assert registry.resolve("torch.optim.adam:Adam").descriptor is registry.lookup("adam")
+    with pytest.raises(UsageError, match="only takes 2-D parameters, but claims layer1.bias"):
+        MultiOptimizer.from_spec(SimpleNet(), "layer1=torch.optim:Muon; rest=adamw")
+    with pytest.raises(UsageError, match="'torch.optim:LBFGS' is refused: lbfgs needs a closure"):
+        registry.resolve("torch.optim:LBFGS")
+
+
+def test_the_default_impl_written_per_target_is_the_one_torch_picks():
+    """Each torch descriptor's `default_impl` against torch's own modules (what a class known
+    only by import path is asked), and against the step torch really takes on CPU."""
+    from multiopt.kinds import Target
+    from multiopt.train import optimizers as registry
+    from multiopt.train.multi import torch_defaults_to_foreach
+
+    for name in registry.available():
+        spec = registry.resolve(name)
+        asked = "foreach" if torch_defaults_to_foreach(spec) else "forloop"
+        assert spec.descriptor.default_impl_on(Target.CUDA) == asked, name
+        assert spec.descriptor.default_impl_on(Target.CPU) == "forloop", name
+        p = nn.Parameter(torch.zeros(4, 4))
+        assert impl_of(spec.cls([p])) == "forloop", name
+
+
+def test_work_per_element_for_sgd_momentum_sgd_adam_and_adamw():
+    from multiopt.train import optimizers as registry
+    from multiopt.train.formulas import Work
+
+    def work(name, **options):
+        opt = registry.resolve(name).cls([nn.Parameter(torch.zeros(2))], **options)
+        return registry.lookup(name).work(opt.param_groups[0])
+
+    assert work("sgd", lr=0.1) == Work(kernels=1, reads=2, writes=1, flops=2)
+    assert work("sgd", lr=0.1, momentum=0.9) == Work(kernels=3, reads=5, writes=3, flops=5)
+    assert work("adam") == Work(kernels=7, reads=11, writes=7, flops=13)
+    assert work("adamw") == Work(kernels=8, reads=12, writes=8, flops=14)  # + param.mul_(1 - lr * wd)
+    assert work("adam", fused=True) is None  # one fused pass: not these counts
+    assert registry.lookup("rmsprop").work is None  # not counted yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -410,3 +411,24 @@ def test_report_with_baseline(tmp_path):
     assert f"Gate against `{base}`: **FAIL: 1 regression**" in section(md, "Summary")
     assert "## Gate: FAIL: 1 regression" in md
     assert "| peak_total |" in section(md, "Gate: FAIL")
+
+
+@pytest.mark.parametrize("twin", [dict(zero=1), dict(ranks=2), dict(target="cuda")], ids=["zero", "ranks", "target"])
+def test_configs_differing_only_in_a_config_column_are_distinct_series(twin):
+    """Issue 19: a ZeRO or cuda-target record used to share its twin's series label ("adam")
+    and the "largest config per series" kept one of them. Every config column tells series
+    apart, so the twin has its own label and shows in the report's tables."""
+    from multiopt.store import read_jsonl
+
+    plain = next(r for r in read_jsonl(RUN / "results.jsonl") if r.combo == "adam" and r.status == "ok")
+    recs = [plain, dataclasses.replace(plain, batch=2 * plain.batch), dataclasses.replace(plain, **twin)]
+    d = frame.records_to_frame(recs)
+    labels = list(series_labels(d))
+    (col, value), = twin.items()
+    assert labels == ["adam", "adam", f"adam ({col}={value})"]
+    md = report.render(d)
+    assert [r["series"] for r in table(md, "Variants")] == [labels[2]]
+    assert {(r["combo"], r["batch"]) for r in table(md, "Phases")} == {
+        ("adam", str(plain.batch)), ("adam", str(2 * plain.batch)), (labels[2], str(plain.batch))}
+    state = table(md, "Optimizer state")
+    assert [r["combo"] for r in state] == ["adam"]

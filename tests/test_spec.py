@@ -142,3 +142,102 @@ def test_muon_refusing_a_kernel_suggests_2d_never_matrix_again(rules, culprit, h
         plan(_ConvNet(), parse(rules))
     msg = str(e.value)
     assert culprit in msg and hint in msg and "e.g. @matrix" not in msg and "\n" not in msg
+
+
+# --- Rules: the parsed value a Config carries ----------------------------------------------
+
+def test_rules_are_their_canonical_text_and_carry_the_parsed_rules():
+    import copy
+    import json
+    import pickle
+
+    from multiopt.train.spec import Rules
+
+    r = Rules("layer1=sgd(lr=1e-2,momentum=0.9);  rest=adam")
+    assert r == "layer1=sgd(lr=0.01, momentum=0.9); rest=adam" and hash(r) == hash(str(r))
+    assert r.parsed == parse("layer1=sgd(lr=0.01, momentum=0.9); rest=adam")
+    assert Rules(r) is r and Rules.of(list(r.parsed)) == r
+    assert json.dumps({"rules": r}) == '{"rules": "layer1=sgd(lr=0.01, momentum=0.9); rest=adam"}'
+    assert pickle.loads(pickle.dumps(r)).parsed == r.parsed and copy.deepcopy(r) is r
+    with pytest.raises(AttributeError, match="immutable"):
+        r.parsed = ()  # type: ignore[misc]
+    with pytest.raises(UsageError, match="rules must be a string"):
+        Rules(3)  # type: ignore[arg-type]
+
+
+def test_a_config_parses_its_rules_once_and_keeps_the_text_for_the_record_and_the_key():
+    import dataclasses
+
+    from multiopt.record import Config, config_key
+    from multiopt.train.spec import Rules
+
+    c = Config(rules="layer1=sgd(lr=1e-2); rest=adam")
+    assert isinstance(c.rules, Rules) and c.rules.parsed[0] == Rule("layer1", "sgd", (("lr", 0.01),))
+    assert dataclasses.replace(c, width=8).rules is c.rules  # never parsed again
+    row = {**dataclasses.asdict(c), "probe": "tracked"}
+    assert row["rules"] == "layer1=sgd(lr=0.01); rest=adam"
+    assert c.record_key("tracked") == config_key({**row, "rules": "layer1=sgd(lr=0.01); rest=adam"})
+    assert Config(rules=[{"select": "rest", "optimizer": "adam"}]).rules == "rest=adam"
+    with pytest.raises(UsageError, match="'rest' must be the last rule"):
+        Config(rules="rest=sgd; layer1=adam")
+
+
+def test_every_committed_record_keeps_its_rules_text_through_a_config():
+    """Reading a record parses its rules: the canonical text must come back unchanged, or a
+    baseline's keys would move (the gate would call its configs missing)."""
+    import json
+    from pathlib import Path
+
+    from multiopt.train.spec import Rules
+
+    texts = {json.loads(line)["rules"] for f in Path(__file__).resolve().parents[1].glob("reports/**/*.jsonl")
+             for line in f.read_text().splitlines() if line.strip()}
+    assert texts
+    assert {t for t in texts if Rules(t) != t} == set()
+
+
+# --- frozen parameters need no rule -----------------------------------------------------
+
+def _half_frozen():
+    m = _model()
+    m.emb.requires_grad_(False)
+    return m
+
+
+def test_frozen_parameters_need_no_rule():
+    groups = assign(_half_frozen().named_parameters(), parse("@matrix=muon; rest=adamw"))
+    assert _names(groups) == [["layer1.weight", "layer2.weight"], ["layer1.bias", "layer2.bias", "norm.weight",
+                                                                     "norm.bias"]]
+
+
+def test_a_rule_that_selects_only_frozen_parameters_says_so():
+    with pytest.raises(UsageError) as e:
+        assign(_half_frozen().named_parameters(), parse("*emb*=adamw; rest=adamw"))
+    assert str(e.value) == ("rule '*emb*=adamw' claims no parameter (the parameters it selects are all frozen "
+                            "(requires_grad=False): emb.weight; frozen parameters need no rule, remove it)")
+
+
+def test_a_model_with_nothing_trainable_says_so():
+    m = _model().requires_grad_(False)
+    with pytest.raises(UsageError) as e:
+        assign(m.named_parameters(), parse("rest=adamw"))
+    assert str(e.value) == ("the model has nothing to train: all 7 of its parameters are frozen "
+                            "(requires_grad=False); unfreeze the ones to train (frozen parameters need no rule)")
+
+
+def test_a_rule_that_claims_nothing_says_which_of_the_other_causes():
+    m = _model()
+    with pytest.raises(UsageError, match=r"claims no parameter \(earlier rules took the parameters it selects"):
+        assign(m.named_parameters(), parse("*.bias=sgd; @matrix=muon; layer2=adam; rest=adamw"))
+    with pytest.raises(UsageError, match=r"claims no parameter \(the selector matches no parameter name\)"):
+        assign(m.named_parameters(), parse("layer9=sgd; rest=adamw"))
+
+
+def test_a_record_keeps_rule_text_that_does_not_parse_while_a_config_refuses_it():
+    from multiopt.record import Config, Record
+    from multiopt.train.spec import Rules
+
+    assert Record.from_dict({"rules": "rules-of-adam", "status": "error"}).rules == "rules-of-adam"
+    assert isinstance(Record.from_dict({"rules": "rest=adam(lr=1e-3)"}).rules, Rules)
+    with pytest.raises(UsageError, match="must look like 'selector=optimizer"):
+        Config(rules="rules-of-adam")

@@ -32,7 +32,7 @@ def test_quick_preset_writes_one_record_per_config_within_a_minute(quick_run):
     configs = preset_configs("quick")
     assert len(rows) == len(configs)
     assert {config_key(r) for r in rows} == {c.record_key("tracked") for c in configs}
-    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
     env = json.loads((out / "env.json").read_text())
     assert env["probe"] == "tracked" and env["preset"] == "quick" and env["torch"]
     # the budget, isolation on (about 15 s when the machine is otherwise idle)
@@ -108,10 +108,10 @@ def test_oom_and_divergence_are_recorded_and_the_sweep_completes(tmp_path):
     p = _run(out, "--preset", "quick", "--widths", "64", "--batches", "8", "--combos", "sgd,adam",
              "--rules", "boom::rest=sgd(lr=1e9)", "--limit", "120KiB")
     assert p.returncode == 0, p.stderr
-    rows = {r["combo"]: r for r in read_jsonl(out / "results.jsonl")}
-    assert rows["sgd"]["status"] == "ok"          # params + batch fit in 120 KiB
-    assert rows["adam"]["status"] == "oom"        # Adam's state does not
-    assert rows["boom"]["status"] == "diverged"
+    rows = {r.combo: r for r in read_jsonl(out / "results.jsonl")}
+    assert rows["sgd"].status == "ok"          # params + batch fit in 120 KiB
+    assert rows["adam"].status == "oom"        # Adam's state does not
+    assert rows["boom"].status == "diverged"
     assert "oom" in p.stdout and "diverged" in p.stdout
 
 

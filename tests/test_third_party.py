@@ -14,7 +14,7 @@ from multiopt.instrument.probes import EAGER_UNDER_PROBE, TrackedProbe, Watch, m
 from multiopt.instrument.protocol import Config, Protocol, measure
 from multiopt.instrument.state import (attributed_state, constructing_optimizer, expected_state, measured_state,
                                        observed_impl)
-from multiopt.train.optimizers import HOST_READS, available, resolve
+from multiopt.train.optimizers import available, resolve
 
 # a small MLP (two matrices, two vectors), memory only
 _SMALL = dict(model="mlp", width=16, depth=1, batch=2, combo="x")
@@ -228,8 +228,8 @@ _IMPLS = {
 @pytest.mark.parametrize("probe_name", ["tracked", "fake"])
 @pytest.mark.parametrize("name", available())
 def test_torch_optim_state_walked_attributed_expected(name: str, probe_name: str) -> None:
-    if probe_name == "fake" and name in HOST_READS:
-        pytest.skip(f"{name}: {HOST_READS[name]}")
+    if probe_name == "fake" and resolve(name).host_reads:
+        pytest.skip(f"{name}: {resolve(name).host_reads}")
     walked, attributed, expected, _ = _state_three_ways(name, probe_name)
     assert walked.total == attributed.total == expected.total, (walked, attributed, expected)
     assert walked.alloc == attributed.alloc == expected.alloc

@@ -1,6 +1,6 @@
 """User models that fail in the ways a user's code does, for tests/test_malformed.py: a
 factory that raises, a forward that raises, a forward that returns no tensor; and a forward that
-returns a tuple, which the Trainer accepts (its first element is the output, as in Hugging Face)."""
+returns a tuple, which the Trainer hands the loss_fn unchanged (as transformers' Trainer does)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ def make_batch(model: nn.Module, batch: int, device: str = "cpu", generator: tor
     return torch.randn(batch, width, device=device, generator=generator)
 
 
-def loss_fn(out: torch.Tensor) -> torch.Tensor:
+def loss_fn(out: torch.Tensor | tuple) -> torch.Tensor:
+    # the model's output unchanged: forward_tuple's is a tuple (logits first, as in Hugging Face)
+    if isinstance(out, tuple):
+        out = out[0]
     return out.float().pow(2).mean()
 
 

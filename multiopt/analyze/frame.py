@@ -2,8 +2,9 @@
 
 `load(*paths)` reads run directories (``results.jsonl`` + optional ``env.json``), JSONL
 files and pytest-benchmark JSON files (``--benchmark-json``) into one DataFrame, one row per
-record. Columns: every `Record` field (in schema order), ``source`` (the file a row came
-from), and the derived columns below, which are computed here and never stored.
+`Record` (`records_to_frame` builds it from Records in memory). Columns: every `Record` field
+(in schema order), ``source`` (the file a row came from), and the derived columns below,
+which are computed here and never stored.
 
 Typing: an int field stays ``int64`` when no row has None there; a column with a None
 (a failed config never measured it) becomes ``float64`` with NaN, so arithmetic and
@@ -37,17 +38,18 @@ Every function here is pure: no global state, no I/O except reading the given fi
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
-from ..record import CONFIG_COLUMNS, FIELDS, PHASES, Record, phase_order
-from ..store import read_sources
+from ..kinds import Phase, Status
+from ..record import (CONFIG_COLUMNS, FIELDS, OPTIMIZER_COLUMNS, PHASES, SERIES_COLUMNS, OptimizerRecord, Record,
+                      phase_order, plain, scalar_types)
+from ..store import Source, read_sources
+from ..units import missing
 
 __all__ = [
     "load",
@@ -64,16 +66,18 @@ __all__ = [
     "PEAK_PARTS",
     "SERIES_COLUMNS",
     "series_labels",
+    "from_sources",
     "source_names",
 ]
 
-_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Record)}
-INT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t.split("|")[0].strip() == "int")
-FLOAT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t.split("|")[0].strip() == "float")
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Record)}
+_FIELD_TYPES = scalar_types(Record)
+INT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t is int)
+FLOAT_FIELDS: tuple[str, ...] = tuple(n for n, t in _FIELD_TYPES.items() if t is float)
 
 # Config key of the plain-SGD twin: every config column except the optimizer choice.
-TWIN_KEY: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c not in ("combo", "rules"))
+TWIN_KEY: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c not in OPTIMIZER_COLUMNS)
+# The combo a twin has: plain SGD, the state-free baseline every overhead is measured against.
+TWIN_COMBO = "sgd"
 
 PEAK_PARTS: tuple[str, ...] = ("peak_params", "peak_grads", "peak_state", "peak_activations", "peak_temporaries")
 
@@ -99,51 +103,52 @@ BY_OPTIMIZER_FIELDS: tuple[str, ...] = (
 def load(*paths: str | Path) -> pd.DataFrame:
     """Load run directories, JSONL files and pytest-benchmark JSON files into one DataFrame
     (see `store.read_sources` for what each may be and what is refused)."""
-    rows, envs = read_sources(paths)
-    return records_to_frame(rows, env=envs)
+    return from_sources(read_sources(paths))
 
 
 # --------------------------------------------------------------------------- frame
 
 
-def records_to_frame(rows: Iterable[dict[str, Any]], env: list[dict[str, Any]] | None = None) -> pd.DataFrame:
-    """Record dicts -> typed DataFrame with derived columns (what `load` returns).
+def from_sources(sources: Sequence[Source]) -> pd.DataFrame:
+    """The frame of `store.read_sources`' sources: their records, each with its source, and
+    one env dict per source (its env plus ``source``) in ``attrs["env"]``."""
+    return records_to_frame([r for s in sources for r in s.records],
+                            env=[{**s.env, "source": s.path} for s in sources],
+                            sources=[s.path for s in sources for _ in s.records])
 
-    Fields a row lacks take the Record default; fields the schema does not know are dropped.
-    """
-    rows = list(rows)
-    cols = list(FIELDS) + ["source"]
-    data = {c: [r.get(c, _DEFAULTS.get(c)) for r in rows] for c in cols}
-    df = pd.DataFrame(data, columns=cols)
+
+def records_to_frame(records: Iterable[Record | Mapping[str, Any]], env: list[dict[str, Any]] | None = None,
+                     sources: Sequence[str | None] | None = None) -> pd.DataFrame:
+    """Records -> typed DataFrame with derived columns (what `load` returns). `sources`: the
+    file each record came from (None: unknown).
+
+    A dict is read as a stored row (`Record.from_dict`: fields it lacks take their default,
+    fields the schema does not know are dropped) and may name its ``source``."""
+    items = list(records)
+    if sources is None:
+        sources = [r.get("source") if isinstance(r, Mapping) else None for r in items]
+    recs = [r if isinstance(r, Record) else Record.from_dict(r) for r in items]
+    data = {c: [plain(getattr(r, c)) for r in recs] for c in FIELDS}
+    data["source"] = list(sources)
+    df = pd.DataFrame(data, columns=[*FIELDS, "source"])
     for c in INT_FIELDS + FLOAT_FIELDS:
-        try:
-            num = pd.to_numeric(df[c], errors="raise")
-        except (TypeError, ValueError):
-            bad = next((r for r in rows if _not_number(r.get(c))), {})
-            raise UsageError(
-                f"{bad.get('source', '?')}: field {c!r} holds {bad.get(c)!r}, not a number; wrong schema?"
-            ) from None
-        if c in INT_FIELDS and len(num) and num.notna().all():
-            df[c] = num.astype("int64")
-        else:
-            df[c] = num.astype("float64")
+        df[c] = _numeric(df, c)
     df = add_derived(df)
     df.attrs["env"] = list(env or [])
     return df
 
 
-def _not_number(v: Any) -> bool:
-    if v is None:
-        return False
-    if isinstance(v, bool):
-        return True
-    if isinstance(v, (int, float)):
-        return False
-    try:
-        float(v)
-        return False
-    except (TypeError, ValueError):
-        return True
+def _numeric(df: pd.DataFrame, c: str) -> pd.Series:
+    """Column `c` as int64 (no value missing) or float64 (NaN where missing); UsageError naming
+    the source of the first value that is present but not a number."""
+    num = pd.to_numeric(df[c], errors="coerce")
+    bad = num.isna() & ~df[c].map(missing)
+    if bad.any() or (df[c].map(type) == bool).any():
+        i = df.index[bad | (df[c].map(type) == bool)][0]
+        raise UsageError(f"{df.at[i, 'source'] or '?'}: field {c!r} holds {df.at[i, c]!r}, not a number; wrong schema?")
+    if c in INT_FIELDS and len(num) and num.notna().all():
+        return num.astype("int64")
+    return num.astype("float64")
 
 
 def _f(df: pd.DataFrame, col: str) -> pd.Series:
@@ -169,9 +174,9 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
 def _add_twin(df: pd.DataFrame) -> None:
     """Overheads against the plain-SGD twin: same source and TWIN_KEY, combo == 'sgd'."""
     key = ["source", *TWIN_KEY]
-    sgd = df[df["combo"] == "sgd"].copy()
+    sgd = df[df["combo"] == TWIN_COMBO].copy()
     # several sgd candidates for one key (a re-run): prefer an ok one, then the latest
-    sgd["_ok"] = (sgd["status"] == "ok").astype(int)
+    sgd["_ok"] = (sgd["status"] == Status.OK).astype(int)
     sgd["_pos"] = np.arange(len(sgd))
     sgd = sgd.sort_values(["_ok", "_pos"], kind="stable").drop_duplicates(key, keep="last")
     twin = sgd[key + ["opt_state_bytes", "peak_total"]].rename(
@@ -202,7 +207,7 @@ def _add_phases(df: pd.DataFrame) -> None:
             df.loc[idx, f"delta_{p}"] = after - before
             df.loc[idx, f"transient_{p}"] = _f(sub, f"peak_{p}") - before
             before = after
-    df["activation_bytes"] = df["delta_forward"]
+    df["activation_bytes"] = df[f"delta_{Phase.FORWARD}"]
 
 
 def _peak_breakdown(df: pd.DataFrame) -> None:
@@ -233,8 +238,8 @@ def _peak_breakdown(df: pd.DataFrame) -> None:
         total, by_phase = peaks[0], dict(zip(PHASES, peaks[1:]))
         order = order_start if zg == "start" else order_end
         chosen = None
-        if not _isnan(total):
-            vals = [(p, by_phase[p]) for p in order if not _isnan(by_phase[p])]
+        if not missing(total):
+            vals = [(p, by_phase[p]) for p in order if not missing(by_phase[p])]
             chosen = next((p for p, v in vals if v == total), None)
             if chosen is None and vals:
                 chosen = max(vals, key=lambda pv: pv[1])[0]
@@ -244,9 +249,9 @@ def _peak_breakdown(df: pd.DataFrame) -> None:
     params = _f(df, "param_bytes")
     state = _f(df, "opt_state_alloc_bytes")
     grads_all = _f(df, "grad_bytes")
-    grads_kept = _f(df, "delta_zero_grad") > -grads_all
-    grads = grads_all.where(ph.isin(["backward", "step"]) | grads_kept, 0.0)
-    acts = _f(df, "activation_bytes").where(ph.isin(["forward", "backward"]), 0.0)
+    grads_kept = _f(df, f"delta_{Phase.ZERO_GRAD}") > -grads_all
+    grads = grads_all.where(ph.isin([Phase.BACKWARD, Phase.STEP]) | grads_kept, 0.0)
+    acts = _f(df, "activation_bytes").where(ph.isin([Phase.FORWARD, Phase.BACKWARD]), 0.0)
     known = ph.notna()
     df["peak_params"] = params.where(known)
     df["peak_grads"] = grads.where(known)
@@ -256,14 +261,7 @@ def _peak_breakdown(df: pd.DataFrame) -> None:
     df["peak_temporaries"] = rest.clip(lower=0.0).where(known)
 
 
-def _isnan(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 # --------------------------------------------------------------------------- naming
-
-# Config columns besides combo/width/batch that can tell two series apart.
-SERIES_COLUMNS: tuple[str, ...] = ("model", "depth", "dtype", "amp", "impl", "zero_grad_at", "seed", "probe", "device")
 
 
 def source_names(df: pd.DataFrame) -> pd.Series:
@@ -281,7 +279,8 @@ def source_names(df: pd.DataFrame) -> pd.Series:
 
 def series_labels(df: pd.DataFrame) -> pd.Series:
     """A name per row for tables and plot legends: the combo, plus ``col=value`` for every
-    SERIES_COLUMNS column whose value differs from that column's most common value in `df`
+    `record.SERIES_COLUMNS` column (every config column but the combo, its rules, width and
+    batch) whose value differs from that column's most common value in `df`
     (``adam (impl=foreach)``), plus ``run=NAME`` when `df` holds several sources.
     Column-wise string operations, so 10,000 rows take milliseconds."""
     bits = pd.Series([""] * len(df), index=df.index, dtype="object")
@@ -334,8 +333,8 @@ def by_optimizer(df: pd.DataFrame) -> pd.DataFrame:
             out.append(rec)
     cols = ["record", *keep, *BY_OPTIMIZER_FIELDS, *extras.values()]
     res = pd.DataFrame(out, columns=cols)
-    numeric = ["n_params", "n_tensors", "state_bytes", "state_scalar_bytes", "state_alloc_bytes", "expected",
-               "step_temp_bytes", *(c for c in extras.values() if c.startswith("n_"))]
+    columns = {f: f for f in BY_OPTIMIZER_FIELDS} | extras
+    numeric = [columns[f] for f, t in scalar_types(OptimizerRecord).items() if t is int and f in columns]
     for c in numeric:
         num = pd.to_numeric(res[c], errors="coerce")
         res[c] = num.astype("int64") if len(num) and num.notna().all() else num.astype("float64")

@@ -9,7 +9,11 @@ Every plot is bounded by what it shows, not by the run's size (see `select`): ba
 model for state per parameter and for the peak breakdown (one panel per model, at most
 `MAX_PANELS`, `MAX_BARS` bars each, short labels), and lines for peak vs batch and step
 time vs width (the main model's usual variants, at most `MAX_SERIES` lines in a few evenly
-chosen panels). Colours come from one qualitative palette (tab10) and never repeat within
+chosen panels). Step time is on a log axis: steps of one run span orders of magnitude (a
+Muon step of 400 ms beside SGD's 1 ms), and a linear axis flattens all but the slowest line.
+Where records carry a predicted step time (`predicted_step_ms`), one more plot puts each
+config's prediction against its measurement (`predicted_vs_measured`); without them it is
+not built. Colours come from one qualitative palette (tab10) and never repeat within
 a plot; figure sizes are fixed.
 
 No global matplotlib state is touched: figures are built on a `FigureCanvasAgg` directly,
@@ -26,13 +30,15 @@ from typing import Any, Callable
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, Locator
+from matplotlib.ticker import FuncFormatter, Locator, LogFormatterSciNotation
 
+from ..kinds import Status
 from .frame import PEAK_PARTS
 from .select import MAX_BARS, MAX_PANELS, MAX_SERIES, evenly, labelled_ok, largest, main_model
 from ..units import fmt_bytes, fmt_ms
 
-__all__ = ["Plot", "figures", "make_plots", "breakdown_rows", "breakdown_bar_label", "PLOTS", "SLACK"]
+__all__ = ["Plot", "figures", "make_plots", "breakdown_rows", "breakdown_bar_label", "has_predictions", "PLOTS",
+           "SLACK"]
 
 PART_LABELS = {
     "peak_params": "params",
@@ -260,12 +266,78 @@ def _peak_vs_batch(ok: pd.DataFrame) -> Plot:
                   yaxis=_bytes_axis)
 
 
-def _step_time_vs_width(ok: pd.DataFrame) -> Plot:
-    def ms_axis(ax: Any) -> None:
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_ms(v)))
+class _MsLogFormatter(LogFormatterSciNotation):
+    """Log-axis labels in ms units (`fmt_ms`), on the ticks matplotlib's log formatter labels
+    (every decade; over a narrow range some minor ticks too, so an axis within one decade
+    still has labels)."""
 
+    def __init__(self) -> None:
+        super().__init__(labelOnlyBase=False)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return fmt_ms(x) if super().__call__(x, pos) else ""
+
+
+def _ms_log_axis(ax: Any, which: str = "y") -> None:
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_formatter(_MsLogFormatter())
+    axis.set_minor_formatter(_MsLogFormatter())
+
+
+def _step_time_vs_width(ok: pd.DataFrame) -> Plot:
     return _lines(ok, "Step time vs width", panel="batch", x="width", y="step_ms_median",
-                  ylabel="median step time", yaxis=ms_axis)
+                  ylabel="median step time (log)", yaxis=_ms_log_axis)
+
+
+PREDICTED = "predicted_step_ms"
+
+
+def has_predictions(df: pd.DataFrame) -> bool:
+    """Whether any ok, timed record carries a predicted step time."""
+    if PREDICTED not in df.columns or "step_ms_median" not in df.columns:
+        return False
+    ok = df[df["status"] == Status.OK]
+    return bool((pd.to_numeric(ok[PREDICTED], errors="coerce").notna() & ok["step_ms_median"].notna()).any())
+
+
+def _predicted_vs_measured(ok: pd.DataFrame) -> Plot:
+    """One point per config: measured median step time (x) against the prediction (y), both
+    on log axes, with the line where they agree and the +/-15% and +/-35% bands (the
+    prediction's goals in issue 21); one colour per combo (the first MAX_SERIES; the rest
+    grey). Data: {"<label> w=W b=B": (measured, predicted)}, every point drawn."""
+    title = "Predicted vs measured step time"
+    pred = pd.to_numeric(ok[PREDICTED], errors="coerce")
+    rows = ok[pred.notna() & ok["step_ms_median"].notna() & (pred > 0) & (ok["step_ms_median"] > 0)].assign(
+        _pred=pred)
+    if rows.empty:
+        return _empty(title, "no ok records with both a measured and a predicted step time")
+    fig = Figure(layout="constrained", figsize=(7, 6))
+    ax = fig.add_subplot(1, 1, 1)
+    combos = list(dict.fromkeys(rows["_label"].astype(str)))
+    colour = {c: _PALETTE[i] for i, c in enumerate(combos[:MAX_SERIES])}
+    data: dict[str, Any] = {}
+    for i, combo in enumerate(combos):
+        sub = rows[rows["_label"].astype(str) == combo]
+        xs, ys = sub["step_ms_median"].to_numpy(float), sub["_pred"].to_numpy(float)
+        other = "other combos" if i == MAX_SERIES else "_nolegend_"
+        ax.scatter(xs, ys, color=colour.get(combo, "tab:gray"), s=18, label=combo if combo in colour else other)
+        for (_, r), x, y in zip(sub.iterrows(), xs, ys):
+            data[f"{combo} w={r['width']} b={r['batch']}"] = (float(x), float(y))
+    lo = min(min(v) for v in data.values()) / 1.5
+    hi = max(max(v) for v in data.values()) * 1.5
+    for f, style in ((1.0, "-"), (1.15, "--"), (1 / 1.15, "--"), (1.35, ":"), (1 / 1.35, ":")):
+        ax.plot([lo, hi], [lo * f, hi * f], color="black", linestyle=style, linewidth=0.8, alpha=0.6,
+                label={1.0: "predicted = measured", 1.15: "+/-15%", 1.35: "+/-35%"}.get(f, "_nolegend_"))
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="measured median step time (log)",
+           ylabel="predicted step time (log)")
+    _ms_log_axis(ax, "x")
+    _ms_log_axis(ax, "y")
+    ax.grid(alpha=0.3, which="both")
+    gpus = sorted(set(ok["gpu"].dropna().astype(str))) if "gpu" in ok.columns else []
+    ax.set_title(f"{title}" + (f" ({', '.join(gpus)})" if gpus else ""))
+    ax.legend(loc="upper left", fontsize="small")
+    return Plot(title, fig, data)
 
 
 # name -> builder over `select.labelled_ok` records; the report links them under these keys
@@ -278,11 +350,15 @@ PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
 
 
 def figures(df: pd.DataFrame) -> dict[str, Plot]:
-    """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record."""
-    if len(df) == 0 or not (df["status"] == "ok").any():
+    """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record.
+    `predicted_vs_measured` only where records carry predictions."""
+    if len(df) == 0 or not (df["status"] == Status.OK).any():
         return {}
     ok = labelled_ok(df)
-    return {name: build(ok) for name, build in PLOTS.items()}
+    out = {name: build(ok) for name, build in PLOTS.items()}
+    if has_predictions(df):
+        out["predicted_vs_measured"] = _predicted_vs_measured(ok)
+    return out
 
 
 def make_plots(df: pd.DataFrame, out_dir: str | Path, stem: str = "report") -> dict[str, Plot]:

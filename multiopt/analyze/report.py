@@ -15,7 +15,6 @@ batch) and a run holds the same config twice (two runs loaded together are told 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +23,15 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from ..record import PHASES, phase_order
-from .frame import by_optimizer, load, series_labels
-from .gate import GateResult, compare
+from ..kinds import Status
+from ..record import KEY_COLUMNS, PHASES, phase_order
+from ..store import read_records, read_sources
+from .frame import TWIN_COMBO, by_optimizer, from_sources, series_labels
+from .gate import GateResult, compare, headline
 from .gate import render as gate_render
 from .plot import breakdown_rows, make_plots
 from .select import MAX_ROWS, cap, evenly, labelled_ok, largest
-from ..units import fmt_bytes, fmt_ms
+from ..units import fmt_bytes, fmt_ms, missing
 
 __all__ = ["render", "write_report", "default_output", "CHECK"]
 
@@ -44,43 +45,39 @@ _SCALE_BATCHES = 4  # batches in the batch-scaling table
 # --------------------------------------------------------------------------- formatting
 
 
-def _nan(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
-
-
 def _b(v: Any) -> str:
-    return "-" if _nan(v) else fmt_bytes(float(v))
+    return "-" if missing(v) else fmt_bytes(float(v))
 
 
 def _signed_b(v: Any) -> str:
-    if _nan(v):
+    if missing(v):
         return "-"
     return ("+" if v > 0 else "") + fmt_bytes(float(v)) if v != 0 else "0 B"
 
 
 def _ratio(v: Any) -> str:
-    return "-" if _nan(v) else f"{float(v):.2f}x"
+    return "-" if missing(v) else f"{float(v):.2f}x"
 
 
 def _num(v: Any, digits: int = 2) -> str:
-    return "-" if _nan(v) else f"{float(v):.{digits}f}"
+    return "-" if missing(v) else f"{float(v):.{digits}f}"
 
 
 def _ms(v: Any) -> str:
-    return "-" if _nan(v) else fmt_ms(float(v))
+    return "-" if missing(v) else fmt_ms(float(v))
 
 
 def _int(v: Any) -> str:
-    return "-" if _nan(v) else f"{int(v):,}"
+    return "-" if missing(v) else f"{int(v):,}"
 
 
 def _cell(v: Any) -> str:
     """Any value as one table cell: no pipes or newlines to break the row."""
-    s = "" if _nan(v) else str(v)
+    s = "" if missing(v) else str(v)
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ").strip()
 
 
-_NUMERIC = re.compile(r"^[-+]?[\d,.]+( ?[A-Za-z%]+)?( \(.*\))?$|^-$|^(ok|oom|diverged|error)$|^" + "\u2713" + "$")
+_NUMERIC = re.compile(r"^[-+]?[\d,.]+( ?[A-Za-z%]+)?( \(.*\))?$|^-$|^(" + "|".join(Status.values()) + ")$|^" + CHECK + "$")
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -99,7 +96,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def _unique(values: Iterable[Any]) -> list[str]:
     out: list[str] = []
     for v in values:
-        if _nan(v) or v == "":
+        if missing(v) or v == "":
             continue
         s = str(v)
         if s not in out:
@@ -126,8 +123,8 @@ def _header(df: pd.DataFrame) -> str:
     cuda = _unique(e.get("cuda") for e in envs)
     cuda_s = ", ".join(cuda) if cuda else ("none (CPU)" if all(str(d).startswith("cpu") for d in df.get("device", [])) else "unknown")
     counts = df["status"].value_counts()
-    status = ", ".join(f"{int(counts[s])} {s}" for s in ("ok", "oom", "diverged", "error") if s in counts)
-    others = [s for s in counts.index if s not in ("ok", "oom", "diverged", "error")]
+    status = ", ".join(f"{int(counts[s])} {s}" for s in Status.values() if s in counts)
+    others = [s for s in counts.index if s not in Status.values()]
     status += "".join(f", {int(counts[s])} {s}" for s in others)
     sources = _unique(e.get("source") for e in envs) or _unique(df.get("source", []))
     lines = [
@@ -171,9 +168,9 @@ def _at_widths(ok: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def _vs_sgd(delta: Any, ratio: Any = None) -> str:
-    if _nan(delta):
+    if missing(delta):
         return "-"
-    return _signed_b(delta) + ("" if ratio is None or _nan(ratio) else f" ({_ratio(ratio)})")
+    return _signed_b(delta) + ("" if ratio is None or missing(ratio) else f" ({_ratio(ratio)})")
 
 
 def _summary(ok: pd.DataFrame, gate: Any) -> str:
@@ -185,10 +182,10 @@ def _summary(ok: pd.DataFrame, gate: Any) -> str:
         # ratios equal to three places (Adam on any model: 2.00x) are a tie: the larger state wins
         ranked = named.assign(_r=named["state_weight_ratio"].round(3)).sort_values(["_r", "opt_state_bytes"], kind="stable")
         r = ranked.iloc[-1]
-        vs = "" if _nan(r["state_overhead_vs_sgd"]) else f" ({_vs_sgd(r['state_overhead_vs_sgd'])} vs SGD)"
+        vs = "" if missing(r["state_overhead_vs_sgd"]) else f" ({_vs_sgd(r['state_overhead_vs_sgd'])} vs SGD)"
         lines.append(f"Largest state overhead: **{r['combo']}** ({r['model']}, width {r['width']}) keeps "
                      f"{_b(r['opt_state_bytes'])} of optimizer state, {_ratio(r['state_weight_ratio'])} its weights{vs}.")
-    per = st[st["state_bytes_per_param"].notna() & (st["combo"] != "sgd")]
+    per = st[st["state_bytes_per_param"].notna() & (st["combo"] != TWIN_COMBO)]
     if not per.empty:
         low = per["state_bytes_per_param"].min()
         names = _unique(f"**{c}** ({m})" for c, m in per[per["state_bytes_per_param"] == low][["combo", "model"]].itertuples(index=False))
@@ -199,8 +196,7 @@ def _summary(ok: pd.DataFrame, gate: Any) -> str:
         lines.append(f"Biggest peak change vs SGD: **{r['combo']}** ({r['model']}, width {r['width']}, batch {r['batch']}) "
                      f"{_vs_sgd(r['peak_overhead_vs_sgd'], r['peak_ratio_vs_sgd'])}: {_b(r['peak_total'])}.")
     if gate is not None:
-        head = gate_render(gate).splitlines()[0].removeprefix("## multiopt gate: ")
-        lines.append(f"Gate against `{gate.baseline_label}`: **{head}** (details under Gate).")
+        lines.append(f"Gate against `{gate.baseline_label}`: **{headline(gate)}** (details under Gate).")
     return _section("Summary", " ".join(lines) if lines else "No ok record of a model's usual config.")
 
 
@@ -247,7 +243,7 @@ def _step_batch(main: pd.DataFrame) -> Any:
 def _step_time(df: pd.DataFrame, ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
     tables = []
     timed = ok[ok["_main"] & ok["step_ms_median"].notna()]
-    failed = df[df["status"] != "ok"]
+    failed = df[df["status"] != Status.OK]
     for model, main in timed.groupby("model", sort=False):
         batch = _step_batch(main)
         at = _last_per(main[main["batch"] == batch], ["combo", "width"]).set_index(["combo", "width"])
@@ -266,7 +262,8 @@ def _step_time(df: pd.DataFrame, ok: pd.DataFrame, plots: dict[str, str] | None)
     note = (f"Median step time, at the batch timed at the most widths and up to {_STEP_WIDTHS} widths chosen evenly "
             "(every width is in the CSV). A failed config shows its status.")
     return _section("Step time", note + "\n\n" + "\n\n".join(tables)
-                    + _image(plots, "step_time_vs_width", "step time vs width"))
+                    + _image(plots, "step_time_vs_width", "step time vs width")
+                    + _image(plots, "predicted_vs_measured", "predicted vs measured step time"))
 
 
 def _per_optimizer(ok: pd.DataFrame) -> str:
@@ -277,9 +274,9 @@ def _per_optimizer(ok: pd.DataFrame) -> str:
     rows = []
     for _, o in opt.iterrows():
         total = rec.at[o["record"], "n_params"]
-        share = "" if _nan(total) or not total or _nan(o["n_params"]) else f" ({100.0 * o['n_params'] / total:.1f}%)"
+        share = "" if missing(total) or not total or missing(o["n_params"]) else f" ({100.0 * o['n_params'] / total:.1f}%)"
         rows.append([
-            rec.at[o["record"], "_label"], o["width"], o["name"], o["optimizer"], "" if _nan(o.get("opt_impl")) else o.get("opt_impl"),
+            rec.at[o["record"], "_label"], o["width"], o["name"], o["optimizer"], "" if missing(o.get("opt_impl")) else o.get("opt_impl"),
             _int(o["n_params"]) + share, _int(o.get("n_param_tensors")), _b(o["state_bytes"]),
             _num(o["state_bytes_per_param"]), _int(o["n_tensors"]), _b(o["state_alloc_bytes"]), _b(o["step_temp_bytes"]),
         ])
@@ -388,9 +385,9 @@ def _expected(ok: pd.DataFrame) -> str:
     rows = []
     for idx, r in rec.iterrows():
         exp, got = r["opt_state_expected"], r["opt_state_bytes"]
-        if _nan(exp):
+        if missing(exp):
             verdict = "no formula"
-        elif _nan(got):
+        elif missing(got):
             verdict = "not measured"
         elif int(got) == int(exp):
             verdict = CHECK
@@ -398,7 +395,7 @@ def _expected(ok: pd.DataFrame) -> str:
             diff = int(got) - int(exp)
             who = []
             for _, o in opt[opt["record"] == idx].iterrows():
-                if not _nan(o["expected"]) and not _nan(o["state_bytes"]) and int(o["state_bytes"]) != int(o["expected"]):
+                if not missing(o["expected"]) and not missing(o["state_bytes"]) and int(o["state_bytes"]) != int(o["expected"]):
                     who.append(f"{o['name']} {int(o['state_bytes']) - int(o['expected']):+d} B")
             verdict = f"{diff:+d} B" + (f" ({'; '.join(who)})" if who else "")
         rows.append([r["_label"], r["width"], _int(exp), _int(got), verdict])
@@ -424,7 +421,7 @@ def _attribution(ok: pd.DataFrame) -> str:
         return ""
     labels = ok["_label"]
     rows = [[labels.get(r["record"], r["combo"]), r["width"], r["name"], _int(r["state_bytes"]),
-             _int(r.get("state_attributed_bytes")), _signed_b(r.get("state_gap_bytes")) if not _nan(r.get("state_gap_bytes")) else "-",
+             _int(r.get("state_attributed_bytes")), _signed_b(r.get("state_gap_bytes")) if not missing(r.get("state_gap_bytes")) else "-",
              r.get("compiled") or "-"] for _, r in flagged.iterrows()]
     rows, more = cap(rows)
     note = ("Each optimizer's state is counted twice on the tracked and fake probes: walked (every tensor "
@@ -453,22 +450,27 @@ def _unmodelled(ok: pd.DataFrame) -> str:
                     + _table(["config", "model", "width", "batch", "not modelled"], rows) + more)
 
 
+# A ZeRO record's twin: the same config in one process (every key column but zero and ranks).
+_ZERO_TWIN = tuple(c for c in KEY_COLUMNS if c not in ("zero", "ranks"))
+
+
 def _zero(ok: pd.DataFrame) -> str:
     """ZeRO-1 records next to the ZeRO paper's model: each rank holds state / ranks, give or
     take whole parameters (ZeroRedundancyOptimizer partitions by parameter)."""
     if "zero" not in ok.columns or not (ok["zero"] == 1).any():
         return ""
-    twins = {(r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]): r
-             for _, r in ok[ok["zero"] != 1].iterrows()}
+    twins = {tuple(r[c] for c in _ZERO_TWIN): r for _, r in ok[ok["zero"] != 1].iterrows()}
     headers = ["combo", "width", "batch", "ranks", "unsharded state", "per rank", "model: state/ranks",
                "largest rank share", "ideal share", "peak, no ZeRO", "peak, rank 0"]
+    # named as a series apart from ZeRO itself: the table's own columns say zero and ranks
+    names = series_labels(ok.drop(columns=["zero", "ranks", "seed"]))
     rows = []
-    for _, r in ok[ok["zero"] == 1].iterrows():
+    for i, r in ok[ok["zero"] == 1].iterrows():
         per = [e.get("state_bytes") for e in (r.get("ranks_state") or [])]
         total, ranks = r.get("opt_state_unsharded"), int(r["ranks"])
-        twin = twins.get((r["combo"], r["model"], r["width"], r["depth"], r["batch"], r["dtype"], r["impl"]))
+        twin = twins.get(tuple(r[c] for c in _ZERO_TWIN))
         share = f"{max(per) / total:.3f}" if per and total else "-"
-        rows.append([r["_label"], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
+        rows.append([names[i], r["width"], r["batch"], ranks, _b(total), " / ".join(_b(x) for x in per),
                      _b(total / ranks) if total else "-", share, f"{1 / ranks:.3f}",
                      _b(twin["peak_total"]) if twin is not None else "-", _b(r["peak_total"])])
     rows, more = cap(rows)
@@ -503,11 +505,11 @@ def _implementations(df: pd.DataFrame, ok: pd.DataFrame) -> str:
 
 
 def _failures(df: pd.DataFrame) -> str:
-    bad = df[df["status"] != "ok"]
+    bad = df[df["status"] != Status.OK]
     if bad.empty:
         return ""
     rows = [[r["status"], r["model"], r["combo"], r["width"], r["batch"], r["dtype"], r["impl"],
-             r["error"] if not _nan(r["error"]) else "(no message)"] for _, r in bad.iterrows()]
+             r["error"] if not missing(r["error"]) else "(no message)"] for _, r in bad.iterrows()]
     rows, more = cap(rows)
     return _section(f"Failures ({len(bad)})",
                     _table(["status", "model", "combo", "width", "batch", "dtype", "impl", "message"], rows) + more)
@@ -577,12 +579,14 @@ def write_report(paths: Sequence[str | Path] | str | Path, out: str | Path | Non
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = list(paths)
-    df = load(*paths)
+    sources = read_sources(paths)
+    df = from_sources(sources)
     out = Path(out) if out is not None else default_output(paths[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     made = make_plots(df, out.parent, stem=out.stem)
     links = {name: p.path.name for name, p in made.items()}
-    gate = None if baseline is None else replace(compare(load(baseline), df), baseline_label=str(baseline),
+    current = [r for s in sources for r in s.records]
+    gate = None if baseline is None else replace(compare(read_records(baseline), current), baseline_label=str(baseline),
                                                   current_label=", ".join(str(p) for p in paths))
     text = render(df, links, gate)
     csv = out.with_suffix(".csv")

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from ..kinds import Status
 from .frame import series_labels
 
 __all__ = ["MAX_ROWS", "MAX_SERIES", "MAX_BARS", "MAX_PANELS", "evenly", "labelled_ok", "largest", "cap",
@@ -50,7 +51,7 @@ def evenly(values: Iterable[Any], k: int) -> list[Any]:
 
 def labelled_ok(df: pd.DataFrame) -> pd.DataFrame:
     """The ok records with ``_label`` (series, seeds merged) and ``_main`` (the model's usual variant)."""
-    ok = df[df["status"] == "ok"].copy()
+    ok = df[df["status"] == Status.OK].copy()
     ok["_label"] = series_labels(df.drop(columns=["seed"], errors="ignore")).loc[ok.index]
     ok["_main"] = False
     for _model, idx in df.groupby("model", sort=False).groups.items():

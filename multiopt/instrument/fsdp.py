@@ -48,6 +48,7 @@ from torch import nn
 
 from ..env import rank_env
 from ..errors import UsageError
+from ..kinds import Probe, Status
 from ..record import Config, Record
 from ..train import models
 from ..units import round_alloc
@@ -71,6 +72,9 @@ def check_fields(config: Config) -> None:
     if config.fsdp > 1 and config.zero:
         raise UsageError("--fsdp shards parameters, gradients and optimizer state already; it does not combine "
                          "with ZeRO-1 (--zero 1): choose one")
+    if config.fsdp > 1 and config.step_in_backward:
+        raise UsageError("step_in_backward steps each parameter as its gradient accumulates; FSDP2 assigns the "
+                         "sharded gradients after its reduce-scatter instead: use step_in_backward=0 with --fsdp")
 
 
 def check(config: Config, probe: str, model: nn.Module) -> None:
@@ -87,7 +91,7 @@ def check(config: Config, probe: str, model: nn.Module) -> None:
         raise UsageError(f"--fsdp {n} is larger than the parameters can shard: FSDP2 splits dim 0 into chunks of "
                          f"ceil(rows / {n}), and with at most {most} rows rank {n - 1} would hold nothing; use "
                          f"--fsdp {useful} or less")
-    if probe == "fake":
+    if probe == Probe.FAKE:
         return
     launch = rank_env()
     if launch is None:
@@ -189,21 +193,21 @@ def simulate(config: Config, measure_rank: Callable[[], Record]) -> Record:
     """An fsdp config on the fake probe: each kind of rank (`rank_kinds`, from the model built
     on meta) measured on a fake group of its own, merged into one record."""
     with torch.device("meta"):
-        model = models.resolve(config.model).build(config.width, config.depth)
+        model = models.for_config(config).build(config.width, config.depth)
     kinds = rank_kinds(model, config.fsdp)
     del model
     measured: dict[int, Record] = {}
     for rank, _ in kinds:
         with fake_group(rank, config.fsdp):
             measured[rank] = measure_rank()
-        if measured[rank].status != "ok":
+        if measured[rank].status != Status.OK:
             break  # a failing rank fails the config; the others would fail alike
     same = {r: first for first, ranks in kinds for r in ranks}
     rows = [measured.get(same[r]) for r in range(config.fsdp)]
     return merge_ranks([rec for rec in rows], same_as=[None if same[r] == r else same[r] for r in range(config.fsdp)])
 
 
-_BAD_FIRST = ("oom", "diverged", "error")
+_BAD_FIRST = (Status.OOM, Status.DIVERGED, Status.ERROR)
 
 
 def merge_ranks(records: Sequence[Record | dict[str, Any] | None],
@@ -221,7 +225,7 @@ def merge_ranks(records: Sequence[Record | dict[str, Any] | None],
     for rank, r in enumerate(rows):
         source = rows[same_as[rank]] if same_as[rank] is not None else r
         if source is None:
-            per_rank.append({"rank": rank, "status": "error", "error": "not measured: an earlier rank failed"})
+            per_rank.append({"rank": rank, "status": Status.ERROR, "error": "not measured: an earlier rank failed"})
             continue
         own = (source.get("ranks_state") or [{}])[0]
         per_rank.append({**own, "rank": rank, "same_as": same_as[rank], "status": source.get("status"),
@@ -229,7 +233,7 @@ def merge_ranks(records: Sequence[Record | dict[str, Any] | None],
     out["ranks_state"] = per_rank
     states = [p.get("state_bytes") for p in per_rank]
     out["opt_state_unsharded"] = sum(states) if all(s is not None for s in states) else None
-    bad = [(i, p) for i, p in enumerate(per_rank) if p.get("status") != "ok"]
+    bad = [(i, p) for i, p in enumerate(per_rank) if p.get("status") != Status.OK]
     for status in _BAD_FIRST:
         hit = [(i, p) for i, p in bad if p.get("status") == status]
         if hit:
@@ -304,7 +308,7 @@ class Sharding:
                              f"{dist.get_world_size()} ranks; launch with --nproc-per-node {config.fsdp}")
         self.config = config
         self.rank = dist.get_rank()
-        self.mesh = init_device_mesh("cuda" if config.device.startswith("cuda") else "cpu", (config.fsdp,))
+        self.mesh = init_device_mesh(torch.device(config.device).type, (config.fsdp,))
         self.buffers = _Buffers()
         # gloo's worker threads let go of a collective's tensors a moment after it completes:
         # collectives then run on copies no probe sees (`_detached`), so what a rank holds is

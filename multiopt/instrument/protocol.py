@@ -21,11 +21,12 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..env import device_name, rank_env
-from ..errors import UsageError
+from ..errors import UsageError, one_line
+from ..kinds import Probe as ProbeName, Status, Target, effective_target
 from ..record import PHASES, Config, OptimizerRecord, Record
 from ..train import models, optimizers as registry
-from ..train.multi import IMPLS, TARGETS, MultiOptimizer, impl_of, local_optimizer, plan
-from ..train.spec import Rule, canonical, rules_from
+from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
+from ..train.spec import Rule
 from ..train.trainer import Trainer
 from ..units import round_alloc
 from . import fsdp
@@ -33,7 +34,7 @@ from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
-from .timing import time_steps
+from .timing import Calibration, time_steps
 
 __all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
            "storage_bytes", "training", "validate"]
@@ -46,7 +47,7 @@ AMPS = ("none", "fp16", "bf16")
 class Protocol:
     """How it is measured."""
 
-    probe: str = "tracked"
+    probe: str = ProbeName.TRACKED
     warmup: int = 3
     steps: int = 20  # timed samples; 0 = memory only
     limit_bytes: int | None = None
@@ -54,14 +55,19 @@ class Protocol:
     min_block_ms: float = 10.0
     # CPU threads for the config (torch.set_num_threads); None = torch's default
     threads: int | None = None
-    # target cuda (Config.target): PYTORCH_CUDA_ALLOC_CONF text for the allocator model
-    # (None: read from the environment) and the library workspaces it adds
-    alloc_conf: str | None = None
+    # target cuda (Config.target): the allocator model's options, PYTORCH_CUDA_ALLOC_CONF
+    # text parsed once here (None: read from the environment when a probe needs them), and
+    # the library workspaces it adds
+    alloc_conf: AllocatorConfig | str | None = None
     workspaces: Workspaces = Workspaces()
     # Read reserved memory after the finite-parameter check (isfinite(p).all() per parameter),
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
     # whose reserved columns include the check's temporaries. For replaying those records.
     reserved_after_check: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alloc_conf, str):
+            object.__setattr__(self, "alloc_conf", AllocatorConfig.parse(self.alloc_conf, "alloc_conf"))
 
 
 def validate(config: Config, protocol: Protocol = Protocol()) -> None:
@@ -71,16 +77,15 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     _check_fields(config)
     if config.zero == 1:
         _check_zero(config, protocol)
-    rules = rules_from(config.rules)
-    if protocol.probe == "fake":
-        for rule in rules:
-            name = registry.resolve(rule.optimizer).name
-            if name in registry.HOST_READS:
-                raise UsageError(f"the fake probe cannot run rule '{rule}': {registry.HOST_READS[name]}, and fake "
+    if protocol.probe == ProbeName.FAKE:
+        for rule in config.rules.parsed:
+            reads = registry.resolve(rule.optimizer).host_reads
+            if reads:
+                raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
     with torch.device("meta"):
-        model = models.resolve(config.model).build(config.width, config.depth)
-    plan(model, rules)
+        model = models.for_config(config).build(config.width, config.depth)
+    plan(model, config.rules)
     fsdp.check(config, protocol.probe, model)
 
 
@@ -91,8 +96,8 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"unknown amp {config.amp!r}; choose one of {', '.join(AMPS)}")
     if config.impl not in IMPLS:
         raise UsageError(f"unknown impl {config.impl!r}; choose one of {', '.join(IMPLS)}")
-    if config.target not in TARGETS:
-        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(TARGETS)}")
+    if config.target not in Target.values():
+        raise UsageError(f"unknown target {config.target!r}; choose one of {', '.join(Target.values())}")
     if config.zero_grad_at not in ("end", "start"):
         raise UsageError(f"zero_grad_at must be 'end' or 'start', got {config.zero_grad_at!r}")
     if config.batch < 1:
@@ -101,6 +106,14 @@ def _check_fields(config: Config) -> None:
         raise UsageError(f"zero must be 0 or 1, got {config.zero!r}")
     if config.zero == 0 and config.ranks != 1:
         raise UsageError(f"a zero=0 config runs on one rank; got ranks={config.ranks}")
+    if config.step_in_backward not in (0, 1):
+        raise UsageError(f"step_in_backward must be 0 or 1, got {config.step_in_backward!r}")
+    if config.step_in_backward and config.amp == "fp16":
+        raise UsageError("step_in_backward cannot run with fp16 AMP: its GradScaler unscales and checks every "
+                         "gradient for inf/nan before any optimizer steps; use bf16 AMP or none")
+    if config.step_in_backward and config.zero:
+        raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
+                         "use zero=0")
     fsdp.check_fields(config)
 
 
@@ -111,40 +124,36 @@ def _check_zero(config: Config, protocol: Protocol) -> None:
                          "`torchrun --nproc-per-node 2 -m multiopt run --zero 1 ...`")
     if config.ranks != launch.world_size:
         raise UsageError(f"a zero=1 config for {config.ranks} ranks cannot run in a launch of {launch.world_size}")
-    if protocol.probe == "fake":
+    if protocol.probe == ProbeName.FAKE:
         raise UsageError("zero=1 needs real tensors for its broadcasts: use --probe tracked or cuda, not fake")
 
 
 def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[str, Any]:
     """The record fields every record of `config` starts from, measured or not: the config,
     the probe, torch, when, and the caller's `meta` (run_id, preset, git_sha, device_name)."""
-    try:
-        rules = canonical(config.rules)
-    except UsageError:
-        rules = config.rules  # measure() records the refusal as the config's error
     fields = {
-        **asdict(config),
-        "rules": rules,
+        **asdict(config),  # rules: the canonical text, parsed when the Config was made
         **_sizes(config),
         "run_id": meta.pop("run_id", None) or uuid.uuid4().hex[:12],
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "probe": protocol.probe,
-        # a cuda probe reports CUDA's numbers whatever the config asked for
-        "target": "cuda" if protocol.probe == "cuda" else config.target,
+        "target": effective_target(protocol.probe, config.target),
         **meta,
     }
     return fields
 
 
-def _sizes(config: Config) -> dict[str, int]:
+def _sizes(config: Config) -> dict[str, Any]:
     """width and depth as the record keeps them: 0 for one the model's factory does not take
-    (`ModelSpec.sizes`); as given when the model cannot be resolved (measure records why)."""
+    (`ModelSpec.sizes`); seq as the batches have it and lora in canonical text; as given when
+    the model cannot be resolved (measure records why)."""
     try:
-        width, depth = models.resolve(config.model).sizes(config.width, config.depth)
+        spec = models.for_config(config)
     except UsageError:
         return {}
-    return {"width": width, "depth": depth}
+    width, depth = spec.sizes(config.width, config.depth)
+    return {"width": width, "depth": depth, "seq": spec.seq, "lora": spec.lora}
 
 
 def failed_record(config: Config, protocol: Protocol, status: str, error: str, **meta: Any) -> Record:
@@ -152,13 +161,16 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
     return Record.from_dict({**_identity(config, protocol, meta), "status": status, "error": error})
 
 
-def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Record:
+def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
+            **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
-    `meta` fills identity fields (run_id, preset, git_sha, ...)."""
-    if config.fsdp > 1 and protocol.probe == "fake" and not fsdp.in_group():
+    `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
+    factory when the caller already has one (a plan reuses one meta-built model for every
+    candidate: a copy per run); it must build what `model_factory(config)` builds."""
+    if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
         # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py)
         meta.setdefault("run_id", uuid.uuid4().hex[:12])
-        return fsdp.simulate(config, lambda: measure(config, protocol, **meta))
+        return fsdp.simulate(config, lambda: measure(config, protocol, build=build, **meta))
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -170,15 +182,15 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
         sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields, sharding)
+        _run(config, protocol, probe, fields, build, sharding)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
-        fields["status"] = "ok"
+        fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
-        fields.update(status="oom", error=_one_line(e))
+        fields.update(status=Status.OOM, error=one_line(e))
     except _Diverged as e:
-        fields.update(status="diverged", error=str(e))
+        fields.update(status=Status.DIVERGED, error=str(e))
     except Exception as e:  # a failing config is a record, never a stopped sweep
-        fields.update(status="error", error=_reads_values(e) or f"{type(e).__name__}: {_one_line(e)}")
+        fields.update(status=Status.ERROR, error=_reads_values(e) or f"{type(e).__name__}: {one_line(e)}")
     finally:
         torch.set_num_threads(threads)
         # The next config's protocol starts with gc.collect(); here only give cached CUDA
@@ -189,13 +201,13 @@ def measure(config: Config, protocol: Protocol = Protocol(), **meta: Any) -> Rec
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
-    """The protocol's probe for `config`; target cuda on a CPU probe reads the allocator
-    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF."""
+    """The protocol's probe for `config`; target cuda on a CPU probe takes the allocator
+    options from `protocol.alloc_conf`, else from PYTORCH_CUDA_ALLOC_CONF. (A cuda probe is
+    the device itself: it models no target.)"""
     alloc = None
-    if config.target == "cuda" and protocol.probe != "cuda":
-        alloc = (AllocatorConfig.parse(protocol.alloc_conf) if protocol.alloc_conf is not None
-                 else AllocatorConfig.from_env())
-    target = "cpu" if protocol.probe == "cuda" else config.target
+    if config.target == Target.CUDA and protocol.probe != ProbeName.CUDA:
+        alloc = protocol.alloc_conf if protocol.alloc_conf is not None else AllocatorConfig.from_env()
+    target = Target.CPU if protocol.probe == ProbeName.CUDA else config.target
     return make_probe(protocol.probe, device=config.device, limit_bytes=protocol.limit_bytes, target=target,
                       alloc_config=alloc, workspaces=protocol.workspaces)
 
@@ -223,7 +235,7 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
     conversion would briefly hold both copies and the fake probe's meta tensors cannot be
     swapped by Module.to. Call it under a device context or through a probe's build_model."""
     dtype = DTYPES[config.dtype]
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
 
     def factory() -> torch.nn.Module:
         previous = torch.get_default_dtype()
@@ -241,11 +253,12 @@ def training(config: Config, model: torch.nn.Module, device: torch.device | str,
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
     `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
-    spec = models.resolve(config.model)
+    spec = models.for_config(config)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
-                      zero_grad_at=config.zero_grad_at, assume_finite=not computes)
+                      zero_grad_at=config.zero_grad_at, assume_finite=not computes,
+                      step_in_backward=bool(config.step_in_backward))
     gen = torch.Generator(device=device).manual_seed(config.seed)
     batch = spec.make_batch(model, config.batch, dtype=DTYPES[config.dtype], device=device, generator=gen)
     return optimizer, trainer, batch
@@ -281,13 +294,13 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
-         sharding: fsdp.Sharding | None = None) -> None:
+         build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None) -> None:
     torch.manual_seed(config.seed)
     with probe, (sharding or nullcontext()):
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
-        model = probe.build_model(model_factory(config))
+        model = probe.build_model(build or model_factory(config))
         if sharding is not None:  # FSDP2: param_bytes are this rank's shards
             sharding.attach(probe)
             model = sharding.shard(model)
@@ -309,7 +322,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         # Target cuda: state torch keeps on the host (non-fused `step` counters) leaves the
         # device's allocator as soon as each optimizer's step made it.
         hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
-                 for o in optimizer.optimizers.values()] if getattr(probe, "target", "cpu") == "cuda" else []
+                 for o in optimizer.optimizers.values()] if getattr(probe, "target", Target.CPU) == Target.CUDA else []
         with _watching_steps(probe, optimizer.optimizers) as stepped:
             for i in range(protocol.warmup):
                 step(f"warm-up step {i + 1}")
@@ -431,12 +444,16 @@ def _check_finite(model: torch.nn.Module, read: bool = True) -> None:
 
 def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str], None], out: dict[str, Any]) -> None:
     with probe.paused():
+        host = Calibration(probe.device)  # the host's noise, timed around and between the samples
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero or config.fsdp > 1 else protocol.min_block_ms)
+                            device=probe.device, min_block_ms=0.0 if config.zero or config.fsdp > 1 else protocol.min_block_ms,
+                            host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
-               step_ms_mean=timing.mean, steps_timed=timing.steps)
+               step_ms_mean=timing.mean, steps_timed=timing.steps,
+               step_ms_samples=[round(t, 5) for t in timing.times_ms], host_calib=host.KERNEL,
+               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise)
 
 
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:
@@ -468,7 +485,8 @@ def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str,
         def post(opt_: Any, args: Any, kwargs: Any, key: str = key) -> None:
             probe.sync()
             p = probe.peak()
-            temps[key] = p - running["start"]
+            # step_in_backward steps once per parameter: the largest of its steps
+            temps[key] = max(temps.get(key, 0), p - running["start"])
             running["peak"] = max(running["peak"], p)
             probe.reset_peak()
 
@@ -497,12 +515,7 @@ def _reads_values(e: BaseException) -> str | None:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
     if not any(type(x).__name__ == "DataDependentOutputException" or "_local_scalar_dense" in str(x) for x in chain):
         return None
-    first = _one_line(chain[0])
+    first = one_line(chain[0])
     who = first.split(": ", 1)[0] if first.startswith("rule '") else "an optimizer or the model"
     return (f"the fake probe cannot run this config: {who} reads tensor values (.item(), .tolist(): "
             "aten._local_scalar_dense), which fake tensors do not have; use --probe tracked")
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

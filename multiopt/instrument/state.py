@@ -8,9 +8,10 @@ not paid at all. `attributed_state` counts the storages a ledger probe saw born 
 optimizer was built (`constructing_optimizer` names the owner) or stepped that are still
 alive: it never reads the state, so state the walk cannot reach shows as a gap.
 `expected_state` never looks at `optimizer.state`: it derives the same numbers from each
-parameter's shape, dtype and device and its param_group's options, from a formula per
-registered optimizer, written from torch 2.13's `torch/optim/*.py` (third-party ones, named
-by import path, from their installed sources: see `_THIRD_PARTY`). The three agreeing is the
+parameter's shape, dtype and device and its param_group's options, from the state formula
+of the optimizer's descriptor in the registry (`train/optimizers.py`, formulas written in
+`train/formulas.py` from torch 2.13's `torch/optim/*.py` and third-party libraries' installed
+sources; a class the registry does not know has none). The three agreeing is the
 evidence that the measured number means what the report says it means; disagreeing means a
 library changed its state layout or the measurement is broken.
 
@@ -28,20 +29,18 @@ most torch optimizers keep `step` on the CPU unless `capturable` or `fused` is s
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import types
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.optim.optimizer import _get_scalar_dtype
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..train.optimizers import name_of
+from ..train import optimizers as registry
 # One rounding rule for the whole suite (512-byte blocks, 0 stays 0); re-exported here.
 from ..units import round_alloc
 
@@ -246,250 +245,10 @@ _TORCH_NAMESPACES = {"aten", "prims", "prim", "profiler", "_c10d_functional", "c
 # expected
 
 
-class _Planned(NamedTuple):
-    """One state tensor the algorithm creates: its shape, dtype and device."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-_Formula = Callable[[torch.Tensor, dict[str, Any]], list[_Planned]]
-
-
-def _like(p: torch.Tensor, n: int = 1) -> list[_Planned]:
-    """n tensors shaped, typed and placed like the parameter (zeros_like / clone of grad); for a
-    sharded parameter (FSDP's DTensor) like its local shard, which is what `zeros_like` allocates
-    on this rank (the shard without FSDP's padding)."""
-    shape = tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
-    return [_Planned(shape, p.dtype, p.device) for _ in range(n)]
-
-
-def _scalars(n: int, device: torch.device, dtype: torch.dtype | None = None) -> list[_Planned]:
-    """n 0-dim tensors; dtype defaults to torch's `_get_scalar_dtype()` (float32, or float64
-    when the default dtype is float64), read now: torch reads it when state is created."""
-    return [_Planned((), dtype or _get_scalar_dtype(), device) for _ in range(n)]
-
-
-def _step_on(p: torch.Tensor, on_param_device: bool) -> torch.device:
-    """Where `step` lives: with the parameter under capturable/fused, else deliberately on the
-    CPU (torch avoids a kernel launch per scalar update)."""
-    return p.device if on_param_device else _CPU
-
-
-def _sgd(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """SGD: nothing when momentum == 0; else one momentum_buffer per element (a clone of the
-    first grad, or empty_like under fused). Nesterov and dampening use the same buffer. No step."""
-    return _like(p) if g["momentum"] != 0 else []
-
-
-def _adam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Adam/AdamW: exp_avg (m) and exp_avg_sq (v), one each per element; amsgrad adds
-    max_exp_avg_sq. step is a 0-dim tensor per parameter: float32 on the parameter's device
-    under fused; `_get_scalar_dtype()` on the parameter's device under capturable; else
-    `_get_scalar_dtype()` on the CPU."""
-    fused = bool(g.get("fused"))
-    dtype = _get_scalar_dtype(is_fused=True) if fused else _get_scalar_dtype()
-    step = _scalars(1, _step_on(p, fused or g["capturable"]), dtype)
-    return step + _like(p, 3 if g["amsgrad"] else 2)
-
-
-def _adamax(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Adamax: exp_avg and exp_inf (infinity-norm second moment) per element; step (0-dim,
-    on the parameter's device under capturable, else CPU)."""
-    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
-
-
-def _nadam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """NAdam: exp_avg and exp_avg_sq per element; step and mu_product (the running product of
-    momentum coefficients), both 0-dim, placed like Adam's step under capturable.
-    decoupled_weight_decay changes the update, not the state."""
-    return _scalars(2, _step_on(p, g["capturable"])) + _like(p, 2)
-
-
-def _radam(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """RAdam: exp_avg and exp_avg_sq per element; step (0-dim). decoupled_weight_decay and the
-    rectification term add no state."""
-    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
-
-
-def _adagrad(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Adagrad: sum (accumulated squared grads) per element; step (0-dim: float32 on the
-    parameter's device under fused, else CPU). Created in __init__ for every parameter, so
-    it exists before any step and for parameters that never get a gradient."""
-    fused = bool(g.get("fused"))
-    dtype = _get_scalar_dtype(is_fused=True) if fused else _get_scalar_dtype()
-    return _scalars(1, _step_on(p, fused), dtype) + _like(p)
-
-
-def _adadelta(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Adadelta: square_avg and acc_delta per element; step (0-dim)."""
-    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
-
-
-def _rmsprop(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """RMSprop: square_avg per element; momentum > 0 adds momentum_buffer; centered adds
-    grad_avg; step (0-dim)."""
-    n = 1 + (g["momentum"] > 0) + bool(g["centered"])
-    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, n)
-
-
-def _rprop(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Rprop: prev (last grad's sign source) and step_size per element; step (0-dim)."""
-    return _scalars(1, _step_on(p, g["capturable"])) + _like(p, 2)
-
-
-def _asgd(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """ASGD: ax (the running average of the parameter) per element; step, eta and mu, three
-    0-dim tensors, always on the parameter's device (capturable or not)."""
-    return _scalars(3, p.device) + _like(p)
-
-
-def _adafactor(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Adafactor: for ndim >= 2 a factored second moment, row_var (shape with the last dim set
-    to 1) and col_var (shape with the second-to-last dim set to 1), so O(rows + cols) per
-    matrix; for ndim < 2 a full variance like the parameter. step is 0-dim, always on the CPU."""
-    state = _scalars(1, _CPU)
-    if p.dim() > 1:
-        row = list(p.shape)
-        row[-1] = 1
-        col = list(p.shape)
-        col[-2] = 1
-        state += [_Planned(tuple(row), p.dtype, p.device), _Planned(tuple(col), p.dtype, p.device)]
-    else:
-        state += _like(p)
-    return state
-
-
-def _muon(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """Muon (2-D parameters only): one momentum_buffer per element, created even when
-    momentum == 0. No step: the Newton-Schulz update needs no bias correction."""
-    return _like(p)
-
-
-_FORMULAS: dict[str, _Formula] = {
-    "sgd": _sgd,
-    "adam": _adam,
-    "adamw": _adam,
-    "adamax": _adamax,
-    "nadam": _nadam,
-    "radam": _radam,
-    "adagrad": _adagrad,
-    "adadelta": _adadelta,
-    "rmsprop": _rmsprop,
-    "rprop": _rprop,
-    "asgd": _asgd,
-    "adafactor": _adafactor,
-    "muon": _muon,
-}
-
-
-# ---------------------------------------------------------------------------------------
-# third-party optimizers, by the import path `name_of` gives their class. Each formula was
-# read from the installed source of the version named beside it and takes the optimizer too:
-# these libraries keep options outside param_groups (bitsandbytes' `args`, torchao's
-# `block_size`). `_SHARED` adds the per-optimizer storages all parameters share.
-# bitsandbytes 0.50.2 (optim/optimizer.py), torchao 0.18.0 (optim/adam.py, subclass_*.py),
-# pytorch-optimizer 4.1.0 (optimizer/lion.py, adan.py, soap.py), schedulefree 1.4.1.
-
-_F32 = torch.float32
-_U8 = torch.uint8
-
-
-def _bnb(n_states: int) -> Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]:
-    """bitsandbytes Optimizer1State/Optimizer2State, blockwise: per parameter `n_states`
-    buffers, float32 like the parameter below `min_8bit_size` elements, else uint8 codes plus
-    one float32 absmax per 256-element block; `unorm_vec` (one float32) when max_unorm > 0.
-    `step` is a Python int."""
-    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
-        args = opt.args
-        n = p.numel()
-        if args.optim_bits == 32 or n < args.min_8bit_size:
-            state = [_Planned(tuple(p.shape), _F32, p.device)] * n_states
-        else:
-            blocks = -(-n // 256)
-            state = [_Planned(tuple(p.shape), _U8, p.device), _Planned((blocks,), _F32, p.device)] * n_states
-        return state + ([_Planned((1,), _F32, p.device)] if args.max_unorm > 0 else [])
-    return formula
-
-
-def _bnb_qmaps(opt: Any) -> list[_Planned]:
-    """The two 256-entry float32 quantization maps (signed, unsigned) `fill_qmap` makes in
-    __init__ for 8-bit optimizers, shared by every parameter (state holds them by reference)."""
-    dev = opt.param_groups[0]["params"][0].device
-    return [_Planned((256,), _F32, dev), _Planned((256,), _F32, dev)] if opt.args.optim_bits == 8 else []
-
-
-def _torchao(codes: Callable[[int], tuple[int, torch.dtype]], qmap: int) -> Callable[..., list[_Planned]]:
-    """torchao low-bit AdamW: `step` = torch.tensor(0.0) (default dtype, CPU); exp_avg and
-    exp_avg_sq (and max_exp_avg_sq under amsgrad) each a quantized subclass when the parameter
-    has >= 4096 elements divisible by `block_size` (codes, one float32 scale per block, and
-    its own `qmap`-entry float32 map), else zeros like the parameter."""
-    def formula(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
-        n, bs = p.numel(), opt.block_size
-        if n >= 4096 and n % bs == 0:
-            numel, dtype = codes(n)
-            one = [_Planned((numel,), dtype, p.device), _Planned((n // bs,), _F32, p.device)]
-            one += [_Planned((qmap,), _F32, p.device)] if qmap else []
-        else:
-            one = _like(p)
-        return _scalars(1, _CPU, torch.get_default_dtype()) + one * (3 if g["amsgrad"] else 2)
-    return formula
-
-
-def _adanorm(p: torch.Tensor, g: dict[str, Any]) -> list[_Planned]:
-    """pytorch-optimizer's AdaNorm option: one (1,)-shaped running gradient norm."""
-    return [_Planned((1,), p.dtype, p.device)] if g.get("adanorm") else []
-
-
-def _soap(p: torch.Tensor, g: dict[str, Any], opt: Any) -> list[_Planned]:
-    """SOAP (merge_dims=False): exp_avg and exp_avg_sq like the parameter, and per dimension
-    of size <= max_precondition_dim a preconditioner GG and its eigenbasis Q, both dim x dim;
-    a vector only when precondition_1d."""
-    if g["merge_dims"]:
-        raise NotImplementedError("SOAP with merge_dims=True has no formula")
-    dims = [] if p.dim() == 1 and not g["precondition_1d"] else list(p.shape)
-    square = [_Planned((d, d), p.dtype, p.device) for d in dims if d <= g["max_precondition_dim"]]
-    return _like(p, 2) + square * 2
-
-
-_THIRD_PARTY: dict[str, Callable[[torch.Tensor, dict[str, Any], Any], list[_Planned]]] = {
-    "bitsandbytes.optim.adam:Adam8bit": _bnb(2),
-    "bitsandbytes.optim.adamw:AdamW8bit": _bnb(2),
-    "bitsandbytes.optim.lion:Lion8bit": _bnb(1),
-    "bitsandbytes.optim.sgd:SGD8bit": _bnb(1),
-    "torchao.optim.adam:AdamW8bit": _torchao(lambda n: (n, _U8), 256),
-    "torchao.optim.adam:AdamW4bit": _torchao(lambda n: (n // 2, _U8), 16),
-    "torchao.optim.adam:AdamWFp8": _torchao(lambda n: (n, torch.float8_e4m3fn), 0),
-    "pytorch_optimizer.optimizer.lion:Lion": lambda p, g, opt: _like(p) + _adanorm(p, g),
-    # exp_avg, exp_avg_sq, exp_avg_diff, previous_grad
-    "pytorch_optimizer.optimizer.adan:Adan": lambda p, g, opt: _like(p, 4) + _adanorm(p, g),
-    "pytorch_optimizer.optimizer.soap:SOAP": _soap,
-    # z (the averaged iterate) and exp_avg_sq; SGD keeps only z
-    "schedulefree.adamw_schedulefree:AdamWScheduleFree": lambda p, g, opt: _like(p, 2),
-    "schedulefree.sgd_schedulefree:SGDScheduleFree": lambda p, g, opt: _like(p),
-}
-
-
-def _torchao_lr(opt: Any) -> list[_Planned]:
-    """torchao's add_param_group turns each group's float lr into a float32 0-dim CPU tensor
-    (so a changed lr does not recompile the step)."""
-    return _scalars(len(opt.param_groups), _CPU, _F32)
-
-
-_SHARED: dict[str, Callable[[Any], list[_Planned]]] = {
-    **{name: _bnb_qmaps for name in _THIRD_PARTY if name.startswith("bitsandbytes.")},
-    **{name: _torchao_lr for name in _THIRD_PARTY if name.startswith("torchao.")},
-}
-
-
 def has_formula(name: str) -> bool:
     """Whether `expected_state` knows the registry name's (or import path's) algorithm."""
-    return name in _FORMULAS or name in _THIRD_PARTY
+    desc = registry.lookup(name)
+    return desc is not None and desc.state is not None
 
 
 def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device | None = None) -> StateBytes | None:
@@ -501,16 +260,11 @@ def expected_state(optimizer: torch.optim.Optimizer, device: str | torch.device 
     Parameters that never receive a gradient get no state in torch (except Adagrad, which
     creates it in __init__), so for them measured < expected: that gap is information.
     """
-    name = name_of(optimizer)
-    if name in _FORMULAS:
-        formula = _FORMULAS[name]
-        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula(p, g)]
-    elif name in _THIRD_PARTY:
-        formula3 = _THIRD_PARTY[name]
-        planned = [t for g in optimizer.param_groups for p in g["params"] for t in formula3(p, g, optimizer)]
-        planned += _SHARED.get(name, lambda opt: [])(optimizer)
-    else:
+    desc = registry.descriptor_of(type(optimizer))
+    if desc is None or desc.state is None:
         return None
+    planned = [t for g in optimizer.param_groups for p in g["params"] for t in desc.state(p, g, optimizer)]
+    planned += desc.shared_state(optimizer) if desc.shared_state is not None else []
     want = _as_device(device)
     kept = [t for t in planned if _device_matches(t.device, want)]
     scalar = sum(t.nbytes for t in kept if t.shape == ())
@@ -533,13 +287,13 @@ def host_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The 0-dim state tensors (`step`, NAdam's `mu_product`) this optimizer would keep on the
     host if its parameters were on CUDA, read from the same formulas as `expected_state`
     (e.g. non-fused, non-capturable Adam's `step`). Empty for classes without a formula."""
-    formula = _FORMULAS.get(name_of(optimizer))
-    if formula is None:
+    desc = registry.descriptor_of(type(optimizer))
+    if desc is None or desc.state is None or not desc.in_torch:  # third-party formulas need real tensors
         return []
     out: list[torch.Tensor] = []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            planned = formula(_OnCuda(p.shape, p.dtype), group)  # type: ignore[arg-type]
+            planned = desc.state(_OnCuda(p.shape, p.dtype), group, optimizer)  # type: ignore[arg-type]
             if not any(t.shape == () and t.device == _CPU for t in planned):
                 continue
             state = optimizer.state.get(p, {})

@@ -1,8 +1,17 @@
-"""Step timing: every step synchronised, statistics computed once and right.
+"""Step timing: every step synchronised, statistics computed once and right, and the
+host's own noise measured while the steps ran.
 
 On CUDA each step is bracketed by CUDA events (device time, no host jitter from the launch
 queue); elsewhere by `time.perf_counter`. Timing runs never carry instrumentation: the
 caller times with tracking paused.
+
+Host noise: a step time alone cannot say whether a slower median is the code or the host
+(another job on the same cores, a descheduled thread). `Calibration` is a fixed amount of
+work (the same kernel, the same sizes, the same repeats on every run of every version), timed
+before, between and after the step samples with the same threads and timer. Its work never
+changes, so its spread during a config is the host's noise there, and its median against
+another run's median is how much faster or slower the host itself was; the gate
+(`analyze/gate/noise.py`, `TimeCheck`) turns both into `inconclusive` instead of a false regression.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,6 +32,8 @@ class Timing:
 
     times_ms: tuple[float, ...]
     block: int = 1
+    # the calibration kernel's samples taken around and between these samples (`Calibration`)
+    host_ms: tuple[float, ...] = ()
 
     @property
     def n(self) -> int:
@@ -48,14 +59,72 @@ class Timing:
     @property
     def iqr(self) -> float:
         """Interquartile range (numpy's default linear interpolation); 0 for one sample."""
-        if self.n < 2:
-            return 0.0
-        q1, _, q3 = statistics.quantiles(self.times_ms, n=4, method="inclusive")
-        return q3 - q1
+        return iqr(self.times_ms)
+
+    @property
+    def host_noise(self) -> float | None:
+        """The calibration kernel's relative spread (`relative_iqr`) while these steps ran; None
+        when it was not timed."""
+        return relative_iqr(self.host_ms)
 
     def __str__(self) -> str:
         per = f" (blocks of {self.block})" if self.block > 1 else ""
-        return f"median {self.median:.3f} ms, IQR {self.iqr:.3f} ms, min {self.min:.3f} ms over {self.n} samples{per}"
+        host = f"; host noise {self.host_noise:.1%}" if self.host_ms else ""
+        return (f"median {self.median:.3f} ms, IQR {self.iqr:.3f} ms, min {self.min:.3f} ms over {self.n} "
+                f"samples{per}{host}")
+
+
+def iqr(xs: Sequence[float]) -> float:
+    """Interquartile range (numpy's default linear interpolation); 0 for fewer than 2 values."""
+    if len(xs) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q3 - q1
+
+
+def relative_iqr(xs: Sequence[float]) -> float | None:
+    """IQR / median: the spread of samples of one fixed amount of work, as a fraction of it.
+    Robust to a lone outlier (a thread descheduled once) and to none of a drift: samples taken
+    half before and half after a slowdown put their quartiles on both sides of it."""
+    if len(xs) < 2:
+        return None
+    med = statistics.median(xs)
+    return iqr(xs) / med if med > 0 else None
+
+
+class Calibration:
+    """A fixed amount of work whose timing measures the host, not the code: `REPEATS` products
+    of one 192x192 float32 matrix with itself, each followed by an in-place add, on the
+    config's device with the thread count the steps run with (so a competing job that slows
+    a step's threads slows it too). About 0.3 ms on one core of a 2020s x86 CPU; tens of
+    microseconds on a GPU, where it measures launch latency as much as the device.
+
+    `KERNEL` names the work; change it (and the name) only together, so records of another
+    kernel are never compared to these (the gate compares medians only between equal names).
+    """
+
+    KERNEL = "mm192x192+add_x4/1"
+    SIZE = 192
+    REPEATS = 4
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        # values in [0, 1/SIZE): products stay bounded however often the add repeats
+        self._a = (torch.rand(self.SIZE, self.SIZE, generator=gen) / self.SIZE).to(self.device)
+        self._timer = _cuda_block if self.device.type == "cuda" else _cpu_block
+        self._run()  # first call: thread pool, kernel selection, caches
+
+    def _run(self) -> None:
+        y = self._a @ self._a
+        y.add_(1.0)
+
+    def sample(self) -> float:
+        """One timed sample of the fixed work, in ms."""
+        return self._timer(self._run, self.REPEATS, self.device)
+
+    def samples(self, n: int) -> list[float]:
+        return [self.sample() for _ in range(n)]
 
 
 def time_steps(
@@ -65,8 +134,13 @@ def time_steps(
     warmup: int = 3,
     device: torch.device | str = "cpu",
     min_block_ms: float = 0.0,
+    host: Calibration | None = None,
 ) -> Timing:
     """Run `fn` `warmup` times untimed, then take `steps` synchronised samples.
+
+    With `host`, the calibration kernel is timed `HOST_EDGE` times before the first sample
+    and after the last, and once after every `HOST_EVERY` samples between (a burst of noise
+    inside the timed window shows too): about 16 samples of ~0.3 ms for 30 step samples.
 
     With `min_block_ms`, a sample is the mean of a block of consecutive steps that lasts at
     least that long (the block size is set once, from one calibration step): a
@@ -84,7 +158,22 @@ def time_steps(
     if min_block_ms > 0:
         once = timer(fn, 1, device)
         block = max(1, min(10_000, math.ceil(min_block_ms / max(once, 1e-6))))
-    return Timing(tuple(timer(fn, block, device) / block for _ in range(steps)), block)
+    if host is None:
+        return Timing(tuple(timer(fn, block, device) / block for _ in range(steps)), block)
+    host_ms = host.samples(HOST_EDGE)
+    times = []
+    for i in range(steps):
+        if i and i % HOST_EVERY == 0:
+            host_ms.append(host.sample())
+        times.append(timer(fn, block, device) / block)
+    host_ms += host.samples(HOST_EDGE)
+    return Timing(tuple(times), block, tuple(host_ms))
+
+
+# Calibration samples at each edge of the timed window, and one after every HOST_EVERY step
+# samples inside it.
+HOST_EDGE = 3
+HOST_EVERY = 3
 
 
 def _cpu_block(fn: Callable[[], object], k: int, device: torch.device) -> float:

@@ -1,31 +1,25 @@
-"""`multiopt fit`: what fits in N bytes. For each combo, on the fake probe (sizes only, no
-compute, milliseconds a config at any size), the largest batch that fits the budget at a
-given width, and the largest width that fits at a given batch.
+"""`multiopt fit`: what fits in N bytes, per combo: the largest batch (and, for a model whose
+factory takes a width, the largest width at a given batch). A plan (`run/plan.py`) with one
+candidate axis, the combo, on the same engine: the same fake runs, predictions and
+confirmation at the boundary, with every measurement reused between the questions.
 
 Target cuda (the CLI's default): a config fits when its predicted peak *reserved* memory
 (the caching-allocator model, workspaces included) plus the CUDA context stays within the
 budget: the protocol runs with the allocator's limit at `budget - context`, as
 `torch.cuda.set_per_process_memory_fraction` would cap it, cached blocks released and
-retried before an out-of-memory error, as CUDA does. The context lives outside torch's
-counters; `CONTEXT` holds a default per GPU family (an estimate: measure yours with
-nvidia-smi after `torch.cuda.init()` and pass `--context`).
+retried before an out-of-memory error, as CUDA does. `CONTEXT` (plan.py) holds a default per
+GPU family (an estimate: measure yours with nvidia-smi and pass `--context`).
 
 Target cpu: "fits" means exactly what a device of `budget` bytes would say: the whole protocol
-(build, warm-up, the instrumented step) runs on the fake probe with `limit_bytes=budget`,
-and the config fits when no allocation takes `memory_allocated` past the budget (status
-ok; oom otherwise). The tracked probe with the same limit gives the same answer to the
-byte, since the two probes count the same storages; a real GPU needs, on top, what only
-CUDA allocates (cuBLAS/cuDNN workspaces, the CUDA context) and the caching allocator's
-fragmentation, so leave headroom there.
+(build, warm-up, the instrumented step) runs on the fake probe with `limit_bytes=budget`, and
+the config fits when no allocation takes `memory_allocated` past the budget. The tracked probe
+with the same limit gives the same answer to the byte.
 
-The search uses that peak memory grows with batch and width (activations with
-batch x width; weights, gradients and state with width^2): from the peaks of unlimited
-fake runs it extrapolates, then interpolates inside the bracket [fits, does not fit]
-(regula falsi, with a bisection step whenever the bracket fails to halve), so an answer near
-a million takes about a dozen fake runs, never more than about 2 log2(answer). The answer is
-then confirmed with the limit itself: `value` runs ok under `limit_bytes=budget` and
-`value + 1` runs out of memory. Should they disagree with the unlimited peaks (a warm-up
-step peaking above the measured step), the search starts over on limited runs alone.
+The batch comes from the plan's affine prediction; the width (weights, gradients and state
+grow with its square) from the peaks of unlimited fake runs, interpolated inside the bracket
+[fits, does not fit] (regula falsi, with a bisection step whenever the bracket fails to
+halve). Either answer is confirmed with the limit itself: `value` runs ok under the budget and
+`value + 1` runs out of memory.
 """
 
 from __future__ import annotations
@@ -37,32 +31,15 @@ import numpy as np
 from tabulate import tabulate
 
 from ..errors import UsageError
-from ..instrument.protocol import Config, Protocol, measure, validate
+from ..instrument.protocol import Config, Protocol, validate
+from ..kinds import Probe, Status, Target
 from ..record import Record
-from ..train.spec import canonical
-from ..instrument.probes import Workspaces
-from ..units import fmt_bytes, parse_bytes
+from ..train import models
+from ..rules import Rules
+from ..units import fmt_bytes
+from .plan import CONTEXT, DEFAULT_CONTEXT, Runner, boundary, combo_axis, context_bytes, metric, plan, split
 
-_MiB = 1 << 20
-#: CUDA context bytes per GPU family (driver, kernels loaded lazily, cuBLAS handles): what
-#: nvidia-smi shows for a process after `torch.cuda.init()` and a first matmul, torch 2.x
-#: with CUDA 12 lazy loading. Estimates, not measured by this project: set --context.
-CONTEXT: dict[str, int] = {"hopper": 512 * _MiB, "ampere": 448 * _MiB, "ada": 448 * _MiB, "turing": 384 * _MiB}
-DEFAULT_CONTEXT = "hopper"
-
-
-def context_bytes(text: str | None) -> int:
-    """--context: a GPU family name from CONTEXT, or bytes ("512MiB"); None: the default family's."""
-    if text is None:
-        return CONTEXT[DEFAULT_CONTEXT]
-    if text.strip().lower() in CONTEXT:
-        return CONTEXT[text.strip().lower()]
-    try:
-        return parse_bytes(text)
-    except UsageError:
-        raise UsageError(f"--context {text!r} is neither bytes (e.g. 512MiB) nor a GPU family "
-                         f"({', '.join(CONTEXT)})") from None
-
+__all__ = ["CONTEXT", "DEFAULT_CONTEXT", "Answer", "context_bytes", "fit", "largest", "render", "split"]
 
 #: Searches stop here (a model whose peak does not grow with the axis, e.g. `simple` in width).
 CAPS = {"batch": 1 << 24, "width": 1 << 20}
@@ -80,7 +57,7 @@ class Answer:
     combo: str
     rules: str
     axis: str  # "batch" or "width"
-    fixed: tuple[str, int]  # the other axis and its value
+    fixed: tuple[str, int] | None  # the other size and its value (None: a model without a width)
     value: int  # 0: not even 1 fits
     capped: bool  # the search reached CAPS[axis] and it still fit
     record: Record | None  # the fake run at `value` (status ok), None when value == 0
@@ -92,53 +69,66 @@ class Answer:
 
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
-            cap: int | None = None, alloc_conf: str | None = None, context: int = 0) -> Answer:
+            cap: int | None = None, alloc_conf: str | None = None, context: int = 0,
+            runner: Runner | None = None) -> Answer:
     """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`
-    (target cuda: peak reserved + `context`; target cpu: peak allocated)."""
+    (target cuda: peak reserved + `context`; target cpu: peak allocated). `runner` shares
+    fake runs between questions."""
     if axis not in CAPS:
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
-    limited = Protocol(probe="fake", warmup=Protocol.warmup if warmup is None else warmup, steps=0,
-                       limit_bytes=max(budget - context, 0), alloc_conf=alloc_conf)
-    unlimited = replace(limited, limit_bytes=None)
-    budget = limited.limit_bytes
-    metric = "peak_reserved" if config.target == "cuda" else "peak_total"
-    runs = {"n": 0}
-    peaks: dict[int, int] = {}
-    checked: dict[int, Record] = {}
+    limit = max(budget - context, 0)
+    runner = runner or Runner(limit, warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf)
+    fixed = None
+    if axis == "batch":
+        if "width" in models.resolve(config.model).takes:
+            fixed = ("width", config.width)
+    else:
+        fixed = ("batch", config.batch)
+    base = dict(combo=config.combo, rules=config.rules, axis=axis, fixed=fixed, context=context)
+    before = runner.runs
+    try:
+        if axis == "batch":
+            value, capped, record = _largest_batch(config, budget, context, cap, runner)
+        else:
+            value, capped, record = _largest_width(config, limit, cap, runner)
+    except FitFailed as e:
+        return Answer(**base, value=0, capped=False, record=None, over=None, over_peak=None,
+                      runs=runner.runs - before, error=str(e))
+    over = None if capped else value + 1
+    over_peak = None
+    if over is not None:
+        r = runner.run(replace(config, **{axis: over}), None)
+        over_peak = metric(r) if r.status == Status.OK else None
+    return Answer(**base, value=value, capped=capped, record=record, over=over, over_peak=over_peak,
+                  runs=runner.runs - before)
 
-    def run(n: int, protocol: Protocol) -> Record:
-        runs["n"] += 1
-        r = measure(replace(config, **{axis: n}), protocol)
-        if r.status not in ("ok", "oom"):
-            raise FitFailed(f"{axis}={n}: {r.status}: {r.error}")
+
+def _largest_batch(config: Config, budget: int, context: int, cap: int, runner: Runner) -> tuple[int, bool, Record | None]:
+    p = plan(config, [combo_axis([(config.combo, config.rules)])], budget, context=context, confirm="all",
+             cap=cap, runner=runner)
+    row = p.rows[0]
+    if row.why is not None and not (row.confirmed and row.batch == 0):
+        raise FitFailed(row.why)
+    return row.batch, row.capped, row.record
+
+
+def _largest_width(config: Config, limit: int, cap: int, runner: Runner) -> tuple[int, bool, Record | None]:
+    def run(n: int, lim: int | None) -> Record:
+        r = runner.run(replace(config, width=n), lim)
+        if r.status not in (Status.OK, Status.OOM):
+            raise FitFailed(f"width={n}: {r.status}: {r.error}")
         return r
 
     def peak(n: int) -> int:
-        if n not in peaks:
-            peaks[n] = getattr(run(n, unlimited), metric)
-        return peaks[n]
+        return metric(run(n, None))
 
-    def ok(n: int) -> bool:  # what a device of `budget` bytes says
-        if n not in checked:
-            checked[n] = run(n, limited)
-        return checked[n].status == "ok"
+    def ok(n: int) -> bool:  # what a device of `limit` bytes says
+        return run(n, limit).status == Status.OK
 
-    other = "width" if axis == "batch" else "batch"
-    base = dict(combo=config.combo, rules=config.rules, axis=axis, fixed=(other, getattr(config, other)))
-    try:
-        value, capped = _interpolate(peak, budget, cap)
-        if (value and not ok(value)) or (not capped and value + 1 <= cap and ok(value + 1)):
-            value, capped = _search(ok, cap)  # the unlimited peaks misled: trust the limit alone
-        over = None if capped else value + 1
-        over_peak = None if over is None else peak(over)
-        if value:
-            ok(value)
-    except FitFailed as e:
-        return Answer(**base, value=0, capped=False, record=None, over=None, over_peak=None,
-                      runs=runs["n"], error=str(e))
-    return Answer(**base, value=value, capped=capped, record=checked[value] if value else None,
-                  over=over, over_peak=over_peak, runs=runs["n"], context=context)
+    guess, capped = _interpolate(peak, limit, cap)
+    value, capped = boundary(ok, guess, cap)
+    return value, capped, run(value, limit) if value else None
 
 
 def _interpolate(peak: Callable[[int], int], budget: int, cap: int) -> tuple[int, bool]:
@@ -205,54 +195,35 @@ def _root(known: dict[int, int], budget: int, lo: int, hi: int | None) -> float 
     return min(roots) if roots else None
 
 
-def _search(ok: Callable[[int], bool], cap: int) -> tuple[int, bool]:
-    """Largest n in 1..cap with ok(n), for ok true up to some n and false after; 0 if none:
-    doubling, then bisection."""
-    if not ok(1):
-        return 0, False
-    lo, hi = 1, 2
-    while hi <= cap and ok(hi):
-        lo, hi = hi, hi * 2
-    if hi > cap:
-        if ok(cap):
-            return cap, True
-        hi = cap
-    while hi - lo > 1:  # ok(lo), not ok(hi)
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, False
-
-
 def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
         depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
-        target: str = "cpu", alloc_conf: str | None = None, context: int = 0) -> list[Answer]:
-    """Both questions for every combo: largest batch at `width`, largest width at `batch`.
-    target "cuda": on predicted peak reserved plus `context` bytes (see the module doc)."""
+        target: str = Target.CPU, alloc_conf: str | None = None, context: int = 0) -> list[Answer]:
+    """For every combo: the largest batch (at `width`, where the model takes one), and the
+    largest width at `batch` for a model whose factory takes a width. One Runner: every
+    measurement is made once. target "cuda": on predicted peak reserved plus `context` bytes."""
     if budget < 1:
         raise UsageError(f"the budget must be at least 1 byte, got {budget}")
     if width < 1 or batch < 1 or depth < 1:
         raise UsageError(f"width, batch and depth must be >= 1, got width={width}, batch={batch}, depth={depth}")
-    configs = [Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, combo=name, rules=canonical(rules),
-                      impl=impl, target=target) for name, rules in combos]
-    fake = Protocol(probe="fake", steps=0, limit_bytes=budget)
+    spec = models.resolve(model)
+    width_, depth_ = spec.sizes(width, depth)
+    configs = [Config(model=model, width=width_, depth=depth_, batch=batch, dtype=dtype, combo=name,
+                      rules=Rules(rules), impl=impl, target=target) for name, rules in combos]
+    fake = Protocol(probe=Probe.FAKE, steps=0, limit_bytes=budget)
     for c in configs:
         try:
             validate(c, fake)
         except UsageError as e:
             raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
-    out = []
-    for c in configs:
-        for axis in ("batch", "width"):
-            out.append(largest(c, axis, budget, warmup=warmup, alloc_conf=alloc_conf, context=context))
-    return out
+    runner = Runner(max(budget - context, 0), warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf)
+    axes = ("batch", "width") if "width" in spec.takes else ("batch",)
+    return [largest(c, axis, budget, alloc_conf=alloc_conf, context=context, runner=runner)
+            for c in configs for axis in axes]
 
 
 def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dtype: str) -> str:
     """Markdown: one table per combo, human units."""
-    cuda = [a for a in answers if a.record is not None and a.record.target == "cuda"]
+    cuda = [a for a in answers if a.record is not None and a.record.target == Target.CUDA]
     semantics = (f"fake probe, target cuda: peak = predicted peak reserved (CUDA caching-allocator model, "
                  f"cuBLAS workspaces) + CUDA context {fmt_bytes(cuda[0].context)}" if cuda else
                  "fake probe (`memory_allocated` semantics: live tensor bytes, 512-byte blocks). A GPU needs more "
@@ -262,12 +233,12 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
     for a in answers:
         by_combo.setdefault(a.combo, []).append(a)
     for combo, group in by_combo.items():
-        lines += ["", f"## {combo}: `{canonical(group[0].rules)}`", ""]
+        lines += ["", f"## {combo}: `{Rules(group[0].rules)}`", ""]
         rows, splits = [], []
         for a in group:
-            question = f"largest {a.axis} at {a.fixed[0]} {a.fixed[1]:,}"
+            question = f"largest {a.axis}" + (f" at {a.fixed[0]} {a.fixed[1]:,}" if a.fixed else "")
             if a.error:
-                rows.append((question, "error", a.error, "", "", "", "", ""))
+                rows.append((question, Status.ERROR, a.error, "", "", "", "", ""))
                 continue
             r = a.record
             if a.value == 0:
@@ -277,7 +248,7 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
             used = _used(r, a.context)
             nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
-            if r.target == "cuda":
+            if r.target == Target.CUDA:
                 splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
             rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
                          fmt_bytes(r.param_bytes), fmt_bytes(r.grad_bytes), fmt_bytes(r.opt_state_alloc_bytes), nxt))
@@ -295,20 +266,6 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
 
 def _used(r: Record, context: int) -> int:
     """What counts against the budget: peak reserved + context (target cuda), else peak allocated."""
-    if r.target == "cuda" and r.peak_reserved is not None:
+    if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved + context
     return r.peak_total or 0
-
-
-def split(r: Record, context: int, workspaces: Workspaces = Workspaces()) -> dict[str, int]:
-    """The budget a target-cuda record uses, by kind: weights, grads, optimizer state (walked;
-    host step counters included, at most 512 B per parameter tensor), activations (held
-    from forward into backward), temporaries (the rest of the allocated peak), workspaces,
-    allocator slack (peak reserved - peak allocated) and the CUDA context. Sums to `_used`."""
-    peak = r.peak_total or 0
-    fixed = {"weights": r.param_bytes or 0, "grads": r.grad_bytes or 0, "optimizer state": r.opt_state_alloc_bytes or 0}
-    room = max(peak - sum(fixed.values()) - workspaces.total, 0)
-    # backward frees activations as it makes grads: at the peak, at most what is left is held
-    activations = min(max((r.mem_after_forward or 0) - (r.mem_step_start or 0), 0), room)
-    return {**fixed, "activations": activations, "temporaries": room - activations, "workspaces": workspaces.total,
-            "allocator slack": (r.peak_reserved or peak) - peak, "CUDA context": context}

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ..instrument.protocol import Protocol, failed_record, measure
+from ..kinds import Probe, Status
 from ..record import Config, Record
 from ..store import append_jsonl
 from ..units import fmt_bytes
@@ -135,7 +136,7 @@ class Isolated(Launcher):
             timed_out = proc.is_alive() and time.monotonic() - t0 >= self.timeout
             proc.kill()
             proc.join()
-            return failed_record(config, self.protocol, "error", self._why(proc, timed_out), **self.meta)
+            return failed_record(config, self.protocol, Status.ERROR, self._why(proc, timed_out), **self.meta)
         proc.join()
         return Record.from_dict(result)
 
@@ -190,7 +191,7 @@ def _measure_as_rank(config: Config, protocol: Protocol, meta: dict[str, Any], s
         entered.__enter__()
     except Exception as e:  # joining the ranks' group failed: a record like any failure
         why = (str(e).strip().splitlines() or [""])[0]
-        return failed_record(config, protocol, "error", f"rank {scope.rank} could not join the "
+        return failed_record(config, protocol, Status.ERROR, f"rank {scope.rank} could not join the "
                              f"config's process group: {type(e).__name__}: {why}", **meta)
     try:
         return measure(config, protocol, **meta)
@@ -220,7 +221,7 @@ def settle() -> None:
 
 
 def _postfix(r: Record) -> str:
-    if r.status != "ok":
+    if r.status != Status.OK:
         return f"last: {r.status}"
     return f"last peak {fmt_bytes(r.peak_total)}"
 
@@ -237,7 +238,7 @@ class RankScope:
     host: str
     port: int
     timeout_s: float
-    probe: str = "tracked"
+    probe: str = Probe.TRACKED
 
     @contextmanager
     def enter(self, config: Any) -> Iterator[None]:
@@ -263,10 +264,10 @@ class RankScope:
 def together(config: Any, probe: str) -> bool:
     """Whether every rank of the launch runs `config` together in one process group: ZeRO, and
     FSDP on a probe with real tensors (the fake probe simulates FSDP's ranks in one process)."""
-    return bool(getattr(config, "zero", 0)) or (getattr(config, "fsdp", 0) > 1 and probe != "fake")
+    return bool(getattr(config, "zero", 0)) or (getattr(config, "fsdp", 0) > 1 and probe != Probe.FAKE)
 
 
-_BAD_FIRST = ("oom", "diverged", "error")
+_BAD_FIRST = (Status.OOM, Status.DIVERGED, Status.ERROR)
 
 
 def merge_zero(records: Sequence[Record | dict[str, Any]]) -> Record:
@@ -296,7 +297,7 @@ def merge_zero(records: Sequence[Record | dict[str, Any]]) -> Record:
     out["ranks_state"] = per_rank
     states = [p["state_bytes"] for p in per_rank]
     out["opt_state_unsharded"] = sum(states) if all(s is not None for s in states) else None
-    bad = [(i, r) for i, r in enumerate(rows) if r.get("status") != "ok"]
+    bad = [(i, r) for i, r in enumerate(rows) if r.get("status") != Status.OK]
     if bad:
         for status in _BAD_FIRST:
             hit = [(i, r) for i, r in bad if r.get("status") == status]

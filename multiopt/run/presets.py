@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
+from ..kinds import Probe
 from ..record import Config
+from ..rules import Rules
 from ..train import models
-from ..train.spec import canonical, parse
 
-COMBOS: dict[str, str] = {
+# name -> rules, parsed once here (a typo in a preset fails at import, naming it)
+COMBOS: dict[str, Rules] = {name: Rules(text) for name, text in {
     "sgd": "rest=sgd(lr=0.01)",
     "sgd-momentum": "rest=sgd(lr=0.01, momentum=0.9)",
     "adam": "rest=adam(lr=0.001)",
@@ -22,7 +24,7 @@ COMBOS: dict[str, str] = {
     "muon+adamw": "@matrix=muon(lr=0.02); rest=adamw(lr=0.0003)",
     "sgd+adam": "layer1=sgd(lr=0.01); rest=adam(lr=0.001)",
     "adam+sgd": "layer1=adam(lr=0.001); rest=sgd(lr=0.01)",
-}
+}.items()}
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Grid:
 
     widths: tuple[int, ...] = (256,)
     batches: tuple[int, ...] = (32,)
-    combos: tuple[tuple[str, str], ...] = (("adam", COMBOS["adam"]),)  # (name, rules)
+    combos: tuple[tuple[str, Rules], ...] = (("adam", COMBOS["adam"]),)  # (name, rules)
     depths: tuple[int, ...] = (3,)
     dtypes: tuple[str, ...] = ("float32",)
     amps: tuple[str, ...] = ("none",)
@@ -53,12 +55,12 @@ class Grid:
             # not one per width, and --resume finds the record
             width, depth = specs[model].sizes(width, depth)
             out.append(Config(model=model, width=width, depth=depth, batch=batch, dtype=dtype, amp=amp,
-                              combo=combo, rules=canonical(rules), impl=impl, zero_grad_at=zg, seed=self.seed, device=device,
+                              combo=combo, rules=rules, impl=impl, zero_grad_at=zg, seed=self.seed, device=device,
                               zero=zero, ranks=ranks if zero else 1))
         return dedupe(out)
 
 
-def combos(names: Iterable[str]) -> tuple[tuple[str, str], ...]:
+def combos(names: Iterable[str]) -> tuple[tuple[str, Rules], ...]:
     out = []
     for name in names:
         name = name.strip()
@@ -70,15 +72,16 @@ def combos(names: Iterable[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def user_combo(text: str, taken: Iterable[str] = ()) -> tuple[str, str]:
-    """`NAME::RULES` or bare RULES (named after its optimizers, e.g. `sgd+adam*`).
+def user_combo(text: str, taken: Iterable[str] = ()) -> tuple[str, Rules]:
+    """`NAME::RULES` or bare RULES (named after its optimizers, e.g. `sgd+adam*`), the rules
+    parsed (once: the configs made from them carry the parsed value).
     `::` cannot occur in a rule, so it never collides with `pkg.mod:Class` paths."""
-    name, sep, rules = text.partition("::")
+    name, sep, text_rules = text.partition("::")
     if not sep:
-        name, rules = "", text
-    parsed = parse(rules)
+        name, text_rules = "", text
+    rules = Rules(text_rules.strip())
     if not name:
-        name = "+".join(r.optimizer.rsplit(":", 1)[-1].lower() for r in parsed)
+        name = "+".join(r.optimizer.rsplit(":", 1)[-1].lower() for r in rules.parsed)
         taken = set(taken)
         if name in COMBOS or name in taken:
             base, n = name + "*", 1
@@ -86,16 +89,16 @@ def user_combo(text: str, taken: Iterable[str] = ()) -> tuple[str, str]:
             while name in taken:
                 n += 1
                 name = f"{base}{n}"
-    return name.strip(), rules.strip()
+    return name.strip(), rules
 
 
 ALL = tuple(COMBOS.items())
 # Muon on the transformer's matrices, its embeddings (`emb`, `pos_emb`) on AdamW as Muon's authors advise.
-_MUON_LM = ("muon+adamw-emb", "*emb*=adamw(lr=0.0003); @matrix=muon(lr=0.02); rest=adamw(lr=0.0003)")
+_MUON_LM = ("muon+adamw-emb", Rules("*emb*=adamw(lr=0.0003); @matrix=muon(lr=0.02); rest=adamw(lr=0.0003)"))
 PRESETS: dict[str, dict[str, Any]] = {
     # CI-sized: under 60 s on a 2-core CPU with the tracked probe, isolation on.
     "quick": {
-        "probe": "tracked",
+        "probe": Probe.TRACKED,
         "grids": (
             Grid(widths=(64, 256), batches=(16, 64), combos=ALL, depths=(3,)),
             Grid(widths=(256,), batches=(64,), combos=combos(["sgd-momentum", "adam", "adamw"]),
@@ -124,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Fake probe: sizes only, for the shape of the curves at scale.
     "wide": {
-        "probe": "fake",
+        "probe": Probe.FAKE,
         "grids": (
             Grid(widths=(1024, 2048, 4096, 8192, 16384), batches=(64, 512), depths=(8,),
                  combos=combos(["sgd", "sgd-momentum", "adam", "adamw", "muon+adamw", "sgd+adam"])),
@@ -152,7 +155,7 @@ def dedupe(configs: Iterable[Config]) -> list[Config]:
 def select(preset: str, *, device: str = "cpu", ranks: int = 1, widths: Sequence[int] = (),
            batches: Sequence[int] = (), depths: Sequence[int] = (), dtypes: Sequence[str] = (),
            impls: Sequence[str] = (), models: Sequence[str] = (), zeros: Sequence[int] = (),
-           combos: Sequence[tuple[str, str]] = ()) -> list[Config]:
+           combos: Sequence[tuple[str, Rules]] = ()) -> list[Config]:
     """A preset's configs, or, when any list is given, one grid: the given lists, and for what
     is not given the preset's main grid (its first), so `widths=[64]` means "the main grid at
     width 64"."""

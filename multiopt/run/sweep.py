@@ -38,10 +38,11 @@ from typing import Any, Callable, Sequence
 
 from .. import env as envmod
 from ..errors import UsageError
+from ..instrument.fsdp import merge_ranks
 from ..instrument.protocol import Protocol, validate
+from ..kinds import Probe, Status
 from ..record import Config, Record, config_key
 from ..store import append_jsonl, iter_jsonl, write_jsonl_atomic, write_text_atomic
-from ..instrument.fsdp import merge_ranks
 from .launch import RankScope, make_launcher, merge_zero, together
 
 __all__ = ["SweepResult", "sweep", "fold_shards", "has_shards", "shard"]
@@ -61,7 +62,7 @@ class SweepResult:
 
     @property
     def failed(self) -> tuple[Record, ...]:
-        return tuple(r for r in self.records if r.status != "ok")
+        return tuple(r for r in self.records if r.status != Status.OK)
 
     def summary(self) -> list[str]:
         """The lines a person reads after a sweep: counts, time, and every failure named by
@@ -189,7 +190,7 @@ class Solo(Team):
 class Ranks(Team):
     """The ranks of a torchrun launch share the configs (see the module docstring)."""
 
-    def __init__(self, out: Path, launch: envmod.RankEnv, wait_s: float, cuda: bool, probe: str = "tracked") -> None:
+    def __init__(self, out: Path, launch: envmod.RankEnv, wait_s: float, cuda: bool, probe: str = Probe.TRACKED) -> None:
         super().__init__(out)
         self.probe = probe
         self.launch = launch
@@ -226,7 +227,7 @@ class Ranks(Team):
         box: list[Any] = [None]
         if self.is_main:
             try:
-                box[0] = ("ok", fn())
+                box[0] = ("value", fn())
             except UsageError as e:
                 box[0] = ("usage", str(e))
         self._dist.broadcast_object_list(box, src=0)

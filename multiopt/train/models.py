@@ -12,7 +12,13 @@ Built in (`resolve(name)`):
   causal self-attention (q/k/v/out Linear projections) and a 4x GELU MLP, a final LayerNorm,
   and a head tied to `emb`. Batches are (tokens, targets) int64 sequences of `SEQ_LEN`.
 
-Your own model (`resolve("pkg.module:factory")`, see `from_path`).
+Your own model (`resolve("pkg.module:factory")`, see `from_path`); a Hugging Face model from
+its config (`hf:PATH`) or a timm model by name (`timm:NAME`), see `train/hf.py`.
+
+A config's options (`for_config`): `checkpointing` (activation checkpointing: each block of
+the mlp and the transformer under `torch.utils.checkpoint`, non-reentrant; a Hugging Face
+model's own `gradient_checkpointing_enable`), `lora` (peft adapters, the base frozen) and
+`seq` (the sequence length of a model that has one).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -28,8 +35,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
+from . import hf  # hf: and timm: models; it imports transformers, peft and timm only when one is used
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -59,15 +68,25 @@ class MLP(nn.Module):
             raise UsageError(f"MLP needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
         self.in_features = self.out_features = width
         self.depth = depth
+        # activation checkpointing: each layer (Linear, then ReLU) recomputed in the backward
+        self.checkpointing = False
         for i in range(1, depth + 1):
             self.add_module(f"layer{i}", nn.Linear(width, width, bias=bias))
 
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = getattr(self, f"layer{i}")(x)
+        return torch.relu(x) if i < self.depth else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, self.depth + 1):
-            x = getattr(self, f"layer{i}")(x)
-            if i < self.depth:
-                x = torch.relu(x)
+            x = _checkpointed(self._block, i, x) if self.checkpointing and self.training else self._block(i, x)
         return x
+
+
+def _checkpointed(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """`fn(*args)` under non-reentrant activation checkpointing: only its inputs are kept
+    for the backward, which runs it again (torch's recommended mode; reentrant is legacy)."""
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 @dataclass(frozen=True)
@@ -76,13 +95,17 @@ class ModelSpec:
 
     `loss_fn(output, target)` when batches are (inputs, targets); None when the model's
     output already is the loss, or has one (`output.loss`; see `trainer.forward_loss`).
-    `takes`: the sizes (`width`, `depth`) the factory takes; it ignores the others."""
+    `takes`: the sizes (`width`, `depth`) the factory takes; it ignores the others.
+    `seq`: the sequence length of its batches (`batch_fn` then takes `seq=`), 0 for a model
+    without one. `lora`: the canonical LoRA text the factory applies ("" = none)."""
 
     name: str
     factory: Callable[..., nn.Module]
     batch_fn: Callable[..., Any]
     loss_fn: Callable[..., torch.Tensor] | None = None
     takes: tuple[str, ...] = ("width", "depth")
+    seq: int = 0
+    lora: str = ""
 
     def build(self, width: int, depth: int) -> nn.Module:
         return self.factory(width=width, depth=depth)
@@ -95,7 +118,8 @@ class ModelSpec:
 
     def make_batch(self, model: nn.Module, batch: int, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Any:
-        return self.batch_fn(model, batch, dtype=dtype, device=device, generator=generator)
+        extra = {"seq": self.seq} if self.seq else {}
+        return self.batch_fn(model, batch, dtype=dtype, device=device, generator=generator, **extra)
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -107,9 +131,89 @@ def resolve(name: str) -> ModelSpec:
         raise UsageError(f"a model is named by a string, got {type(name).__name__}")
     if name in MODELS:
         return MODELS[name]
+    if name.startswith(("hf:", "timm:")):
+        parts = hf.resolve(name)
+        return ModelSpec(name.strip(), parts.factory, parts.batch_fn, parts.loss_fn, takes=(), seq=parts.seq)
     if ":" in name:
         return from_path(name)
     raise UsageError(f"unknown model {name!r}; known: {', '.join(MODELS)}, or your own as pkg.module:factory")
+
+
+def for_config(config: Any) -> ModelSpec:
+    """The model of `config` (a Config: model, seq, lora, checkpointing) as a ModelSpec whose
+    factory applies the options and whose batches have the config's sequence length.
+
+    - `checkpointing` 1: activation checkpointing (`enable_checkpointing`);
+    - `lora` (`hf.parse_lora` text): peft LoRA adapters, every other parameter frozen, so
+      the rules see only the adapters (`rest=adamw` is enough);
+    - `seq` > 0: the batches' sequence length, for a model that has one (0: its default).
+    Each is a one-line UsageError on a model it does not apply to."""
+    spec = resolve(config.model)
+    seq, lora, ckpt = int(config.seq), str(config.lora), int(config.checkpointing)
+    if ckpt not in (0, 1):
+        raise UsageError(f"checkpointing is 0 or 1, got {config.checkpointing!r}")
+    if seq < 0:
+        raise UsageError(f"seq must be >= 0 (0: the model's default), got {seq}")
+    if seq and not spec.seq:
+        raise UsageError(f"--seq {seq}: model {spec.name!r} has no sequence length (it applies to hf: models)")
+    if lora:
+        lora = hf.parse_lora(lora).text
+    if not (ckpt or lora or seq):
+        return spec
+    factory = _Configured(spec.name, spec.factory, bool(ckpt), lora)
+    return dataclasses.replace(spec, factory=factory, seq=seq or spec.seq, lora=lora)
+
+
+@dataclass(frozen=True)
+class _Configured:
+    """A factory, then activation checkpointing, then LoRA (peft wraps the model last, so the
+    checkpointing switches are the base model's own)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    checkpointing: bool
+    lora: str
+
+    def __call__(self, **kwargs: Any) -> nn.Module:
+        model = self.factory(**kwargs)
+        if self.checkpointing:
+            enable_checkpointing(model, self.name)
+        if self.lora:
+            model = hf.apply_lora(model, self.lora, self.name)
+        return model
+
+
+def enable_checkpointing(model: nn.Module, name: str = "the model") -> None:
+    """Activation checkpointing on `model`, non-reentrant: the mlp's and transformer's blocks
+    (`checkpointing = True`), a Hugging Face model's decoder layers
+    (`gradient_checkpointing_enable(use_reentrant=False)`), a timm model's
+    (`set_grad_checkpointing`). Any other model: a UsageError saying so."""
+    if isinstance(model, (MLP, Transformer)):
+        model.checkpointing = True
+        return
+    hf_enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if callable(hf_enable) and getattr(model, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if getattr(hf_enable, "__name__", "") == "activation_checkpointing_enable":
+            hf_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf_enable(gradient_checkpointing_kwargs=kwargs)
+        _no_cache(model)
+        return
+    timm_enable = getattr(model, "set_grad_checkpointing", None)
+    if callable(timm_enable):
+        timm_enable(True)
+        return
+    raise UsageError(f"model {name!r} ({type(model).__name__}) has no activation checkpointing the suite can switch on "
+                     "(the mlp, the transformer, Hugging Face and timm models have); checkpoint inside your factory instead")
+
+
+def _no_cache(model: nn.Module) -> None:
+    """A Hugging Face model under checkpointing trains without a KV cache: transformers turns
+    `use_cache` off at every forward (and warns each time); off from the start here."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
 
 
 def build(name: str, width: int = 64, depth: int = 3) -> nn.Module:
@@ -230,6 +334,7 @@ class Transformer(nn.Module):
         self.width, self.depth, self.vocab, self.seq_len = width, depth, vocab, seq_len
         self.heads = heads if heads is not None else heads_for(width)
         self.tied = tied
+        self.checkpointing = False  # each block recomputed in the backward (see _checkpointed)
         self.emb = nn.Embedding(vocab, width)
         self.pos_emb = nn.Parameter(torch.empty(seq_len, width))
         for i in range(1, depth + 1):
@@ -254,7 +359,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than the model's seq_len {self.seq_len}")
         x = self.emb(tokens) + self.pos_emb[:t]
         for i in range(1, self.depth + 1):
-            x = getattr(self, f"layer{i}")(x)
+            block = getattr(self, f"layer{i}")
+            x = _checkpointed(block, x) if self.checkpointing and self.training else block(x)
         x = self.ln_f(x)
         return F.linear(x, self.emb.weight) if self.head is None else self.head(x)
 

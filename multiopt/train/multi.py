@@ -13,33 +13,31 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line
+from ..kinds import Target
 from . import optimizers as registry
-from .spec import Rule, assign, format_rules, rules_from
+from .spec import Rule, Rules, assign, format_rules
 
 IMPLS = ("default", "foreach", "fused", "forloop")
 
 
-TARGETS = ("cpu", "cuda")
-
-
 def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any],
-                target: str = "cpu") -> dict[str, Any]:
+                target: Target | str = Target.CPU) -> dict[str, Any]:
     """Keywords that select an implementation, where the optimizer has that choice and the
     user did not already choose. `fused` on an optimizer without a fused kernel keeps torch's
     default; the record says which implementation each optimizer really used.
 
     `target="cuda"` with impl "default": the choice torch makes for CUDA parameters, made
-    explicit so CPU parameters get it too (see `_torch_defaults_to_foreach`)."""
+    explicit so CPU parameters get it too (the descriptor's `default_impl`)."""
     if impl not in IMPLS:
         raise UsageError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
-    if target not in TARGETS:
-        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in Target.values():
+        raise UsageError(f"unknown target {target!r}; choose one of {', '.join(Target.values())}")
     if "foreach" in given or "fused" in given:
         return {}
     if impl == "default":
-        cuda_picks_foreach = target == "cuda" and not given.get("differentiable") and _torch_defaults_to_foreach(spec)
-        return {"foreach": True} if cuda_picks_foreach else {}
+        picks_foreach = default_impl(spec, Target(target)) == "foreach" and not given.get("differentiable")
+        return {"foreach": True} if picks_foreach else {}
     accepted = spec.accepted_keywords() or set()
     if impl == "fused" and "fused" in accepted:
         return {"fused": True}
@@ -50,7 +48,17 @@ def impl_kwargs(spec: registry.OptimizerSpec, impl: str, given: Mapping[str, Any
     return {}
 
 
-def _torch_defaults_to_foreach(spec: registry.OptimizerSpec) -> bool:
+def default_impl(spec: registry.OptimizerSpec, target: Target) -> str:
+    """The implementation torch picks for the optimizer's parameters on `target` when neither
+    foreach nor fused is given: the descriptor's, else asked of torch's modules (a class
+    known only by import path)."""
+    written = spec.descriptor.default_impl_on(target) if spec.descriptor is not None else None
+    if written is not None:
+        return written
+    return "foreach" if target == Target.CUDA and torch_defaults_to_foreach(spec) else "forloop"
+
+
+def torch_defaults_to_foreach(spec: registry.OptimizerSpec) -> bool:
     """True where torch's own step, given foreach=None, asks
     `torch.optim.optimizer._default_to_fused_or_foreach`, which picks foreach when every
     parameter is on a foreach-capable device (CUDA) and the optimizer is not differentiable.
@@ -93,7 +101,7 @@ class MultiOptimizer(torch.optim.Optimizer):
         optimizers: Mapping[str, torch.optim.Optimizer] | Sequence[torch.optim.Optimizer],
         *,
         model: nn.Module | None = None,
-        rules: Sequence[Rule] | None = None,
+        rules: Rules | Sequence[Rule] | None = None,
     ) -> None:
         # Deliberately not calling Optimizer.__init__: it would copy the parameters into new
         # param_groups, and a scheduler writing there would never reach the children.
@@ -114,7 +122,7 @@ class MultiOptimizer(torch.optim.Optimizer):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise UsageError(f"{key!r} is a {type(opt).__name__}, not a torch.optim.Optimizer")
         self._children = children
-        self.rules: tuple[Rule, ...] | None = tuple(rules) if rules is not None else None
+        self.rules: tuple[Rule, ...] | None = Rules.of(rules).parsed if rules is not None else None
         self._names = _param_names(model)
         self._check_disjoint()
         self.defaults: dict[str, Any] = {}
@@ -138,7 +146,7 @@ class MultiOptimizer(torch.optim.Optimizer):
         impl: str = "default",
         zero: bool = False,
         process_group: Any = None,
-        target: str = "cpu",
+        target: Target | str = Target.CPU,
     ) -> "MultiOptimizer":
         """One optimizer per rule over the parameters it claims (first match wins).
 
@@ -146,7 +154,7 @@ class MultiOptimizer(torch.optim.Optimizer):
         (or the given) process group: ZeRO-1 optimizer-state sharding, one partition per rank.
         `target="cuda"`: impl "default" resolved as torch resolves it for CUDA parameters."""
         children: OrderedDict[str, torch.optim.Optimizer] = OrderedDict()
-        parsed = rules_from(rules)
+        parsed = Rules.of(rules).parsed
         for rule, spec, group in plan(model, parsed):
             kwargs = {**rule.options, **impl_kwargs(spec, impl, rule.options, target)}
             params = [p for _, p in group]
@@ -158,7 +166,7 @@ class MultiOptimizer(torch.optim.Optimizer):
             except Exception as e:  # the constructor is the optimizer author's code: any refusal is theirs
                 wrapper = f"ZeroRedundancyOptimizer({spec.name})" if zero else spec.name
                 raise UsageError(f"rule '{rule}': {wrapper} refused its settings or parameters: "
-                                 f"{type(e).__name__}: {_one_line(e)}") from None
+                                 f"{type(e).__name__}: {one_line(e)}") from None
         return cls(children, model=model, rules=parsed)
 
     # --- acting as one optimizer ----------------------------------------------------------
@@ -272,11 +280,12 @@ class MultiOptimizer(torch.optim.Optimizer):
                     owner[id(p)] = key
 
 
-def plan(model: nn.Module, rules: Sequence[Rule]) -> list[tuple[Rule, registry.OptimizerSpec, list]]:
+def plan(model: nn.Module, rules: Rules | Sequence[Rule]) -> list[tuple[Rule, registry.OptimizerSpec, list]]:
     """Each rule with its optimizer class and the (name, parameter) pairs it claims, every
     check that needs no optimizer instance done: unknown optimizers, bad keywords, rules that
     claim nothing, unclaimed parameters, matrix-only optimizers on other shapes. Works on a
     meta-device model, so a config is validated before anything is allocated."""
+    rules = rules.parsed if isinstance(rules, Rules) else tuple(rules)
     specs = [registry.resolve(r.optimizer) for r in rules]
     for rule, spec in zip(rules, specs):
         spec.check_keywords(rule.options, where=f"rule '{rule}'")
@@ -297,7 +306,7 @@ def _try_construct(rule: Rule, spec: registry.OptimizerSpec, group: list) -> Non
         spec.cls(meta, **kwargs)
         return
     except Exception as e:  # any exception: the constructor is the optimizer author's code
-        why = f"{type(e).__name__}: {_one_line(e)}"
+        why = f"{type(e).__name__}: {one_line(e)}"
     culprits = [k for k in kwargs if _builds(spec, meta, {j: v for j, v in kwargs.items() if j != k})]
     named = f" keyword {', '.join(f'{k}={kwargs[k]!r}' for k in culprits)}" if culprits else " settings"
     raise UsageError(f"rule '{rule}': {spec.name} refused its{named} ({why}); fix or remove it")
@@ -309,10 +318,6 @@ def _builds(spec: registry.OptimizerSpec, params: list, kwargs: dict[str, Any]) 
     except Exception:  # which keyword is at fault: the one whose removal lets it build
         return False
     return True
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _zero_optimizer(params: list, cls: type, process_group: Any, kwargs: dict[str, Any]) -> torch.optim.Optimizer:

@@ -1,151 +1,35 @@
-"""Rules that say which optimizer owns which parameters.
+"""Which parameters each rule claims on a model (first match wins).
 
-    layer1=sgd(lr=0.01, momentum=0.9); layer2=adam(lr=1e-3)
-    @matrix=muon(lr=0.02); rest=adamw(lr=3e-4, weight_decay=0.1)
-    *wte*=adamw; @2d=muon(lr=0.02); rest=adamw
-    *.bias=sgd(lr=0.1); rest=adam
-
-A rule is `selector=optimizer(kwargs)`. Selectors: a module path (`layer1`, `blocks.0`),
-a glob over parameter names (`*.bias`), a kind (`@matrix`: ndim >= 2, `@2d`: ndim == 2,
-`@vector`: ndim < 2), or `rest`. `@2d` is the one for Muon, which takes exactly 2-D
-parameters: `@matrix` also hands it conv kernels (3-D/4-D) and ViT's cls_token. The first matching rule wins. Keyword values are parsed as Python
-literals with `ast.literal_eval`: never evaluated as code.
+The rule grammar and the parsed `Rules` value live in `multiopt.rules` (below the record,
+which holds them); they are re-exported here, where training code has always found them.
+Frozen parameters (`requires_grad=False`) need no rule: no optimizer ever sees them.
 """
 
 from __future__ import annotations
 
-import ast
-import fnmatch
-import functools
-import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..rules import KINDS, Rule, Rules, canonical, format_rules, from_dicts, parse, rules_from
 
-KINDS = {"@matrix": "parameters with ndim >= 2", "@2d": "parameters with ndim == 2", "@vector": "parameters with ndim < 2"}
-_GLOB_CHARS = set("*?[")
+__all__ = ["KINDS", "Rule", "Rules", "assign", "canonical", "format_rules", "from_dicts", "parse", "rules_from"]
 
-
-@dataclass(frozen=True)
-class Rule:
-    """One `selector=optimizer(kwargs)` rule. `kwargs` is a tuple of (name, value) pairs so
-    the rule stays hashable and frozen."""
-
-    selector: str
-    optimizer: str
-    kwargs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.kwargs)
-
-    @property
-    def label(self) -> str:
-        """Short name that keys this rule's optimizer: `layer1=sgd`."""
-        return f"{self.selector}={self.optimizer}"
-
-    def __str__(self) -> str:
-        if not self.kwargs:
-            return self.label
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
-        return f"{self.label}({args})"
-
-    def matches(self, name: str, param: torch.Tensor) -> bool:
-        sel = self.selector
-        if sel == "rest":
-            return True
-        if sel == "@matrix":
-            return param.ndim >= 2
-        if sel == "@2d":
-            return param.ndim == 2
-        if sel == "@vector":
-            return param.ndim < 2
-        if _GLOB_CHARS & set(sel):
-            return fnmatch.fnmatchcase(name, sel)
-        return name == sel or name.startswith(sel + ".")
-
-
-def format_rules(rules: Sequence[Rule]) -> str:
-    """The canonical rule string, parseable by `parse`."""
-    return "; ".join(str(r) for r in rules)
-
-
-def parse(text: str) -> tuple[Rule, ...]:
-    """Parse a rule string; UsageError names the part that is wrong. A config's rule text is
-    parsed once: later calls with the same text return the same (immutable) Rules."""
-    if not isinstance(text, str):
-        raise UsageError(f"rules must be a string, got {type(text).__name__}")
-    return _parse_cached(text)
-
-
-def canonical(text: str) -> str:
-    """The canonical form of a rule string (what records store and configs are keyed by)."""
-    return format_rules(parse(text))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_cached(text: str) -> tuple[Rule, ...]:
-    parts = [p.strip() for p in _split_top_level(text, ";")]
-    parts = [p for p in parts if p]
-    if not parts:
-        raise UsageError("no rules given; write e.g. 'layer1=sgd(lr=0.01); rest=adam'")
-    rules = tuple(_parse_rule(p) for p in parts)
-    _check_selectors(rules)
-    return rules
-
-
-def from_dicts(items: Iterable[Mapping[str, Any]]) -> tuple[Rule, ...]:
-    """Rules from a list of dicts (JSON / YAML), e.g.
-    `[{"select": "layer1", "optimizer": "sgd", "lr": 0.01}, {"select": "rest", "optimizer": "adam"}]`.
-    Keyword arguments go either at the top level or under "kwargs"."""
-    rules = []
-    for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise UsageError(f"rule #{i + 1} must be a mapping, got {type(item).__name__}")
-        d = dict(item)
-        selector = d.pop("select", d.pop("selector", d.pop("params", None)))
-        opt = d.pop("optimizer", d.pop("opt", None))
-        if not selector or not opt:
-            raise UsageError(f"rule #{i + 1} {dict(item)!r} needs 'select' and 'optimizer'")
-        extra = d.pop("kwargs", None) or {}
-        if not isinstance(extra, Mapping):
-            raise UsageError(f"rule #{i + 1}: 'kwargs' must be a mapping of keyword to value, got {type(extra).__name__}")
-        kwargs = {str(k): tuple(v) if isinstance(v, list) else v for k, v in {**extra, **d}.items()}
-        for k, v in kwargs.items():
-            _check_finite(k, v, f"rule #{i + 1}")
-        rules.append(Rule(str(selector).strip(), str(opt).strip().lower() if ":" not in str(opt) else str(opt).strip(), tuple(kwargs.items())))
-    if not rules:
-        raise UsageError("no rules given")
-    rules_t = tuple(rules)
-    _check_selectors(rules_t)
-    return rules_t
-
-
-def rules_from(spec: str | Iterable[Mapping[str, Any]] | Iterable[Rule]) -> tuple[Rule, ...]:
-    """Accept a rule string, a list of dicts, or Rules."""
-    if isinstance(spec, str):
-        return parse(spec)
-    items = list(spec)
-    if items and all(isinstance(r, Rule) for r in items):
-        rules = tuple(items)  # type: ignore[arg-type]
-        _check_selectors(rules)
-        return rules
-    return from_dicts(items)  # type: ignore[arg-type]
+_FROZEN = "frozen (requires_grad=False)"
 
 
 def assign(named_params: Iterable[tuple[str, nn.Parameter]], rules: Sequence[Rule]) -> list[list[tuple[str, nn.Parameter]]]:
     """First-match-wins assignment of trainable parameters to rules, one list per rule.
 
-    Raises UsageError for a trainable parameter no rule claims (all listed by name) and for
-    a rule that claims nothing."""
+    Raises UsageError for a trainable parameter no rule claims (all listed by name), for a
+    rule that claims nothing (saying why: earlier rules took its parameters, its parameters
+    are frozen, or its selector matches no name) and for a model with nothing to train."""
     groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in rules]
-    unclaimed = []
+    unclaimed, frozen = [], []
     for name, p in named_params:
         if not p.requires_grad:
+            frozen.append((name, p))
             continue
         for i, rule in enumerate(rules):
             if rule.matches(name, p):
@@ -153,6 +37,9 @@ def assign(named_params: Iterable[tuple[str, nn.Parameter]], rules: Sequence[Rul
                 break
         else:
             unclaimed.append(name)
+    if frozen and not unclaimed and not any(groups):
+        raise UsageError(f"the model has nothing to train: all {len(frozen)} of its parameters are {_FROZEN}; "
+                         "unfreeze the ones to train (frozen parameters need no rule)")
     if unclaimed:
         raise UsageError(
             f"no rule claims parameter{'s' if len(unclaimed) > 1 else ''} {', '.join(unclaimed)}; "
@@ -160,99 +47,18 @@ def assign(named_params: Iterable[tuple[str, nn.Parameter]], rules: Sequence[Rul
         )
     for rule, group in zip(rules, groups):
         if not group:
-            raise UsageError(f"rule '{rule}' claims no parameter (earlier rules took them, or the selector matches no name)")
+            raise UsageError(f"rule '{rule}' claims no parameter ({_why_empty(rule, groups, frozen)})")
     return groups
 
 
-def _check_selectors(rules: Sequence[Rule]) -> None:
-    seen = set()
-    for r in rules:
-        if r.selector.startswith("@") and r.selector not in KINDS:
-            raise UsageError(f"unknown kind selector {r.selector!r} in rule '{r}'; kinds: {', '.join(KINDS)}")
-        if r.label in seen:
-            raise UsageError(f"rule '{r.label}' appears twice; the second would claim nothing")
-        seen.add(r.label)
-    for r in rules[:-1]:
-        if r.selector == "rest":
-            raise UsageError(f"'rest' must be the last rule: rules after '{r}' would claim nothing")
-
-
-def _check_finite(key: str, value: Any, where: str) -> None:
-    # 1e999 parses to inf and would train: a non-finite setting is never what a person meant
-    items = value if isinstance(value, tuple) else (value,)
-    for v in items:
-        if isinstance(v, tuple):
-            _check_finite(key, v, where)
-        elif isinstance(v, (float, complex)) and not all(map(math.isfinite, (v.real, v.imag))):
-            raise UsageError(f"{where}: {key}={v!r} is not a finite number; give a finite value")
-
-
-def _split_top_level(text: str, sep: str) -> list[str]:
-    """Split on `sep` outside parentheses, brackets and quotes."""
-    parts, depth, quote, cur = [], 0, None, []
-    for ch in text:
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    if quote or depth:
-        raise UsageError(f"unbalanced {'quote' if quote else 'parentheses'} in rules {text!r}")
-    parts.append("".join(cur))
-    return parts
-
-
-def _parse_rule(part: str) -> Rule:
-    selector, eq, rhs = part.partition("=")
-    selector, rhs = selector.strip(), rhs.strip()
-    if not eq or not selector or not rhs:
-        raise UsageError(f"rule {part!r} must look like 'selector=optimizer(key=value, ...)'")
-    name, paren, args = rhs.partition("(")
-    name = name.strip()
-    if not name or any(c.isspace() for c in name):
-        raise UsageError(f"rule {part!r}: {name!r} is not an optimizer name")
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    if paren:
-        if not args.rstrip().endswith(")"):
-            raise UsageError(f"rule {part!r}: missing ')' after the optimizer's keywords")
-        kwargs = _parse_kwargs(args.rstrip()[:-1], part)
-    return Rule(selector, name if ":" in name else name.lower(), kwargs)
-
-
-def _parse_kwargs(args: str, part: str) -> tuple[tuple[str, Any], ...]:
-    try:
-        call = ast.parse(f"f({args})", mode="eval").body
-    except SyntaxError as e:
-        raise UsageError(f"rule {part!r}: cannot parse keywords ({e.msg})") from None
-    assert isinstance(call, ast.Call)
-    if call.args:
-        raise UsageError(f"rule {part!r}: write keywords as name=value, not positionally")
-    out = []
-    for kw in call.keywords:
-        if kw.arg is None:
-            raise UsageError(f"rule {part!r}: '**' is not allowed")
-        try:
-            value = ast.literal_eval(kw.value)
-        except (ValueError, SyntaxError):
-            raise UsageError(
-                f"rule {part!r}: value of {kw.arg!r} must be a literal (number, bool, None, string, tuple), "
-                f"got {ast.unparse(kw.value)!r}"
-            ) from None
-        if isinstance(value, list):
-            value = tuple(value)
-        _check_finite(kw.arg, value, f"rule {part!r}")
-        out.append((kw.arg, value))
-    names = [k for k, _ in out]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise UsageError(f"rule {part!r}: keyword {', '.join(sorted(dup))} given twice")
-    return tuple(out)
+def _why_empty(rule: Rule, groups: Sequence[Sequence[tuple[str, nn.Parameter]]],
+               frozen: Sequence[tuple[str, nn.Parameter]]) -> str:
+    """Why a rule got no parameter: the trainable ones it selects went to earlier rules, or
+    the ones it selects are all frozen, or it selects no name at all."""
+    if any(rule.matches(n, p) for group in groups for n, p in group):
+        return "earlier rules took the parameters it selects; move it before them or narrow theirs"
+    hit = [n for n, p in frozen if rule.matches(n, p)]
+    if hit:
+        shown = ", ".join(hit[:4]) + (f", ... (+{len(hit) - 4})" if len(hit) > 4 else "")
+        return f"the parameters it selects are all {_FROZEN}: {shown}; frozen parameters need no rule, remove it"
+    return "the selector matches no parameter name"

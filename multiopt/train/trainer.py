@@ -59,6 +59,7 @@ class Trainer:
         schedulers: Sequence[Any] = (),
         zero_grad_at: str = "end",
         assume_finite: bool = False,
+        step_in_backward: bool = False,
     ) -> None:
         if amp in ("none", ""):
             amp = None
@@ -68,6 +69,8 @@ class Trainer:
             raise UsageError(f"zero_grad_at must be 'end' or 'start', got {zero_grad_at!r}")
         if grad_accum < 1:
             raise UsageError(f"grad_accum must be >= 1, got {grad_accum}")
+        if step_in_backward:
+            _check_step_in_backward(amp, clip_norm, grad_accum)
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = MultiOptimizer(list(optimizer), model=model)
         self.model = model
@@ -78,6 +81,7 @@ class Trainer:
         self.clip_norm = clip_norm
         self.schedulers = list(schedulers)
         self.zero_grad_at = zero_grad_at
+        self.step_in_backward = bool(step_in_backward)
         first = next(model.parameters(), None)
         self.device_type = first.device.type if first is not None else "cpu"
         scaler = _UnreadScaler if assume_finite else torch.amp.GradScaler
@@ -131,7 +135,8 @@ class Trainer:
             scaled = loss / self.grad_accum if self.grad_accum > 1 else loss
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
-            scaled.backward()
+            with self._stepping_in_backward():
+                scaled.backward()
             del scaled
         self._micro += 1
         if self._micro == self.grad_accum:
@@ -152,7 +157,34 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=AMP_DTYPES[self.amp])
 
+    @contextlib.contextmanager
+    def _stepping_in_backward(self) -> Iterator[None]:
+        """step_in_backward: for the length of one backward, each trainable parameter's
+        owner steps it as soon as its gradient is complete, then the gradient is freed."""
+        if not self.step_in_backward:
+            yield
+            return
+        owner = {id(p): opt for opt in self.children for g in opt.param_groups for p in g["params"]}
+
+        def hook(p: torch.Tensor) -> None:
+            opt = owner.get(id(p))
+            if opt is None:
+                return  # a parameter no optimizer holds keeps its gradient, as without the option
+            opt.step()  # every other parameter's gradient is None now: this one alone steps
+            p.grad = None
+
+        handles = [p.register_post_accumulate_grad_hook(hook) for p in self.model.parameters() if p.requires_grad]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def _step(self) -> None:
+        if self.step_in_backward:  # every parameter already stepped inside backward
+            for sched in self.schedulers:
+                sched.step()
+            return
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
             # One scaler for every optimizer, as PyTorch documents for several optimizers:
@@ -220,6 +252,19 @@ class Trainer:
         self.load_state_dict(state)
 
 
+def _check_step_in_backward(amp: str | None, clip_norm: float | None, grad_accum: int) -> None:
+    """What step_in_backward cannot do, one line each (see Trainer)."""
+    if amp == "fp16":
+        raise UsageError("step_in_backward cannot run with fp16 AMP: its GradScaler unscales and checks every "
+                         "gradient for inf/nan before any optimizer steps; use bf16 AMP or none")
+    if clip_norm is not None:
+        raise UsageError("step_in_backward cannot clip gradients: the norm needs every gradient, which it frees "
+                         "one by one; drop clip_norm or step after backward")
+    if grad_accum != 1:
+        raise UsageError(f"step_in_backward steps on every backward, so it cannot accumulate gradients "
+                         f"(grad_accum={grad_accum}); use grad_accum=1")
+
+
 def _set_mode(optimizers: Sequence[Any], mode: str) -> None:
     # ZeRO wraps the optimizer that has the mode; the wrapper itself has none.
     for opt in optimizers:
@@ -232,27 +277,29 @@ def forward_loss(model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, 
     """The loss of one batch, the way the Trainer (and so every measurement) computes it.
 
     - A Mapping batch is passed as keywords, `model(**batch)` (Hugging Face: input_ids,
-      attention_mask, labels, ...); a 2-tuple/list with a `loss_fn` is (inputs, targets),
-      `loss_fn(model(inputs), targets)`; anything else is the model's one argument.
-    - With a `loss_fn`, a tuple/list output gives its first element (the logits), and an
-      output with `logits` (a Hugging Face ModelOutput) gives those; a Mapping or
-      single-argument batch calls `loss_fn(output)`.
-    - Without one, a tensor output is the loss, else the output's `loss` (attribute or key),
-      which Hugging Face models compute when the batch holds `labels`."""
+      attention_mask, labels, ...); a 2-tuple/list with a `loss_fn` is (inputs, targets);
+      anything else is the model's one argument.
+    - A `loss_fn` gets the model's output *unchanged* (a tensor, a tuple, a ModelOutput with
+      `.logits` and, for mixture-of-experts models, `.aux_loss`), as transformers' Trainer
+      hands its `compute_loss_func(outputs, labels, num_items_in_batch=...)`: for a Mapping
+      batch the `labels` are taken out of the keywords first (so the model does not compute
+      a loss of its own) and passed as the second argument, `loss_fn(outputs, labels)`; a
+      Mapping without labels calls `loss_fn(outputs)`. A 2-tuple batch calls
+      `loss_fn(model(inputs), targets)`, a single-argument batch `loss_fn(model(batch))`.
+    - Without a `loss_fn`, a tensor output is the loss, else the output's `loss` (attribute or
+      key), which Hugging Face models compute when the batch holds `labels`."""
     if isinstance(batch, Mapping):
-        out = model(**batch)
-        return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
+        if loss_fn is None:
+            return _to_loss(model(**batch))
+        inputs = dict(batch)
+        if "labels" not in inputs:
+            return loss_fn(model(**inputs))
+        labels = inputs.pop("labels")
+        return loss_fn(model(**inputs), labels)
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and loss_fn is not None:
-        return loss_fn(_logits(model(batch[0])), batch[1])
+        return loss_fn(model(batch[0]), batch[1])
     out = model(batch)
-    return _to_loss(out) if loss_fn is None else loss_fn(_logits(out))
-
-
-def _logits(out: Any) -> Any:
-    if isinstance(out, (tuple, list)) and out:
-        return out[0]
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    return out if logits is None else logits
+    return _to_loss(out) if loss_fn is None else loss_fn(out)
 
 
 def _to_loss(out: Any) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import UsageError
+from ...kinds import Probe as ProbeName, Target
 from ..allocator import AllocatorConfig
 from ...units import ALLOC_GRANULE, round_alloc
 from .base import COMPILED, COMPILED_UNKNOWN, EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
@@ -22,7 +23,8 @@ from .fake import FakeProbe
 from .target import CudaTarget, Workspaces
 from .tracked import StorageLedger, TrackedProbe
 
-PROBE_NAMES: tuple[str, ...] = ("auto", "cuda", "tracked", "fake")
+# "auto" is not a probe: it stands for cuda where torch sees a GPU, else tracked
+PROBE_NAMES: tuple[str, ...] = ("auto", *ProbeName.values())
 
 __all__ = [
     "ALLOC_GRANULE",
@@ -50,7 +52,7 @@ def make_probe(
     *,
     device: torch.device | str | int | None = None,
     limit_bytes: int | None = None,
-    target: str = "cpu",
+    target: str = Target.CPU,
     alloc_config: AllocatorConfig | None = None,
     workspaces: Workspaces = Workspaces(),
 ) -> Probe:
@@ -64,11 +66,11 @@ def make_probe(
     key = name.strip().lower() if isinstance(name, str) else name
     if key == "auto":
         key = resolve_probe("auto")[0]
-    if key == "cuda":
+    if key == ProbeName.CUDA:
         return CudaProbe(device, limit_bytes=limit_bytes)
-    if key == "tracked":
+    if key == ProbeName.TRACKED:
         return TrackedProbe(device, limit_bytes, target, alloc_config, workspaces)
-    if key == "fake":
+    if key == ProbeName.FAKE:
         return FakeProbe(device, limit_bytes, target, alloc_config, workspaces)
     raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")
 
@@ -78,9 +80,11 @@ def resolve_probe(name: str) -> tuple[str, str]:
     device its configs run on. The one place "auto" is resolved."""
     key = name.strip().lower() if isinstance(name, str) else name
     if key == "auto":
-        key = "cuda" if torch.cuda.is_available() else "tracked"
-    if key not in ("cuda", "tracked", "fake"):
+        key = ProbeName.CUDA if torch.cuda.is_available() else ProbeName.TRACKED
+    if key not in ProbeName.values():
         raise UsageError(f"unknown probe {name!r}; valid probes: {', '.join(PROBE_NAMES)}")
-    if key == "cuda" and not torch.cuda.is_available():
+    probe = ProbeName(key)
+    if probe == ProbeName.CUDA and not torch.cuda.is_available():
         raise UsageError("--probe cuda needs a CUDA GPU, and torch sees none; use --probe tracked or fake")
-    return key, ("cuda" if key == "cuda" else "cpu")
+    # a probe's configs run where it measures: the GPU for cuda, this CPU for tracked and fake
+    return probe, ("cuda" if probe == ProbeName.CUDA else "cpu")

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from ...errors import UsageError
+from ...kinds import Probe as ProbeName
 from .base import Probe, iter_tensors
 
 
 class CudaProbe(Probe):
     """Memory numbers straight from torch.cuda (memory_allocated semantics by definition)."""
 
-    name = "cuda"
+    name = ProbeName.CUDA
     computes = True
 
     def __init__(self, device: torch.device | str | int | None = None, limit_bytes: int | None = None) -> None:

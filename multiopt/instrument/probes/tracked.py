@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from ...errors import UsageError
+from ...kinds import Probe as ProbeName, Target
 from ..allocator import AllocatorConfig
 from ...units import ALLOC_GRANULE, round_alloc
 from .base import EAGER_UNDER_PROBE, Probe, Watch, iter_tensors
@@ -293,7 +294,7 @@ class LedgerProbe(Probe):
     compile_mode = EAGER_UNDER_PROBE
     sees_births = True
 
-    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None, target: str = "cpu",
+    def __init__(self, device: torch.device | str | None = None, limit_bytes: int | None = None, target: str = Target.CPU,
                  alloc_config: AllocatorConfig | None = None, workspaces: Workspaces = Workspaces(),
                  sizers: Mapping[Any, Sizer] | None = None) -> None:
         device = torch.device("cpu" if device is None else device)
@@ -302,14 +303,14 @@ class LedgerProbe(Probe):
                 f"the {self.name} probe measures CPU tensors; got device {str(device)!r} "
                 "(use the cuda probe for a GPU)"
             )
-        if target not in ("cpu", "cuda"):
-            raise UsageError(f"unknown target {target!r} for the {self.name} probe; choose cpu or cuda")
+        if target not in Target.values():
+            raise UsageError(f"unknown target {target!r} for the {self.name} probe; choose {' or '.join(Target.values())}")
         self.device = device
-        self.target = target
+        self.target = Target(target)
         # target cuda: the allocator model holds the limit (on reserved bytes, as CUDA's does)
-        self._ledger = StorageLedger(self.name, limit_bytes if target == "cpu" else None, sizers)
+        self._ledger = StorageLedger(self.name, limit_bytes if self.target == Target.CPU else None, sizers)
         self._cuda: CudaTarget | None = None
-        if target == "cuda":
+        if self.target == Target.CUDA:
             self._cuda = CudaTarget(self.name, alloc_config, limit_bytes, workspaces)
             self._cuda.attach(self._ledger)
         self._active = False
@@ -422,7 +423,7 @@ class LedgerProbe(Probe):
 class TrackedProbe(LedgerProbe):
     """Real CPU tensors, counted per storage as CUDA's allocator would (512-byte blocks)."""
 
-    name = "tracked"
+    name = ProbeName.TRACKED
     computes = True
 
     def __enter__(self) -> "TrackedProbe":

@@ -1,0 +1,704 @@
+"""`multiopt plan`: the setups that fit a memory budget, searched jointly on the fake probe.
+
+A *candidate* is a config with its batch left open; the candidates are the product of the
+*axes* (`Axis`: a name, its values, and how a value sets a Config field). For each one the
+engine finds the largest batch that fits, and the frontier of those answers is the plan.
+
+Fast by construction. Parameters, gradients and optimizer state do not depend on the batch;
+activations and temporaries are affine in it (at a fixed sequence length). So:
+
+1. each candidate runs once on the fake probe, unlimited, at batch 1: every phase's peak;
+2. candidates that differ only in their optimizers share their activations: the first of
+   each such *class* runs once more, at a batch near its answer, which gives each phase's
+   slope in the batch;
+3. per phase, peak(b) = peak(1) + slope x (b - 1); with target cuda the allocator's slack
+   (reserved - allocated at batch 1) on top: the largest b under the budget is the prediction;
+4. the prediction is confirmed at its boundary with the budget as the probe's limit (as
+   `set_per_process_memory_fraction` would cap a GPU): batch b runs, b + 1 runs out of
+   memory; where they disagree the boundary is searched from there (doubling steps, then
+   bisection), so a wrong prediction costs runs, never a wrong answer.
+
+The model is built once on meta and copied for every run (`measure(build=...)`). An optimizer
+that cannot run on the fake probe (it reads tensor values: Adafactor, 8-bit AdamW) is sized
+by its state formula from the registry (`instrument.state.expected_state`): the candidate
+runs with SGD (no state) in its place and the formula's bytes held against the budget; the
+row says so, and that its step temporaries are not measured.
+
+Throughput needs a time model: `Predictor` (a record -> predicted step ms, or None). None
+exists on this build: a plan without one says "no time model" and ranks by batch alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..errors import UsageError
+from ..instrument.probes import Workspaces
+from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
+from ..instrument.state import expected_state, host_state
+from ..kinds import Probe, Status, Target
+from ..record import PHASES, Record
+from ..train import models, optimizers as registry
+from ..train.multi import MultiOptimizer
+from ..rules import Rule, Rules, format_rules, rules_from
+from ..units import fmt_bytes, parse_bytes, round_alloc
+from .presets import combos as preset_combos
+
+_MiB = 1 << 20
+#: CUDA context bytes per GPU family (driver, kernels loaded lazily, cuBLAS handles): what
+#: nvidia-smi shows for a process after `torch.cuda.init()` and a first matmul, torch 2.x
+#: with CUDA 12 lazy loading. Estimates, not measured by this project: set --context.
+CONTEXT: dict[str, int] = {"hopper": 512 * _MiB, "ampere": 448 * _MiB, "ada": 448 * _MiB, "turing": 384 * _MiB}
+DEFAULT_CONTEXT = "hopper"
+CONTEXT_SOURCE = ("an estimate per GPU family (nvidia-smi after torch.cuda.init() and a first matmul, "
+                  "CUDA 12 lazy loading), not measured here: measure yours and pass --context")
+
+#: the largest batch a search tries (a model whose peak does not grow with the batch)
+BATCH_CAP = 1 << 24
+#: the 8-bit AdamW the default combos add where its package is installed (sized by formula:
+#: it reads tensor values, which fake tensors do not have)
+EIGHT_BIT = ("adamw8bit", "torchao", "rest=torchao.optim:AdamW8bit(lr=0.001, weight_decay=0.01)")
+DEFAULT_COMBOS = ("adamw", "adafactor", "muon+adamw", "sgd-momentum")
+
+
+def context_bytes(text: str | None) -> int:
+    """--context: a GPU family name from CONTEXT, or bytes ("512MiB"); None: the default family's."""
+    if text is None:
+        return CONTEXT[DEFAULT_CONTEXT]
+    if text.strip().lower() in CONTEXT:
+        return CONTEXT[text.strip().lower()]
+    try:
+        return parse_bytes(text)
+    except UsageError:
+        raise UsageError(f"--context {text!r} is neither bytes (e.g. 512MiB) nor a GPU family "
+                         f"({', '.join(CONTEXT)})") from None
+
+
+# --- axes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One open knob of a plan: its values, how a value sets the config, and the `estimate`
+    flags that reproduce it. A new axis (FSDP degree, LoRA rank) is one more of these."""
+
+    name: str
+    values: tuple[Any, ...]
+    set: Callable[[Config, Any], Config]
+    show: Callable[[Any], str] = str
+    flags: Callable[[Any], list[str]] = lambda v: []
+
+
+def combo_axis(chosen: Sequence[tuple[str, str]]) -> Axis:
+    """Optimizer combos: (name, rules) pairs."""
+    return Axis("combo", tuple((n, Rules(r)) for n, r in chosen),
+                lambda c, v: replace(c, combo=v[0], rules=v[1]), lambda v: v[0], lambda v: ["--rules", v[1]])
+
+
+def field_axis(name: str, flag: str, values: Iterable[Any]) -> Axis:
+    """An axis that sets one Config field. A field this build's Config lacks (a feature not
+    merged yet) is refused in one line, unless only its default is asked for (then it is no
+    axis at all: the caller drops it)."""
+    values = tuple(values)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    if name not in fields:
+        raise UsageError(f"{flag}: this build has no {name!r} config field yet; leave {flag} out")
+    return Axis(name, values, lambda c, v: replace(c, **{name: v}), str, lambda v: [flag, str(v)])
+
+
+def has_field(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(Config)}
+
+
+def default_combos() -> list[tuple[str, str]]:
+    """adamw, adafactor, muon+adamw, sgd-momentum, and torchao's 8-bit AdamW where installed."""
+    out = list(preset_combos(DEFAULT_COMBOS))
+    if importlib.util.find_spec(EIGHT_BIT[1]) is not None:
+        out.append((EIGHT_BIT[0], EIGHT_BIT[2]))
+    return out
+
+
+def int_values(text: str, flag: str, allowed: Sequence[int] | None = None) -> tuple[int, ...]:
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes integers separated by commas, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{flag}: give at least one value")
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad:
+        raise UsageError(f"{flag}: unknown value {bad[0]}; choose from {', '.join(map(str, allowed))}")
+    return values
+
+
+def str_values(text: str, flag: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    values = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not values:
+        raise UsageError(f"{flag}: give at least one value")
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UsageError(f"{flag}: unknown value {bad[0]!r}; choose from {', '.join(allowed)}")
+    return values
+
+
+def dtype_axis(text: str) -> Axis:
+    return field_axis("dtype", "--dtype", str_values(text, "--dtype", tuple(DTYPES)))
+
+
+def amp_axis(text: str) -> Axis:
+    return field_axis("amp", "--amp", str_values(text, "--amp", AMPS))
+
+
+# --- time -----------------------------------------------------------------------------------
+
+#: a record -> its predicted step time in ms on the plan's GPU, None where it cannot say
+Predictor = Callable[[Record], "float | None"]
+
+
+def time_model(gpu: str | None) -> tuple[Predictor | None, str]:
+    """The predictor for `gpu`, and a sentence saying what it is. The GPU time model (work
+    counters, `predicted_step_ms`) is not on this build: no predictor, and the sentence says so."""
+    if gpu is None:
+        return None, "no time model (no --gpu given): ranked by batch, no throughput claimed"
+    if not has_field("gpu"):
+        return None, (f"no time model for --gpu {gpu} on this build (the GPU time model is not merged): "
+                      "ranked by batch, no throughput claimed")
+    return (lambda r: getattr(r, "predicted_step_ms", None)), f"predicted step time on {gpu} (the record's predicted_step_ms)"
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+
+class PlanFailed(Exception):
+    """A fake run ended neither ok nor oom."""
+
+
+# Config fields that do not change the model the factory builds (its meta copy is shared)
+_NOT_MODEL = {"batch", "combo", "rules", "impl", "zero_grad_at", "seed", "step_in_backward", "amp", "target",
+              "device", "zero", "ranks"}
+
+
+class Runner:
+    """Fake runs with their records kept: each (config, limit) runs once; the model is built
+    once on meta per model-shaping fields and copied into every run."""
+
+    def __init__(self, limit: int, *, warmup: int = 1, alloc_conf: str | None = None,
+                 workspaces: Workspaces = Workspaces()) -> None:
+        self.limit = limit
+        self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces)
+        self.runs = 0
+        self.seconds = 0.0
+        self._records: dict[tuple[Config, int | None], Record] = {}
+        self._meta: dict[tuple, torch.nn.Module] = {}
+
+    def model_key(self, config: Config) -> tuple:
+        return tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(Config) if f.name not in _NOT_MODEL)
+
+    def meta_model(self, config: Config) -> torch.nn.Module:
+        key = self.model_key(config)
+        if key not in self._meta:
+            with torch.device("meta"):
+                self._meta[key] = model_factory(config)()
+        return self._meta[key]
+
+    def run(self, config: Config, limit: int | None) -> Record:
+        key = (config, limit)
+        if key not in self._records:
+            meta = self.meta_model(config)
+            start = time.perf_counter()
+            self._records[key] = measure(config, replace(self.protocol, limit_bytes=limit),
+                                         build=lambda: copy.deepcopy(meta))
+            self.seconds += time.perf_counter() - start
+            self.runs += 1
+        return self._records[key]
+
+
+def metric(r: Record) -> int:
+    """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated."""
+    if r.target == Target.CUDA and r.peak_reserved is not None:
+        return r.peak_reserved
+    return r.peak_total or 0
+
+
+def boundary(ok: Callable[[int], bool], guess: int, cap: int) -> tuple[int, bool]:
+    """The largest n in 1..cap with ok(n), for ok true up to some n and false after, searched
+    from `guess`: a right guess costs two calls (guess, guess + 1); a wrong one doubling steps
+    away from it, then bisection. (0, False) when even 1 fails; (cap, True) when cap passes."""
+    guess = min(max(guess, 1), cap)
+    if ok(guess):
+        lo, step = guess, 1
+        while True:
+            if lo >= cap:
+                return cap, True
+            n = min(lo + step, cap)
+            if not ok(n):
+                hi = n
+                break
+            lo, step = n, step * 2
+    else:
+        hi, step = guess, 1
+        while True:
+            if hi <= 1:
+                return 0, False
+            n = max(hi - step, 1)
+            if ok(n):
+                lo = n
+                break
+            hi, step = n, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, False
+
+
+@dataclass(frozen=True)
+class Slopes:
+    """Bytes per sample of each phase's peak (and of the metric), from two runs of a class."""
+
+    phases: dict[str, float]
+    metric: float
+    points: tuple[int, int]
+
+
+def slopes(a: Record, b: Record) -> Slopes:
+    db = b.batch - a.batch
+    phases = {p: (getattr(b, f"peak_{p}") - getattr(a, f"peak_{p}")) / db for p in PHASES}
+    return Slopes(phases, (metric(b) - metric(a)) / db, (a.batch, b.batch))
+
+
+def predict(anchor: Record, s: Slopes, room: int, cap: int = BATCH_CAP) -> int:
+    """The largest batch whose predicted metric stays within `room`, from a record `anchor` at
+    a batch near the answer and its class's slopes: per phase peak + slope x (b - anchor's
+    batch), with the allocator's slack at the anchor on top. 0 when batch 1 is predicted not to fit."""
+    slack = metric(anchor) - (anchor.peak_total or 0)
+    at = anchor.batch
+    best = cap
+    for p in PHASES:
+        base, slope = getattr(anchor, f"peak_{p}") + slack, s.phases[p]
+        if slope > 0:
+            best = min(best, at + int((room - base) // slope))
+        elif base > room:
+            return 0
+    return min(max(best, 0), cap)
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A candidate sized by its optimizers' state formula: the rules that ran in their place,
+    and the state bytes held against the budget."""
+
+    twin_rules: str
+    state: int
+    why: str
+
+
+def formula_for(config: Config, meta_model: torch.nn.Module) -> Formula | None:
+    """For a candidate whose optimizers read tensor values: SGD (no state) in their place, and
+    their state from the registry's formula; None when every optimizer runs on the fake probe."""
+    rules = rules_from(config.rules)
+    reads = [r for r in rules if _reads_values(r.optimizer)]
+    if not reads:
+        return None
+    model = copy.deepcopy(meta_model)
+    opt = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, target=config.target)
+    state = 0
+    for rule, child in zip(opt.rules or (), opt.optimizers.values()):
+        if rule not in reads:
+            continue
+        expected = expected_state(child)
+        if expected is None:
+            raise PlanFailed(f"{rule.optimizer} cannot run on the fake probe (it reads tensor values) and the "
+                             "registry has no state formula for it")
+        host = sum(round_alloc(t.nbytes) for t in host_state(child)) if config.target == Target.CUDA else 0
+        state += expected.alloc - host
+    twin = [Rule(r.selector, "sgd", (("lr", 0.01),)) if r in reads else r for r in rules]
+    names = ", ".join(sorted({r.optimizer for r in reads}))
+    return Formula(format_rules(twin), state, f"{names}: state by formula ({fmt_bytes(state)}), step temporaries "
+                                               "not measured (it reads tensor values: not run on the fake probe)")
+
+
+def _reads_values(optimizer: str) -> bool:
+    """An optimizer the fake probe cannot step: the registry's HOST_READS, and 8-bit optimizers
+    (bitsandbytes, torchao: block-wise quantisation reads scales on the host)."""
+    name = optimizer.strip().lower()
+    if "8bit" in name or name.startswith("bitsandbytes"):
+        return True
+    desc = registry.lookup(name)
+    return desc is not None and desc.host_reads is not None
+
+
+@dataclass
+class Row:
+    """One candidate's answer. `batch` is the largest that fits (0: none); `confirmed` when the
+    fake probe ran it under the budget and batch + 1 ran out of memory."""
+
+    values: dict[str, str]
+    config: Config
+    predicted: int | None = None
+    batch: int = 0
+    capped: bool = False
+    confirmed: bool = False
+    record: Record | None = None
+    formula: Formula | None = None
+    why: str | None = None
+    step_ms: float | None = None
+    throughput: float | None = None
+    frontier: bool = False
+    flags: list[str] = field(default_factory=list)
+    klass: tuple = ()  # candidates that differ only by optimizers share activations, slopes, bias
+    bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
+    # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.values.items())
+
+    @property
+    def answer(self) -> int:
+        return self.batch if self.confirmed else max((self.predicted or 0) + self.bias, 0)
+
+
+@dataclass
+class Plan:
+    budget: int
+    context: int
+    limit: int
+    target: str
+    rows: list[Row]
+    time_note: str
+    runs: int
+    seconds: float
+    weights: int
+    base: Config
+
+    @property
+    def fitting(self) -> list[Row]:
+        return [r for r in self.rows if r.why is None and r.answer > 0]
+
+    @property
+    def refused(self) -> list[Row]:
+        return [r for r in self.rows if r.why is not None or r.answer == 0]
+
+
+def candidates(base: Config, axes: Sequence[Axis]) -> list[tuple[dict[str, str], Config, list[str]]]:
+    """The product of the axes over `base` (batch 1): (shown values, config, estimate flags)."""
+    out = []
+    for combo in itertools.product(*(a.values for a in axes)):
+        config, shown, flags = base, {}, []
+        for axis, value in zip(axes, combo):
+            config = axis.set(config, value)
+            if axis.name == "combo" or len(axis.values) > 1:  # a value every candidate shares is no label
+                shown[axis.name] = axis.show(value)
+            flags += axis.flags(value)
+        out.append((shown, replace(config, batch=1), flags))
+    return out
+
+
+def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, warmup: int = 1,
+         alloc_conf: str | None = None, gpu: str | None = None, confirm: str = "frontier",
+         cap: int = BATCH_CAP, runner: Runner | None = None) -> Plan:
+    """Every candidate's largest batch under `budget` (target cuda: predicted peak reserved +
+    `context`), confirmed at its boundary by the fake probe: every frontier row (`confirm=
+    "frontier"`; the others keep their prediction, labelled) or every row (`"all"`).
+
+    UsageError: a budget below the weights, a model that cannot build."""
+    if warmup < 1:
+        raise UsageError(f"--warmup {warmup}: a plan needs at least 1 warm-up step (optimizer state is made in the first)")
+    if confirm not in ("frontier", "all"):
+        raise UsageError(f"confirm must be 'frontier' or 'all', got {confirm!r}")
+    limit = budget - context
+    if limit <= 0:
+        raise UsageError(f"the budget {fmt_bytes(budget)} leaves nothing beside the CUDA context ({fmt_bytes(context)})")
+    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf)
+    predictor, note = time_model(gpu)
+    if predictor is not None:
+        confirm = "all"  # a throughput needs a run at the batch it is claimed for
+    cands = candidates(base, axes)
+    if not cands:
+        raise UsageError("no candidates: every axis needs at least one value")
+    try:
+        models.resolve(base.model)
+        weights = min(model_bytes(runner.meta_model(c))[0] for _, c, _ in cands)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"model {base.model!r} cannot be built: {type(e).__name__}: {_first_line(e)}") from None
+    if weights > limit:
+        raise UsageError(f"the budget {fmt_bytes(budget)} is below the weights alone ({fmt_bytes(weights)} of "
+                         f"{base.model}{'' if not context else f' + {fmt_bytes(context)} CUDA context'}); "
+                         "raise --budget or choose a smaller model or dtype")
+    rows = [Row(shown, config, flags=flags) for shown, config, flags in cands]
+    classes: dict[tuple, Slopes] = {}
+    for row in rows:
+        _predict(row, runner, classes, limit, cap)
+    # confirm: every row, or the frontier until it holds only confirmed rows
+    bias: dict[tuple, int] = {}
+    while True:
+        for r in rows:
+            r.bias = bias.get(r.klass, 0)
+        _frontier(rows, predictor is not None)
+        todo = [r for r in rows if r.why is None and not r.confirmed and (confirm == "all" or r.frontier)]
+        if not todo:
+            break
+        for row in todo:
+            row.bias = bias.get(row.klass, 0)
+            _confirm(row, runner, limit, cap, predictor)
+            if row.why is None and row.predicted:
+                bias[row.klass] = row.batch - row.predicted
+    return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base)
+
+
+def _run_config(row: Row) -> Config:
+    """What the fake probe runs for `row`: its own rules, or their SGD twin (formula rows)."""
+    return row.config if row.formula is None else replace(row.config, rules=row.formula.twin_rules)
+
+
+def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int, cap: int) -> None:
+    """The row's predicted batch: one unlimited run at its class's anchor batch (near the
+    answer), the class's slopes from its first member's runs at batch 1 and at the anchor."""
+    try:
+        # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
+        # that read values does not apply: those are sized by formula
+        validate(row.config, Protocol(probe="tracked"))
+        row.formula = formula_for(row.config, runner.meta_model(row.config))
+        if row.formula is not None:
+            validate(_run_config(row), Protocol(probe=Probe.FAKE))
+    except (UsageError, PlanFailed) as e:
+        row.why = str(e)
+        return
+    room = limit - (row.formula.state if row.formula else 0)
+    config = _run_config(row)
+    key = (runner.model_key(row.config), row.config.dtype, row.config.amp, row.config.step_in_backward,
+           row.config.zero_grad_at, row.config.target)
+    row.klass = key
+    if key not in classes:
+        r1 = runner.run(config, None)
+        if r1.status != Status.OK:
+            row.why = f"batch 1: {r1.status}: {r1.error}"
+            return
+        # batch 1 is often below the affine range (the step's temporaries hold the peak): a
+        # second point from a rough guess, then a third at that point's prediction when the
+        # guess was far off, so the slopes come from the two points nearest the answer
+        a, b = r1, runner.run(replace(config, batch=_second_batch(r1, room, cap)), None)
+        for _ in range(2):
+            if b.status != Status.OK:
+                row.why = f"batch {b.batch}: {b.status}: {b.error}"
+                return
+            guess = max(predict(b, slopes(a, b), room, cap), 2)
+            if abs(guess - b.batch) <= max(b.batch // 16, 1) or guess == a.batch:
+                break
+            a, b = b, runner.run(replace(config, batch=guess), None)
+        classes[key] = slopes(a, b) if a.batch < b.batch else slopes(b, a)
+        classes[key] = replace(classes[key], points=(min(a.batch, b.batch), b.batch))
+    s = classes[key]
+    anchor = runner.run(replace(config, batch=s.points[1]), None)
+    if anchor.status != Status.OK:
+        row.why = f"batch {anchor.batch}: {anchor.status}: {anchor.error}"
+        return
+    row.predicted = predict(anchor, s, room, cap)
+
+
+def _second_batch(r1: Record, room: int, cap: int) -> int:
+    """A batch near the answer, for the slope: the room left after batch 1's peak, divided by
+    what batch 1 holds above the batch-independent bytes."""
+    fixed = (r1.param_bytes or 0) + (r1.grad_bytes or 0) + (r1.opt_state_alloc_bytes or 0)
+    per = max(metric(r1) - fixed, 512)
+    return int(min(max((room - fixed) // per, 2), cap, 1 << 16))
+
+
+def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predictor | None) -> None:
+    room = limit - (row.formula.state if row.formula else 0)
+    config = _run_config(row)
+
+    def ok(n: int) -> bool:
+        r = runner.run(replace(config, batch=n), room)
+        if r.status not in (Status.OK, Status.OOM):
+            raise PlanFailed(f"batch {n}: {r.status}: {r.error}")
+        return r.status == Status.OK
+
+    try:
+        row.batch, row.capped = boundary(ok, row.answer or 1, cap)
+    except PlanFailed as e:
+        row.why = str(e)
+        return
+    row.confirmed = True
+    if row.batch == 0:
+        row.why = f"batch 1 does not fit ({_need(runner.run(config, None), row, limit)})"
+        return
+    row.record = runner.run(replace(config, batch=row.batch), room)
+    row.config = replace(row.config, batch=row.batch)
+    if predictor is not None:
+        row.step_ms = predictor(row.record)
+        if row.step_ms:
+            row.throughput = row.batch * 1000.0 / row.step_ms
+
+
+def _need(r: Record, row: Row, limit: int) -> str:
+    need = metric(r) + (row.formula.state if row.formula else 0)
+    return f"needs {fmt_bytes(need)} of {fmt_bytes(limit)}" if r.status == Status.OK else f"{r.status}: {r.error}"
+
+
+def _frontier(rows: list[Row], timed: bool) -> None:
+    """Timed: Pareto in (memory used, throughput); otherwise the largest batch (ties kept)."""
+    live = [r for r in rows if r.why is None and r.answer > 0]
+    for r in rows:
+        r.frontier = False
+    if not live:
+        return
+    if timed:
+        for r in live:
+            if r.throughput is None:
+                continue
+            r.frontier = not any(o is not r and o.throughput is not None and used(o) <= used(r)
+                                 and o.throughput >= r.throughput and (used(o) < used(r) or o.throughput > r.throughput)
+                                 for o in live)
+        return
+    best = max(r.answer for r in live)
+    for r in live:
+        r.frontier = r.answer == best
+
+
+def used(row: Row, context: int = 0) -> int:
+    """What the row's confirmed run counts against the budget (formula state included)."""
+    if row.record is None:
+        return 0
+    return metric(row.record) + (row.formula.state if row.formula else 0) + context
+
+
+def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formula_state: int = 0) -> dict[str, int]:
+    """The budget a record uses, by kind: weights, grads (held after backward: none with
+    step_in_backward), optimizer state (walked, or by formula), activations (held from forward
+    into backward), temporaries (the rest of the allocated peak), workspaces, allocator slack
+    (peak reserved - peak allocated) and the CUDA context. Sums to what counts against the budget."""
+    peak = r.peak_total or 0
+    cuda = r.target == Target.CUDA
+    ws = workspaces.total if cuda else 0
+    fixed = {"weights": r.param_bytes or 0, "grads": r.grad_bytes or 0, "optimizer state": r.opt_state_alloc_bytes or 0}
+    room = max(peak - sum(fixed.values()) - ws, 0)
+    # backward frees activations as it makes grads: at the peak, at most what is left is held
+    activations = min(max((r.mem_after_forward or 0) - (r.mem_step_start or 0), 0), room)
+    fixed["optimizer state"] += formula_state
+    return {**fixed, "activations": activations, "temporaries": room - activations, "workspaces": ws,
+            "allocator slack": (metric(r) - peak) if cuda else 0, "CUDA context": context if cuda else 0}
+
+
+def reproduce(plan_: Plan, row: Row) -> str:
+    """The `multiopt estimate` command that gives the row's numbers."""
+    b = plan_.base
+    spec = models.resolve(b.model)
+    sizes = [f"--{s} {getattr(b, s)}" for s in ("width", "depth") if s in spec.takes]
+    flags = " ".join(_quote(f) for f in row.flags)
+    target = f" --target {b.target}" if b.target != Target.CUDA else ""
+    return f"multiopt estimate --model {b.model} {' '.join(sizes)} --batch {row.answer} {flags}{target}".replace("  ", " ")
+
+
+def _quote(text: str) -> str:
+    return text if text.startswith("--") or all(ch.isalnum() or ch in "._-+" for ch in text) else f'"{text}"'
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
+    """The plan as plain data (`--json`, the report's plot)."""
+    def row(r: Row) -> dict[str, Any]:
+        out: dict[str, Any] = {"candidate": r.values, "batch": r.answer, "confirmed": r.confirmed,
+                               "predicted": r.predicted, "frontier": r.frontier, "capped": r.capped,
+                               "step_ms": r.step_ms, "throughput": r.throughput, "why": r.why,
+                               "formula": r.formula.why if r.formula else None}
+        if r.record is not None and r.why is None:
+            out["used"] = used(r, p.context if p.target == Target.CUDA else 0)
+            out["breakdown"] = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
+        if r.why is None and r.answer:
+            out["reproduce"] = reproduce(p, r)
+        return out
+
+    return {"budget": p.budget, "context": p.context if p.target == Target.CUDA else 0, "target": p.target,
+            "context_source": CONTEXT_SOURCE if p.target == Target.CUDA else None, "time": p.time_note,
+            "weights": p.weights, "fake_runs": p.runs, "fake_seconds": round(p.seconds, 3),
+            "rows": [row(r) for r in p.rows]}
+
+
+def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
+    """Markdown: the frontier with its breakdown and commands, the other fitting candidates,
+    the candidates that fit nothing with why."""
+    from tabulate import tabulate
+
+    ctx = p.context if p.target == Target.CUDA else 0
+    b = p.base
+    sizes = ", ".join(f"{s} {getattr(b, s)}" for s in ("width", "depth") if s in models.resolve(b.model).takes)
+    semantics = (f"target cuda: predicted peak reserved (caching-allocator model, cuBLAS workspaces) + CUDA context "
+                 f"{fmt_bytes(ctx)} ({CONTEXT_SOURCE})" if p.target == Target.CUDA else
+                 "target cpu: peak allocated (`memory_allocated` semantics); a GPU needs its context, workspaces and "
+                 "allocator slack on top (use --target cuda)")
+    lines = [f"# Plan: what fits in {fmt_bytes(p.budget)} ({p.budget:,} bytes)", "",
+             f"{b.model}{f' ({sizes})' if sizes else ''}; {semantics}. Time: {p.time_note}.",
+             f"{len(p.rows)} candidates, {len(p.fitting)} fit; {p.runs} fake runs in {p.seconds:.1f} s."]
+    front = [r for r in p.fitting if r.frontier]
+    rest = [r for r in p.fitting if not r.frontier]
+    head = ["candidate", "batch", "used", "headroom", "weights", "grads", "state", "activations", "temporaries",
+            "workspaces", "slack", "context"]
+    if p.time_note.startswith("predicted"):
+        head[2:2] = ["step ms", "samples/s"]
+
+    if front:
+        how = "memory used vs throughput" if "step ms" in head else "the largest batch; no time model"
+        lines += ["", f"## Frontier ({how}): each batch confirmed, it runs and batch + 1 does not", "", *_table(p, front, head, workspaces), "",
+                  "Reproduce:", ""]
+        lines += [f"- {r.label}: `{reproduce(p, r)}`" for r in front]
+        notes = [f"- {r.label}: {r.formula.why}" for r in front if r.formula]
+        if notes:
+            lines += ["", "Sized by formula:", "", *notes]
+    confirmed = [r for r in rest if r.record is not None]
+    if confirmed:
+        lines += ["", "## Also fit (confirmed)", "", *_table(p, confirmed, head, workspaces)]
+    predicted = [r for r in rest if r.record is None]
+    if predicted:
+        lines += ["", "## Also fit (predicted, not confirmed: off the frontier; `--confirm all` confirms them)", "",
+                  tabulate([[r.label, f"{r.answer:,}"] for r in sorted(predicted, key=lambda r: -r.answer)],
+                           headers=["candidate", "predicted batch"], tablefmt="github", disable_numparse=True)]
+    if p.refused:
+        lines += ["", "## Fit nothing", "",
+                  tabulate([[r.label, r.why or "batch 1 does not fit"] for r in p.refused], headers=["candidate", "why"],
+                           tablefmt="github", disable_numparse=True)]
+    unmodelled = sorted({r.record.unmodelled for r in p.fitting if r.record is not None and r.record.unmodelled})
+    if unmodelled:
+        lines += ["", f"Estimate, not CUDA's to the byte: ops whose CUDA kernels allocate differently are not modelled "
+                      f"({'; '.join(unmodelled)}); leave headroom."]
+    return "\n".join(lines) + "\n"
+
+
+def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) -> list[str]:
+    """Rows with their breakdown, best first."""
+    from tabulate import tabulate
+
+    ctx = p.context if p.target == Target.CUDA else 0
+    body = []
+    for r in sorted(rows, key=lambda r: (-(r.throughput or 0), -r.answer)):
+        if r.record is None:
+            body.append([r.label, f"{r.answer:,} (predicted)"] + ["-"] * (len(head) - 2))
+            continue
+        s = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
+        u = used(r, ctx)
+        cells = [r.label, f"{r.batch:,}" + (" (search cap)" if r.capped else ""), fmt_bytes(u), fmt_bytes(p.budget - u),
+                 *(fmt_bytes(v) for v in s.values())]
+        if "step ms" in head:
+            cells[2:2] = [f"{r.step_ms:.1f}" if r.step_ms else "-", f"{r.throughput:,.0f}" if r.throughput else "-"]
+        body.append(cells)
+    return [tabulate(body, headers=head, tablefmt="github", disable_numparse=True)]
