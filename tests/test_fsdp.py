@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -20,37 +21,53 @@ from multiopt.cli import main
 from multiopt.errors import UsageError
 from multiopt.instrument import fsdp
 from multiopt.instrument.protocol import Config, Protocol, measure, validate
+from multiopt.kinds import Probe, Status
 from multiopt.record import MEMORY_COLUMNS, RANK_FSDP_COLUMNS, Record
+from multiopt.train import models
 from multiopt.units import round_alloc
-
-pytest.importorskip("transformers", reason="needs transformers (the test extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = "tests.hfllama:llama"
 RULES = {"adamw": "rest=adamw", "muon+adamw": "@2d=muon; rest=adamw"}
 N = 2
-PROTOCOL = Protocol(probe="fake", steps=0, warmup=2)
+PROTOCOL = Protocol(probe=Probe.FAKE, steps=0, warmup=2)
+# The fast tests: our MLP, width 9 (dim 0 of 9 rows: 5 on rank 0, 4 on rank 1, so padded), one
+# warm-up step. A few seconds where the Llama's fake estimate takes twenty on 2 shared cores.
+QUICK = Protocol(probe=Probe.FAKE, steps=0, warmup=1)
 
 
 def _config(rules: str, **kw) -> Config:
     return Config(model=LLAMA, width=32, depth=2, batch=2, combo="custom", rules=rules, fsdp=N, **kw)
 
 
-@pytest.fixture(scope="module")
-def fake() -> dict[str, Record]:
+def _mlp(rules: str, **kw) -> Config:
+    return Config(model="mlp", width=9, depth=2, batch=2, combo="custom", rules=rules, fsdp=N, **kw)
+
+
+def _measured(make: Callable[[str], Config], protocol: Protocol) -> dict[str, Record]:
     out = {}
     for name, rules in RULES.items():
-        rec = measure(_config(rules), PROTOCOL)
-        assert rec.status == "ok", rec.error
+        rec = measure(make(rules), protocol)
+        assert rec.status == Status.OK, rec.error
         out[name] = rec
     return out
 
 
-def _shapes() -> dict[str, torch.Size]:
-    from tests.hfllama import llama
+@pytest.fixture(scope="module")
+def fake_mlp() -> dict[str, Record]:
+    return _measured(_mlp, QUICK)
 
+
+@pytest.fixture(scope="module")
+def fake() -> dict[str, Record]:
+    pytest.importorskip("transformers", reason="needs transformers (the test extra)")
+    return _measured(_config, PROTOCOL)
+
+
+def _shapes(config: Config) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        return {n: p.shape for n, p in llama().named_parameters()}
+        model = models.for_config(config).build(config.width, config.depth)
+    return {n: p.shape for n, p in model.named_parameters()}
 
 
 def _local_rows(rows: int, rank: int) -> int:
@@ -63,20 +80,18 @@ def _local_numel(shape: torch.Size, rank: int) -> int:
     return _local_rows(shape[0], rank) * math.prod(shape[1:])
 
 
-def test_each_ranks_state_is_its_shards_total_over_n_plus_padding(fake):
-    shapes = _shapes()
+def _check_state_is_shards(fake: dict[str, Record], shapes: dict[str, torch.Size]) -> None:
+    """Each rank's optimizer state is its shards' (total / N plus padding), counted here."""
     muon = {n for n, s in shapes.items() if len(s) == 2}
     for name, rec in fake.items():
         assert [r.rank for r in rec.ranks_state] == list(range(N))
-        total = 0
+        on_muon = muon if name == "muon+adamw" else set()
         for rank, row in enumerate(rec.ranks_state):
-            on_muon = muon if name == "muon+adamw" else set()
             # AdamW: exp_avg + exp_avg_sq (float32) per local element and a float32 step per
             # tensor; Muon: one float32 momentum buffer per local element
             want = sum(4 * _local_numel(s, rank) if n in on_muon else 8 * _local_numel(s, rank) + 4
                        for n, s in shapes.items())
             assert row.state_bytes == want, (name, rank)
-            total += row.state_bytes
         # the same optimizers on the whole model: what one process holds without FSDP
         whole = sum(4 * math.prod(s) if n in on_muon else 8 * math.prod(s) + 4 for n, s in shapes.items())
         scalars = 4 * sum(n not in on_muon for n in shapes)
@@ -84,29 +99,47 @@ def test_each_ranks_state_is_its_shards_total_over_n_plus_padding(fake):
         # rank 0 holds ceil(rows / N) of each dim 0: the elements' state over N, plus its padding
         padding = sum((_local_rows(s[0], 0) * N - s[0]) * math.prod(s[1:]) * (4 if n in on_muon else 8)
                       for n, s in shapes.items())
+        assert padding > 0  # the test's models are chosen so that N does not divide them
         assert N * (rec.ranks_state[0].state_bytes - scalars) == whole - scalars + padding
         assert rec.opt_state_bytes == rec.ranks_state[0].state_bytes
         assert rec.opt_state_expected == rec.opt_state_bytes  # the registry's formula, on local shards
 
 
-def test_sharded_parameters_are_padded_shards_and_odd_vocab_makes_rank_1_its_own_kind(fake):
-    shapes = _shapes()
-    rec = fake["adamw"]
+def _check_padded_params(rec: Record, shapes: dict[str, torch.Size]) -> None:
     # every rank's storage is padded to rank 0's chunk (FSDP2's _sharded_param_data)
     padded = sum(round_alloc(4 * _local_numel(s, 0)) for s in shapes.values())
     assert [r.param_bytes for r in rec.ranks_state] == [padded] * N
     assert rec.param_bytes == padded
-    # vocab 131: rank 1 holds 65 rows of embed/lm_head, rank 0 66: measured, not copied
+    # an odd dim 0 makes rank 1 hold fewer rows than rank 0: its own kind, measured, not copied
     assert [r.same_as for r in rec.ranks_state] == [None, None]
-    assert rec.ranks_state[0].state_bytes - rec.ranks_state[1].state_bytes == 2 * 8 * 32  # 2 tensors, 1 row, 2 moments
-    # unsharded parameters live in forward: at least the largest FSDP unit's whole parameters
-    assert rec.ranks_state[0].unsharded_forward >= round_alloc(4 * 131 * 32)
     assert rec.ranks_state[0].reduce_scatter_backward > 0 and rec.ranks_state[0].all_gather_forward > 0
 
 
-def test_muon_gathers_each_matrix_in_its_step(fake):
-    rec = fake["muon+adamw"]
-    (muon,) = [o for o in rec.optimizers if o.optimizer == "muon"]
+def test_each_ranks_state_is_its_shards_total_over_n_plus_padding(fake_mlp):
+    _check_state_is_shards(fake_mlp, _shapes(_mlp("rest=adamw")))
+
+
+def test_sharded_parameters_are_padded_shards_and_muon_gathers_its_matrix(fake_mlp):
+    shapes = _shapes(_mlp("rest=adamw"))
+    _check_padded_params(fake_mlp["adamw"], shapes)
+    # rank 0's state less rank 1's: 1 row of each of 2 weights (9 wide) and 2 biases, 2 moments
+    assert fake_mlp["adamw"].ranks_state[0].state_bytes - fake_mlp["adamw"].ranks_state[1].state_bytes == \
+        2 * 4 * 2 * (9 + 1)
+    (muon,) = [o for o in fake_mlp["muon+adamw"].optimizers if o.optimizer == "muon"]
+    assert muon.step_temp_bytes >= round_alloc(4 * 2 * 5 * 9)  # a 9 x 9 weight, whole, padded to 2 x 5 rows
+
+
+@pytest.mark.slow  # the tiny Llama's fake estimate: about 20 s on 2 shared cores
+def test_llama_per_rank_state_params_and_muon_gather(fake):
+    shapes = _shapes(_config("rest=adamw"))
+    _check_state_is_shards(fake, shapes)
+    rec = fake["adamw"]
+    _check_padded_params(rec, shapes)
+    # vocab 131: rank 1 holds 65 rows of embed/lm_head, rank 0 66
+    assert rec.ranks_state[0].state_bytes - rec.ranks_state[1].state_bytes == 2 * 8 * 32  # 2 tensors, 1 row, 2 moments
+    # unsharded parameters live in forward: at least the largest FSDP unit's whole parameters
+    assert rec.ranks_state[0].unsharded_forward >= round_alloc(4 * 131 * 32)
+    (muon,) = [o for o in fake["muon+adamw"].optimizers if o.optimizer == "muon"]
     # the largest 2-D parameter, whole: lm_head / embed, 131 x 32 float32, padded to 2 x 66 rows
     assert muon.step_temp_bytes >= round_alloc(4 * 2 * 66 * 32)
 
@@ -230,14 +263,19 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_bad_fsdp_input_is_one_line_and_exit_2(capsys, monkeypatch):
-    base = ("estimate", "--model", LLAMA, "--width", "32", "--depth", "2", "--batch", "2", "--rules", "rest=adamw")
+    base = ("estimate", "--model", "mlp", "--width", "9", "--depth", "2", "--batch", "2", "--rules", "rest=adamw")
     code, err = _cli(capsys, *base, "--fsdp", "200")
     assert code == 2 and len(err.splitlines()) == 1 and "larger than the parameters can shard" in err
-    assert "--fsdp 131 or less" in err  # vocab 131: the last rank of 131 holds one row
+    # 9 rows: 9 ranks hold one each; 8 would leave the last three empty (chunks of 2)
+    assert "use --fsdp 9 " in err
+    code, err = _cli(capsys, *base, "--fsdp", "8")
+    assert code == 2 and "use --fsdp 5 " in err
     code, err = _cli(capsys, *base, "--fsdp", "-1")
     assert code == 2 and len(err.splitlines()) == 1 and "fsdp must be" in err
     with pytest.raises(UsageError, match="does not combine with ZeRO-1"):
-        validate(_config("rest=adamw", zero=1, ranks=2), Protocol(probe="tracked"))
+        validate(_mlp("rest=adamw", zero=1, ranks=2), Protocol(probe=Probe.TRACKED))
+    with pytest.raises(UsageError, match="step_in_backward=0 with --fsdp"):
+        validate(_mlp("rest=adamw", step_in_backward=1), QUICK)
     code, err = _cli(capsys, *base, "--fsdp", "2", "--probe", "tracked", "--steps", "0")
     assert code == 2 and len(err.splitlines()) == 1 and "launch with torchrun" in err
     monkeypatch.setenv("RANK", "0")

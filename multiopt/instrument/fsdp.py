@@ -90,7 +90,7 @@ def check(config: Config, probe: str, model: nn.Module) -> None:
         useful = max(k for k in range(1, n) if any(shard_rows(d, k)[k - 1] for d in rows))
         raise UsageError(f"--fsdp {n} is larger than the parameters can shard: FSDP2 splits dim 0 into chunks of "
                          f"ceil(rows / {n}), and with at most {most} rows rank {n - 1} would hold nothing; use "
-                         f"--fsdp {useful} or less")
+                         f"--fsdp {useful} (the largest degree below {n} whose last rank holds rows)")
     if probe == Probe.FAKE:
         return
     launch = rank_env()
