@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizer step inside backward, gradients freed as used (default 0,1)")
     pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     _target_arguments(pl, "cuda")
+    _fsdp_arguments(pl, axis=True)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
     pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
@@ -166,11 +167,16 @@ def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
     return None
 
 
-def _fsdp_arguments(m: argparse.ArgumentParser) -> None:
-    """FSDP2 sharding (instrument/fsdp.py), on measure, estimate and run."""
-    m.add_argument("--fsdp", type=int, default=0, metavar="N",
-                   help="FSDP2 degree: fully_shard each block and the root over N ranks; per-rank numbers "
-                        "(fake probe: simulated in one process; tracked: torchrun --nproc-per-node N -m multiopt run)")
+def _fsdp_arguments(m: argparse.ArgumentParser, *, axis: bool = False) -> None:
+    """FSDP2 sharding (instrument/fsdp.py), on measure, estimate and run; on plan (`axis`) the
+    degree is a list of values, one axis of the candidates."""
+    if axis:
+        m.add_argument("--fsdp", default=None, metavar="LIST",
+                       help="FSDP2 degrees to plan, e.g. 1,2,8: per-rank memory, each rank's batch (default: none)")
+    else:
+        m.add_argument("--fsdp", type=int, default=0, metavar="N",
+                       help="FSDP2 degree: fully_shard each block and the root over N ranks; per-rank numbers (fake "
+                            "probe: simulated in one process; tracked: torchrun --nproc-per-node N -m multiopt run)")
     m.add_argument("--reshard-after-forward", type=int, default=1, choices=[0, 1],
                    help="1 (FSDP2's default): blocks free their unsharded parameters after forward; 0: keep them")
     m.add_argument("--fsdp-mp", default="none", choices=["none", "bf16"],
@@ -404,14 +410,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                         planning.int_values(checkpointing, "--checkpointing", (0, 1))))
     if args.lora is not None and _strs(args.lora) != ["none"]:
         axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
-    extra = {}
+    if args.fsdp is not None:
+        degrees = planning.int_values(args.fsdp, "--fsdp")
+        if min(degrees) < 1:
+            raise UsageError(f"--fsdp {args.fsdp}: each degree is 1 (unsharded) or more")
+        axes.append(planning.field_axis("fsdp", "--fsdp", degrees))
+    extra = {"reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
         extra["seq"] = _ints(args.seq, "--seq")[0]
     if args.gpu is not None and planning.has_field("gpu"):
         extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
-    context = planning.context_bytes(args.context) if args.target == "cuda" else 0
+    context = planning.context_bytes(args.context) if args.target == Target.CUDA else 0
     alloc_conf = _alloc_conf(args)
     settle()  # this process ends with the command
     with _user_code(args.model):

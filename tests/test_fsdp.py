@@ -270,6 +270,8 @@ def test_bad_fsdp_input_is_one_line_and_exit_2(capsys, monkeypatch):
     assert "use --fsdp 9 " in err
     code, err = _cli(capsys, *base, "--fsdp", "8")
     assert code == 2 and "use --fsdp 5 " in err
+    code, err = _cli(capsys, "plan", "--budget", "16MiB", "--model", "mlp", "--fsdp", "0,2")
+    assert code == 2 and len(err.splitlines()) == 1 and "each degree is 1" in err
     code, err = _cli(capsys, *base, "--fsdp", "-1")
     assert code == 2 and len(err.splitlines()) == 1 and "fsdp must be" in err
     with pytest.raises(UsageError, match="does not combine with ZeRO-1"):
@@ -290,3 +292,33 @@ def test_records_without_fsdp_read_as_unsharded():
         row.pop(c)
     rec = Record.from_dict(row)
     assert (rec.fsdp, rec.reshard_after_forward, rec.fsdp_mp) == (0, 1, "none")
+
+
+# --- plan: the sharding degree as an axis -----------------------------------------------------
+
+
+def test_plan_offers_the_sharding_degree_as_an_axis():
+    """`plan --fsdp 1,2` on the fake probe: a weight-heavy MLP (AdamW's state twice the weights)
+    fits a larger batch per rank sharded over 2 than whole; each answer is the boundary (every
+    rank within the budget at its batch, batch + 1 out of memory); an optimizer sized by formula
+    (Adafactor reads values) is refused under FSDP with the reason, and planned without it."""
+    from dataclasses import replace
+
+    from multiopt.run import plan as planning
+    from multiopt.units import parse_bytes
+
+    budget = parse_bytes("16MiB")
+    axes = [planning.combo_axis(planning.preset_combos(["adamw", "adafactor"])),
+            planning.field_axis("fsdp", "--fsdp", (1, 2))]
+    p = planning.plan(Config(model="mlp", width=512, depth=3, target="cpu"), axes, budget, confirm="all")
+    rows = {(r.values["combo"], r.values["fsdp"]): r for r in p.rows}
+    whole, sharded = rows["adamw", "1"], rows["adamw", "2"]
+    assert whole.confirmed and sharded.confirmed and sharded.batch > whole.batch > 1
+    assert sharded.record.fsdp == 2 and len(sharded.record.ranks_state) == 2
+    assert all(r.peak_total <= budget for r in sharded.record.ranks_state)
+    # the sharded weights are half the whole ones on every rank (512 rows split evenly)
+    assert sharded.record.param_bytes * 2 == whole.record.param_bytes
+    over = measure(replace(sharded.config, batch=sharded.batch + 1), replace(QUICK, limit_bytes=budget))
+    assert over.status == Status.OOM
+    assert "--fsdp 2" in planning.reproduce(p, sharded)
+    assert rows["adafactor", "1"].batch > 1 and "plan it without --fsdp" in rows["adafactor", "2"].why
