@@ -1,6 +1,6 @@
 """multiopt: what each optimizer of a multi-optimizer training setup costs in memory and time.
 
-The face of the package (see DESIGN.md for the stages behind it):
+The face of the package (see docs/DESIGN.md for the stages behind it):
 
 - `MultiOptimizer`, `Trainer`: what a user trains with (`multiopt.train`);
 - `profile(model, optimizer)`: the instruments around your own training loop;

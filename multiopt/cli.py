@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import UsageError
 from .kinds import Probe, Status, Target, effective_target
@@ -35,7 +35,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="multiopt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_train_parser, _measure_parsers, _run_parser, _fit_parser, _plan_parser, _gate_parser,
+                _report_parser):
+        add(sub)  # in this order in --help
+    return p
 
+
+def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a model on synthetic data, printing loss and memory per step")
     t.add_argument("--rules", required=True, help='e.g. "layer1=sgd(lr=0.01); layer2=adam(lr=1e-3)"')
     t.add_argument("--model", default="simple", help="simple | mlp | transformer | pkg.module:factory")
@@ -47,11 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_cmd_train)
 
+
+def _measure_parsers(sub: Any) -> None:
     m = sub.add_parser("measure", help="measure one config with the protocol and print its record")
     _config_arguments(m, probe="auto", steps=20, target=Target.CPU)
     e = sub.add_parser("estimate", help="the same on the fake probe: sizes only, no compute, any size in seconds")
     _config_arguments(e, probe=Probe.FAKE, steps=0, target=Target.CUDA)
 
+
+def _run_parser(sub: Any) -> None:
     r = sub.add_parser("run", help="sweep a grid of configs into DIR/results.jsonl, env.json and report.md")
     r.add_argument("--preset", default="default", choices=["quick", "default", "wide"])
     r.add_argument("--widths", help="e.g. 64,256")
@@ -84,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_cmd_run)
 
+
+def _fit_parser(sub: Any) -> None:
     f = sub.add_parser("fit", help="largest batch and width that fit a memory budget, per combo (fake probe)")
     f.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB, 512MiB or bytes")
     f.add_argument("--width", type=int, default=1024, help="width at which to find the largest batch (default 1024)")
@@ -99,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
     f.set_defaults(func=_cmd_fit)
 
+
+def _plan_parser(sub: Any) -> None:
     pl = sub.add_parser("plan", help="the setups that fit a memory budget: every candidate's largest batch, the frontier")
     pl.add_argument("--budget", required=True, help="device memory, e.g. 24GiB, 80GB")
     pl.add_argument("--model", default="transformer", help="mlp | transformer | simple | pkg.module:factory")
     pl.add_argument("--width", type=int, default=1024, help="for a model that takes a width (default 1024)")
     pl.add_argument("--depth", type=int, default=4, help="for a model that takes a depth (default 4)")
     pl.add_argument("--seq", default=None, help="sequence length, for a model that takes one")
-    pl.add_argument("--gpu", default=None, help="predict step time and throughput on this GPU (needs a time model)")
     pl.add_argument("--combos", default=None, help="combo presets, comma separated (default: adamw,adafactor,"
                     "muon+adamw,sgd-momentum and torchao's 8-bit AdamW where installed)")
     pl.add_argument("--rules", action="append", metavar="[NAME::]RULES", help="your own combo, repeatable")
@@ -116,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--step-in-backward", default="0,1", metavar="0,1",
                     help="optimizer step inside backward, gradients freed as used (default 0,1)")
     pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
-    _target_arguments(pl, "cuda")
+    _target_arguments(pl, Target.CUDA)
     _fsdp_arguments(pl, axis=True)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
     pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
@@ -127,25 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "against the budget line)")
     pl.set_defaults(func=_cmd_plan)
 
+
+def _gate_parser(sub: Any) -> None:
     g = sub.add_parser("gate", help="compare current records to a baseline; exit 0 pass, 1 regression, 2 bad input")
     g.add_argument("--baseline", required=True, help="baseline JSONL (e.g. reports/baselines/cpu-quick.jsonl)")
     g.add_argument("--current", required=True, nargs="+", help="run dir, results JSONL or pytest-benchmark JSON")
     g.add_argument("--mem-tol", default=None, help="relative memory tolerance, e.g. 0, 1%% or 0.01 (default: 0 on tracked/fake, 1%% on cuda)")
     g.add_argument("--time-tol", default="10%", help="relative step-time tolerance (default 10%%)")
     g.add_argument("--time-k", type=float, default=3.0, help="time band is at least K x baseline IQR/median (default 3)")
-    g.add_argument("--only", choices=["memory", "time"], default=None,
-                   help="compare only memory (CPU CI) or only step time")
+    g.add_argument("--only", default=None, metavar="KINDS",
+                   help="compare only these: memory, work, time, or a comma list (CPU CI: memory,work)")
     g.add_argument("--update-baseline", action="store_true", help="after comparing, write the current records as the new baseline")
     g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
     g.set_defaults(func=_cmd_gate)
 
+
+def _report_parser(sub: Any) -> None:
     rp = sub.add_parser("report", help="markdown report + plots from run dirs, results JSONL or pytest-benchmark JSON")
     rp.add_argument("paths", nargs="+", metavar="RUN_OR_JSON", help="run directory, results .jsonl or --benchmark-json file")
     rp.add_argument("-o", "--out", default=None, help="output markdown, e.g. reports/NAME.md (default: report.md beside the first run)")
     rp.add_argument("--baseline", default=None, metavar="B",
                     help="baseline records (as for `multiopt gate`): add the gate's verdict to the report")
     rp.set_defaults(func=_cmd_report)
-    return p
 
 
 def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
@@ -153,6 +169,20 @@ def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
+    m.add_argument("--gpu", default=None, metavar="NAME",
+                   help="with --target cuda: predict the step time on this GPU (h100, h200, a100, l4, rtx4090) "
+                        "from the step's work counters")
+
+
+def _gpu(args: argparse.Namespace, probe: str) -> str | None:
+    """--gpu, checked now (a known GPU, target cuda, a counting probe) so a bad value is a
+    usage error before any work."""
+    if args.gpu is None:
+        return None
+    from .instrument.gpu import check_gpu
+
+    check_gpu(args.gpu, args.target, probe)
+    return args.gpu.strip().lower()
 
 
 def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
@@ -307,7 +337,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward,
                     **_fsdp_fields(args))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
+                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
+                        gpu=_gpu(args, probe))
     validate(config, protocol)
     settle()  # this process ends with the command
     record = measure(config, protocol)
@@ -357,7 +388,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configs = [replace(c, checkpointing=k, lora=lora, seq=args.seq) for c in configs for k in dict.fromkeys(checkpointing)]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
-                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
+                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms),
+                        gpu=_gpu(args, probe))
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_writable_dir(out, "--out")
     result = sweep(configs, out, protocol, preset=args.preset, resume=args.resume, isolate=args.isolate,
@@ -383,7 +415,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == Target.CUDA else 0)
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0, gpu=_gpu(args, "fake"))
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 

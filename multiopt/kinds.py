@@ -27,7 +27,7 @@ class _Word(str, Enum):
 
 
 class Probe(_Word):
-    """Where memory numbers come from (DESIGN.md, Memory semantics)."""
+    """Where memory numbers come from (docs/DESIGN.md, Memory semantics)."""
 
     CUDA = "cuda"        # torch.cuda on a real GPU
     TRACKED = "tracked"  # real CPU tensors, every storage counted

@@ -67,6 +67,7 @@ class Role(str, Enum):
     MEMORY = "memory"  # result: bytes (or parameters) measured exactly on the deterministic probes
     BYTES = "bytes"    # result: other byte counts (checked like memory, compared by nobody)
     TIME = "time"      # result: step time and how many steps it is of
+    WORK = "work"      # result: work counters (FLOPs, bytes, kernels), exact on the deterministic probes
 
 
 ROLE = "role"      # metadata key: a `Role`
@@ -184,6 +185,22 @@ class OptimizerRecord:
     state_attributed_bytes: int | None = None
     state_gap_bytes: int | None = field(default=None, metadata={SIGNED: True})
     compiled: str | None = None
+    # its step()'s work (instrument/work.py): FLOPs, bytes read + written, kernels; None
+    # where nothing counts work (cuda probe)
+    work_flops: int | None = None
+    work_bytes: int | None = None
+    work_kernels: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkRecord:
+    """One phase's work (instrument/work.py), and its predicted time on the record's `gpu`."""
+
+    phase: str = ""
+    flops: int = 0
+    bytes: int = 0
+    kernels: int = 0
+    predicted_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +319,18 @@ class Record(Config):
     host_calib: str | None = None
     host_calib_ms: tuple[float, ...] = ()
     host_noise: float | None = _role(Role.TIME)
+    # work per phase and of the whole step (instrument/work.py; tracked and fake probes, None or
+    # empty elsewhere): exact and deterministic, so gated like memory
+    work: tuple[WorkRecord, ...] = ()
+    step_flops: int | None = _role(Role.WORK)
+    step_bytes: int | None = _role(Role.WORK)
+    step_kernels: int | None = _role(Role.WORK)
+    # predicted step time on a named GPU (instrument/gpu.py) from the work counters; what the
+    # model was checked against and how far off it was there
+    gpu: str | None = None
+    predicted_step_ms: float | None = None
+    predicted_device_ms: float | None = None
+    predicted_check: str | None = None
     # outcome
     status: str = Status.OK.value
     error: str | None = None
@@ -340,6 +369,7 @@ class Record(Config):
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
         for c in SAMPLE_COLUMNS:  # tuples, as measured: a frozen record stays hashable
             kept[c] = tuple(kept.get(c) or ())
+        kept["work"] = _subrecords(WorkRecord, kept.get("work"))
         return cls(**kept)
 
 
@@ -391,6 +421,8 @@ TIME_COLUMNS: tuple[str, ...] = _with_role(Role.TIME, fields=_ALL)
 RANK_FSDP_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=dataclasses.fields(RankRecord))
 # Lists of timed samples (ms): the step's and the host's calibration kernel's.
 SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
+# Work counters of the whole step (instrument/work.py), exact on deterministic probes.
+WORK_COLUMNS: tuple[str, ...] = _with_role(Role.WORK, fields=_ALL)
 # The memory metrics the regression gate compares.
 GATED_COLUMNS: tuple[str, ...] = tuple(f.name for f in _ALL if f.metadata.get(GATED))
 
@@ -516,7 +548,7 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         raise UsageError(f"{where}: status is {_show(row['status'])}, expected one of {', '.join(STATUSES)}")
     for c in BYTE_COLUMNS:
         _check_count(row.get(c), f"{where}: {c}")
-    for c in TIME_COLUMNS:
+    for c in (*TIME_COLUMNS, "predicted_step_ms", "predicted_device_ms"):
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
@@ -524,9 +556,16 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (isinstance(v, (list, tuple)) and all(_is(x, float) and x >= 0 for x in v)):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a list of non-negative numbers")
-    for c in ("error", "unmodelled", "host_calib"):
+    for c in ("error", "unmodelled", "host_calib", "gpu", "predicted_check"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
+    for c in WORK_COLUMNS:
+        _check_count(row.get(c), f"{where}: {c}")
+    for i, item in enumerate(row.get("work") or ()):
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: work[{i}] is {_show(item)}, expected an object")
+        for c in ("flops", "bytes", "kernels"):
+            _check_count(item.get(c), f"{where}: work[{i}].{c}")
     for list_name, counts in _SUB_COUNTS.items():
         for i, item in enumerate(row.get(list_name) or ()):
             for c in counts:

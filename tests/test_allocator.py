@@ -13,7 +13,6 @@ import pytest
 from multiopt.errors import UsageError
 from multiopt.instrument.allocator import (
     ALLOC_MODEL,
-    AllocatorConfig,
     AllocatorOOM,
     CachingAllocator,
     UnknownKeyError,
@@ -22,6 +21,7 @@ from multiopt.instrument.allocator import (
     round_size,
     roundup_power2_next_division,
 )
+from multiopt.instrument.allocator_config import AllocatorConfig
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -111,6 +111,21 @@ def test_free_merges_neighbours_so_their_sum_is_reused():
     assert free_blocks(a) == [20 * MiB]
     a.empty_cache()
     assert a.reserved == 0
+
+
+def test_free_merges_mapped_neighbours_only():
+    """Expandable segments: a freed block merges with its free mapped neighbour, never with the
+    unmapped address space after it (that stays unmapped, outside reserved), and the next
+    larger request maps pages onto the merged block, in place."""
+    a = CachingAllocator(AllocatorConfig(expandable_segments=True))
+    a.malloc("x", 3 * MiB)  # maps one 20 MiB page: x, then 17 MiB free, then unmapped space
+    at = addr(a, "x")
+    a.free("x")
+    segments = a.snapshot()["segments"]
+    assert a.reserved == 20 * MiB
+    assert [[(b["size"], b["allocated"]) for b in s["blocks"]] for s in segments] == [[(20 * MiB, False)]]
+    a.malloc("y", 30 * MiB)  # one more page after the merged block
+    assert addr(a, "y") == at and a.reserved == 40 * MiB
 
 
 def test_best_fit_by_size_then_address():

@@ -8,10 +8,8 @@ untimed config (fake probe) still reaches the JSON as a record without times.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ from multiopt.analyze import frame
 from multiopt.record import CONFIG_COLUMNS, FIELDS, MEMORY_COLUMNS, TIME_COLUMNS
 from multiopt.run.presets import PRESETS, preset_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+from .support import ROOT, load_bench, subprocess_env
 
 # Quick-preset configs both sides run: two widths, one and several optimizers, a
 # matrix-only optimizer, and the fused implementation (only at w256 b64 in the preset).
@@ -37,13 +35,8 @@ FAKE_COMBOS = "adam,sgd+adam"
 
 
 def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     # one thread each: four processes share the CPU, and OpenMP spin-waits when they contend
-    e["OMP_NUM_THREADS"] = "1"
-    e.pop("MULTIOPT_PRESET", None)
-    e.pop("MULTIOPT_PROBE", None)
-    return e
+    return subprocess_env(drop=["MULTIOPT_PRESET", "MULTIOPT_PROBE"], OMP_NUM_THREADS="1")
 
 
 def _bench_cmd(json_path: Path, *args: str) -> list[str]:
@@ -174,15 +167,7 @@ def test_fake_probe_records_memory_without_times(outputs):
 
 
 def _bench_conftest():
-    spec = importlib.util.spec_from_file_location("multiopt_bench_conftest", ROOT / "bench" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(spec.name, None)
-        raise
-    return mod
+    return load_bench("conftest")
 
 
 def test_bench_ids_are_unique_and_readable():

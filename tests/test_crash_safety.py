@@ -23,9 +23,9 @@ from multiopt.record import config_key
 from multiopt.run.launch import _PRELOAD
 from multiopt.store import append_jsonl, iter_jsonl, read_jsonl
 
-from .conftest import ROOT
+from .support import FIXTURES, ROOT, subprocess_env
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run_small" / "results.jsonl"
+FIXTURE = FIXTURES / "run_small" / "results.jsonl"
 TINY = ["run", "--preset", "quick", "--widths", "16,32", "--batches", "4", "--combos", "sgd,adam", "--steps", "0",
         "--warmup", "0", "--no-progress", "--no-report"]
 N_TINY = 4
@@ -126,7 +126,7 @@ def test_a_second_writer_into_the_same_out_is_refused(tmp_path, capsys):
 
 def test_ctrl_c_to_the_process_group_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "multiopt", *TINY, "--widths", "16,32,48,64,80,96",
                              "--out", str(out)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,7 +10,6 @@ bench/cuda_target_check.py, whose table the README shows.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,10 +25,9 @@ from multiopt.record import Config, Record, config_key
 from multiopt.train import optimizers as registry
 from multiopt.train.multi import impl_kwargs
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("cuda_target_check", ROOT / "bench" / "cuda_target_check.py")
-check_mod = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_mod)  # type: ignore[union-attr]
+from .support import ROOT, load_bench
+
+check_mod = load_bench("cuda_target_check")
 
 FAST = check_mod.h200_records("quick")
 DEFAULT = check_mod.h200_records("default")

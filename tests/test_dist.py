@@ -5,7 +5,6 @@ what a killed sharded sweep wrote; old records without the new config columns st
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,14 +22,12 @@ from multiopt.store import append_jsonl, read_jsonl
 from multiopt.run.presets import COMBOS
 from multiopt.run.sweep import shard, sweep
 
+from .support import FIXTURES as FIX, ROOT, subprocess_env
+
 
 def _rows(path) -> list[dict]:
     """The records of a results file as stored rows (dicts)."""
     return [r.to_dict() for r in read_jsonl(path)]
-
-
-ROOT = Path(__file__).resolve().parents[1]
-FIX = Path(__file__).parent / "fixtures"
 
 
 def _free_port() -> int:
@@ -40,8 +37,7 @@ def _free_port() -> int:
 
 
 def _torchrun(out: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = subprocess_env(drop=["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "multiopt", "run", "--preset", "quick", "--out", str(out), "--no-progress", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)

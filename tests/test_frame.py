@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,7 +13,8 @@ from multiopt.analyze import frame
 from multiopt.errors import UsageError
 from multiopt.record import FIELDS, MEMORY_COLUMNS
 
-FIX = Path(__file__).parent / "fixtures"
+from .support import FIXTURES as FIX
+
 RUN = FIX / "run_small"
 BENCH = FIX / "bench_small.json"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from multiopt.errors import UsageError
 from multiopt.record import Record
 from multiopt.store import append_jsonl, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+from .support import ROOT, subprocess_env
+
 MiB = 1024 * 1024
 
 
@@ -270,7 +270,7 @@ def test_subprocess_bad_input_is_one_line_on_stderr(tmp_path, bad):
     p = subprocess.run(
         [sys.executable, "-m", "multiopt", "gate", "--baseline", str(b), "--current", str(c)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env={**os.environ, "GITHUB_STEP_SUMMARY": ""},
+        env=subprocess_env(GITHUB_STEP_SUMMARY=""),
     )
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
@@ -285,7 +285,7 @@ def test_subprocess_regression_exits_1(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "multiopt", "gate", "--baseline", str(b), "--current", str(c)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env={**os.environ, "GITHUB_STEP_SUMMARY": ""},
+        env=subprocess_env(GITHUB_STEP_SUMMARY=""),
     )
     assert p.returncode == 1, p.stderr
     assert "grad_bytes" in p.stdout and p.stderr == ""
@@ -413,5 +413,5 @@ def test_a_metric_kind_is_one_check_object():
     assert f"{base[2].n_params + 1:,}" in gate.render(res)
     both = gate.compare(base, cur, using=(*gate.checks(), count), only="params")
     assert {v.metric for v in both.verdicts} == {"n_params"} and "memory not compared (--only params)" in both.settings
-    with pytest.raises(UsageError, match="--only takes 'memory' or 'time'"):
-        gate.compare(base, cur, only="work")
+    with pytest.raises(UsageError, match="--only takes 'memory', 'work', 'time'"):
+        gate.compare(base, cur, only="bandwidth")

@@ -1,23 +1,20 @@
 """The gate against real runs: the committed baseline, an injected regression, time noise."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
 from multiopt.analyze.gate import run_gate
-from tests.conftest import ROOT, run_quick
+
+from .support import ROOT, run_quick, subprocess_env
 
 BASELINE = ROOT / "reports" / "baselines" / "cpu-quick.jsonl"
 
 
 def _gate(*args):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.pop("GITHUB_STEP_SUMMARY", None)
-    return subprocess.run([sys.executable, "-m", "multiopt", "gate", *map(str, args)],
-                          capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "multiopt", "gate", *map(str, args)], capture_output=True,
+                          text=True, env=subprocess_env(drop=["GITHUB_STEP_SUMMARY"]), cwd=ROOT, timeout=120)
 
 
 def test_a_fresh_quick_run_passes_the_memory_gate_against_the_committed_baseline(quick_run):
@@ -28,7 +25,7 @@ def test_a_fresh_quick_run_passes_the_memory_gate_against_the_committed_baseline
 
 def test_amsgrad_on_one_combo_fails_the_gate_naming_config_and_metric(tmp_path):
     out = tmp_path / "ams"
-    proc, _ = run_quick(out, "--widths", "64", "--batches", "16", "--combos", "sgd",
+    proc = run_quick(out, "--widths", "64", "--batches", "16", "--combos", "sgd",
                         "--rules", "adam::rest=adam(lr=0.001, amsgrad=True)", "--no-report")
     assert proc.returncode == 0, proc.stderr
     p = _gate("--baseline", BASELINE, "--current", out, "--only", "memory")
@@ -66,7 +63,7 @@ def test_two_runs_on_the_same_machine_do_not_fail_each_other_on_time(quick_run, 
     base = quick_run[0]
     for attempt in range(2):
         out = tmp_path / f"again{attempt}"
-        proc, _ = run_quick(out, "--no-report")
+        proc = run_quick(out, "--no-report")
         assert proc.returncode == 0, proc.stderr
         result = compare(read_records(base), read_records(out), only="time")
         if result.exit_code == 0:

@@ -17,7 +17,8 @@ import pytest
 from multiopt.cli import main
 from multiopt.record import upgrade
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from .support import FIXTURES
+
 RUN = FIXTURES / "run_small"
 BENCH = FIXTURES / "bench_small.json"
 

@@ -2,11 +2,12 @@
 
 
 import pytest
-import torch
 
 from multiopt.instrument.protocol import Config, Protocol, measure, validate
 from multiopt.errors import UsageError
 from multiopt.instrument.probes import round_alloc
+
+from .support import needs_cuda
 
 # Every registered optimizer with each option that changes its state.
 STATE_CASES = [
@@ -176,18 +177,14 @@ def test_validate_rejects_bad_configs_before_any_compute():
     validate(Config(amp="fp16"), Protocol(probe="fake"))  # its scaler steps without reading inf checks
 
 
-def test_fake_probe_estimates_a_config_larger_than_this_machine_quickly():
-    import time
-
-    t0 = time.perf_counter()
+def test_fake_probe_estimates_a_config_larger_than_this_machine():
+    """(How fast: bench/wall_times.py, target 2 s; a test asserts no wall time.)"""
     r = measure(Config(width=16384, depth=8, batch=512, rules="rest=adam", combo="adam"), Protocol(probe="fake"))
-    elapsed = time.perf_counter() - t0
     assert r.status == "ok", r.error
     n = 8 * (16384 * 16384 + 16384)
     assert r.n_params == n
     assert r.opt_state_bytes == 2 * 4 * n + 16 * 4
     assert r.peak_total > 4 * 4 * n  # params + grads + m + v, at least
-    assert elapsed < 10  # the bench target is 2 s on a quiet machine; generous under test load
 
 
 def test_timing_is_reported_on_computing_probes_only():
@@ -203,9 +200,6 @@ def test_amp_configs_run():
         r = _m("layer1=sgd(lr=0.01); rest=adam", "tracked", amp=amp)
         assert r.status == "ok", r.error
         assert r.opt_state_bytes == r.opt_state_expected
-
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_cuda

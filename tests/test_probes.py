@@ -24,6 +24,8 @@ from multiopt.instrument.probes import (
     round_alloc,
 )
 
+from .support import mlp, needs_cuda
+
 F32 = 4
 SCALAR = 512  # a 0-dim float32 tensor: 4 bytes requested, one 512-byte block allocated
 
@@ -190,21 +192,12 @@ def test_training_step_matches_hand_computation() -> None:
 # --------------------------------------------------------------------------- tracked vs fake
 
 
-def _mlp(width: int, depth: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        layers.append(nn.Linear(width, width))
-        if i < depth - 1:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def _phases(probe: Probe, width: int, depth: int, batch: int, opt_name: str, impl: str,
             steps: int = 2) -> list[tuple[str, int, int, int]]:
     """The measurement protocol's per-phase numbers for `steps` steps."""
     out: list[tuple[str, int, int, int]] = []
     with probe:
-        model = probe.build_model(lambda: _mlp(width, depth))
+        model = probe.build_model(lambda: mlp(width, depth))
         kw = {"foreach": {"foreach": True}, "forloop": {"foreach": False}, "fused": {"fused": True}}[impl]
         if opt_name == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **kw)
@@ -247,28 +240,24 @@ def test_tracked_and_fake_agree_to_the_byte(width: int, depth: int, batch: int, 
     assert real[4][1] > real[3][1]
 
 
-def test_fake_estimates_a_huge_model_quickly() -> None:
-    import time
-
+def test_fake_estimates_a_huge_model() -> None:
+    """(How fast: bench/probe_overhead.py, target 2 s; a test asserts no wall time.)"""
     W, D, B = 16384, 8, 512
-    t0 = time.perf_counter()
     p = FakeProbe()
     with p:
-        model = p.build_model(lambda: _mlp(W, D))
+        model = p.build_model(lambda: mlp(W, D))
         opt = torch.optim.Adam(model.parameters())
         x, y = torch.randn(B, W), torch.randn(B, W)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         after_step = p.allocated()
-    elapsed = time.perf_counter() - t0
     n_params = D * (W * W + W)
     # params + grads + exp_avg + exp_avg_sq (all multiples of 512) + step scalars + x, y,
     # and the loss, whose 0-dim tensor keeps mse_loss's whole B x W buffer (see below)
     expected = 4 * 4 * n_params + 2 * D * SCALAR + 2 * ra(B * W) + ra(B * W)
     assert after_step == expected
     assert not p.computes
-    assert elapsed < 10, f"fake estimate took {elapsed:.1f}s (target < 2 s, slack for loaded CI)"
 
 
 @pytest.mark.parametrize("loss_fn", [nn.functional.mse_loss, nn.functional.smooth_l1_loss,
@@ -327,7 +316,7 @@ def test_peak_matches_memtracker() -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(0)
-    model = _mlp(96, 3)
+    model = mlp(96, 3)
     opt = torch.optim.Adam(model.parameters(), foreach=False)
     x, y = torch.randn(24, 96), torch.randn(24, 96)
     p = TrackedProbe()
@@ -373,7 +362,7 @@ def test_limit_bytes_raises_oom_and_goes_on(kind: str) -> None:
 def test_limit_oom_in_a_training_step_is_recoverable() -> None:
     p = make_probe("tracked", limit_bytes=96 * 1024)
     with p:
-        model = p.build_model(lambda: _mlp(64, 2))  # 2 * (16384 + 256) = ~33 KiB
+        model = p.build_model(lambda: mlp(64, 2))  # 2 * (16384 + 256) = ~33 KiB
         with pytest.raises(torch.OutOfMemoryError):
             torch.randn(512, 64)  # 128 KiB: over the limit
     with p:
@@ -456,9 +445,6 @@ def test_tracked_probe_measures_real_values() -> None:
 
 
 # --------------------------------------------------------------------------- CUDA (run on a GPU)
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 @needs_cuda
 def test_cuda_single_element_and_peak() -> None:

@@ -19,6 +19,8 @@ from multiopt.train.multi import MultiOptimizer
 from multiopt.instrument.probes import TrackedProbe, round_alloc
 from multiopt.instrument.profile import Profile
 
+from .support import mlp, needs_cuda
+
 RULES = "*emb*=adamw(lr=3e-4); @matrix=muon(lr=0.02); rest=adamw(lr=3e-4)"
 WIDTH, DEPTH, BATCH, SEED = 64, 2, 4, 0
 WARMUP = 3
@@ -137,13 +139,8 @@ def test_summary_and_frame(prof):
 # --- hooks in, hooks out ---------------------------------------------------------------
 
 
-def _mlp(width: int = 16):
-    torch.manual_seed(0)
-    return models.MLP(width, 2)
-
-
 def test_everything_is_restored_on_exit_even_after_an_error():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     backward = torch.autograd.backward
     with pytest.raises(RuntimeError, match="boom"):
@@ -158,7 +155,7 @@ def test_everything_is_restored_on_exit_even_after_an_error():
 
 
 def test_one_torch_optimizer_zero_grad_first_and_model_zero_grad():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = models.make_batch(model, 8)
     with multiopt.profile(model, opt, probe="tracked", track=[x, y]) as prof:
@@ -179,7 +176,7 @@ def test_one_torch_optimizer_zero_grad_first_and_model_zero_grad():
 
 
 def test_list_of_optimizers_each_stepped_by_hand():
-    model = _mlp()
+    model = mlp()
     sgd = torch.optim.SGD(model.layer1.parameters(), lr=0.1, momentum=0.9)
     adam = torch.optim.Adam(model.layer2.parameters(), lr=1e-3)
     with multiopt.profile(model, [sgd, adam], probe="tracked") as prof:
@@ -199,7 +196,7 @@ def test_list_of_optimizers_each_stepped_by_hand():
 
 
 def test_gradient_accumulation_is_one_row():
-    model = _mlp()
+    model = mlp()
     opt = MultiOptimizer.from_spec(model, "layer1=sgd(lr=0.1); rest=adam")
     with multiopt.profile(model, opt, probe="tracked") as prof:
         x, y = models.make_batch(model, 8)
@@ -215,7 +212,7 @@ def test_gradient_accumulation_is_one_row():
 def test_an_active_probe_is_left_active():
     probe = TrackedProbe()
     with probe:
-        model = probe.build_model(_mlp)
+        model = probe.build_model(mlp)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with multiopt.profile(model, opt, probe=probe) as prof:
             model(torch.randn(2, 16)).sum().backward()
@@ -225,7 +222,7 @@ def test_an_active_probe_is_left_active():
 
 
 def test_bad_uses_are_usage_errors():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(UsageError, match="do not nest"):
         with multiopt.profile(model, opt, probe="tracked"):
@@ -245,7 +242,7 @@ def test_bad_uses_are_usage_errors():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_cuda_probe_around_the_transformer():
     """probe="auto" picks cuda for a model on the GPU. Not compared to measure() to the byte:
     library workspaces (cuBLAS) made by an earlier config in this process are in
@@ -282,7 +279,7 @@ def test_step_temporaries_are_those_of_the_steps_after_the_first(prof, record):
 
 
 def test_one_step_has_no_step_temporaries_yet():
-    model = _mlp()
+    model = mlp()
     opt = torch.optim.Adam(model.parameters())
     with multiopt.profile(model, opt, probe="tracked") as prof:
         model(torch.randn(2, 16)).sum().backward()

@@ -8,7 +8,6 @@ Most checks run on the fake probe; the tracked probe where the fake one must agr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ from multiopt.record import MEMORY_COLUMNS, Record  # noqa: E402
 from multiopt.train import hf, models  # noqa: E402
 from multiopt.train.trainer import forward_loss  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+from . import support
+
+FIXTURES = support.FIXTURES / "hf"
 TINY = ("llama", "qwen2", "mistral", "bert", "gpt2")
 FAKE = Protocol(probe="fake", steps=0, warmup=1)
 TRACKED = Protocol(probe="tracked", steps=0, warmup=1)

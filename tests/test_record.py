@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +12,8 @@ from multiopt import record
 from multiopt.errors import UsageError
 from multiopt.record import Record
 from multiopt.store import append_jsonl, read_jsonl
+
+from .support import REPORTS, ROOT
 
 
 @pytest.mark.parametrize("torn", ['{"schema": "multiopt.rec', "x" * 200_000])  # short, and longer than a read chunk
@@ -47,8 +48,7 @@ def test_a_bad_line_before_the_end_is_an_error_naming_file_and_line(tmp_path):
 
 # --- the columns: declared once, on the fields -----------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
-BASELINES = sorted((ROOT / "reports" / "baselines").glob("*.jsonl"))
+BASELINES = sorted((REPORTS / "baselines").glob("*.jsonl"))
 
 
 def test_every_config_column_is_in_the_key_the_series_and_the_names_unless_its_role_says_otherwise():

@@ -15,7 +15,8 @@ from multiopt.analyze import frame, plot, report, select
 from multiopt.cli import main
 from multiopt.units import fmt_bytes, fmt_ms
 
-FIX = Path(__file__).parent / "fixtures"
+from .support import FIXTURES as FIX, REPORTS, load_bench
+
 RUN = FIX / "run_small"
 BENCH = FIX / "bench_small.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -319,7 +320,7 @@ def test_cli_report_missing_file_exits_2(run_cli, tmp_path):
 
 # --------------------------------------------------------------------------- bounded, at a glance
 
-DEFAULT_CPU = Path(__file__).parent.parent / "reports" / "default-cpu"
+DEFAULT_CPU = REPORTS / "default-cpu"
 
 
 def _all_tables(md: str) -> list[list[str]]:
@@ -369,10 +370,7 @@ def test_default_plots_are_bounded(default_cpu):
 
 def test_many_distinct_configs_stay_bounded():
     """600 records, every one a distinct width, batch and seed (bench/report_scale.py's data)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("report_scale", Path(__file__).parent.parent / "bench" / "report_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("report_scale")
     d = frame.records_to_frame(mod.synthetic(600))
     md = report.render(d)
     for t in _all_tables(md):

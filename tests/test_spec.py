@@ -6,6 +6,8 @@ from multiopt.errors import UsageError
 from multiopt.train.multi import plan
 from multiopt.train.spec import Rule, assign, format_rules, from_dicts, parse, rules_from
 
+from .support import REPORTS
+
 
 def test_parses_the_three_documented_forms():
     r = parse("layer1=sgd(lr=0.01, momentum=0.9); layer2=adam(lr=1e-3)")
@@ -186,11 +188,10 @@ def test_every_committed_record_keeps_its_rules_text_through_a_config():
     """Reading a record parses its rules: the canonical text must come back unchanged, or a
     baseline's keys would move (the gate would call its configs missing)."""
     import json
-    from pathlib import Path
 
     from multiopt.train.spec import Rules
 
-    texts = {json.loads(line)["rules"] for f in Path(__file__).resolve().parents[1].glob("reports/**/*.jsonl")
+    texts = {json.loads(line)["rules"] for f in REPORTS.glob("**/*.jsonl")
              for line in f.read_text().splitlines() if line.strip()}
     assert texts
     assert {t for t in texts if Rules(t) != t} == set()

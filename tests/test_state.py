@@ -17,6 +17,8 @@ from multiopt.train.optimizers import available, resolve
 from multiopt.instrument.state import StateBytes, expected_state, has_formula, measured_state
 from multiopt.units import round_alloc
 
+from .support import needs_cuda, sequential
+
 FOREACH = {"foreach": False}, {"foreach": True}
 FUSED = {"fused": True}
 
@@ -56,11 +58,6 @@ def _cases() -> Iterator[Any]:
                     yield pytest.param(name, kw, dtype, id=f"{name}-{label}-{str(dtype)[6:]}")
 
 
-def _mlp(dtype: torch.dtype, device: str = "cpu") -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).to(device=device, dtype=dtype)
-
-
 def _params_for(name: str, model: nn.Module) -> list[nn.Parameter]:
     # Muon only accepts 2-D parameters; everyone else gets the 2-D weights and 1-D biases.
     return [p for p in model.parameters() if p.dim() == 2] if resolve(name).matrix_only else list(model.parameters())
@@ -82,7 +79,7 @@ def test_every_registered_optimizer_has_cases_and_a_formula() -> None:
 
 @pytest.mark.parametrize(("name", "kwargs", "dtype"), list(_cases()))
 def test_measured_matches_expected(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
-    model = _mlp(dtype)
+    model = sequential(6, 10, 3, act=nn.Tanh, dtype=dtype)
     opt = resolve(name).build(_params_for(name, model), {"lr": 1e-3, **kwargs})
     _train(model, opt, dtype)
     measured, expected = measured_state(opt), expected_state(opt)
@@ -175,7 +172,7 @@ def test_adagrad_state_exists_before_any_step() -> None:
 
 def test_params_without_grad_have_no_state_but_are_expected() -> None:
     """The formula assumes every parameter got a gradient; one that never did is the gap."""
-    model = _mlp(torch.float32)
+    model = sequential(6, 10, 3, act=nn.Tanh)
     model[2].requires_grad_(False)  # second Linear: 30 + 3 parameters, never a grad
     frozen_adam = (2 * (30 + 3) * 4, 2 * 4)
     opt = resolve("adam").build(model.parameters(), {})
@@ -393,13 +390,13 @@ CUDA_CASES = [
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(("name", "kwargs"), CUDA_CASES, ids=lambda v: str(v))
 def test_cuda_state_matches_memory_allocated(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> None:
     """On CUDA the state's rounded bytes on the GPU are exactly what the first step adds to
     memory_allocated(); steps kept on the CPU are not in it."""
-    model = _mlp(dtype, "cuda")
+    model = sequential(6, 10, 3, act=nn.Tanh, dtype=dtype, device="cuda")
     opt = resolve(name).build(_params_for(name, model), {"lr": 1e-3, **kwargs})
     model(torch.randn(4, 6, dtype=dtype, device="cuda")).square().mean().backward()
     torch.cuda.synchronize()

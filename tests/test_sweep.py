@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,17 +16,12 @@ from multiopt.store import read_jsonl
 from multiopt.run.presets import COMBOS, PRESETS, preset_configs, user_combo
 from multiopt.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+from .support import ROOT, subprocess_env
 
 
-def _env():
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def test_quick_preset_writes_one_record_per_config_within_a_minute(quick_run):
-    out, elapsed, proc = quick_run
+def test_quick_preset_writes_one_record_per_config(quick_run):
+    """(How long it takes is bench/wall_times.py's question: the issue's budget is 60 s.)"""
+    out, proc = quick_run
     rows = read_jsonl(out / "results.jsonl")
     configs = preset_configs("quick")
     assert len(rows) == len(configs)
@@ -35,8 +29,6 @@ def test_quick_preset_writes_one_record_per_config_within_a_minute(quick_run):
     assert all(r.status == "ok" for r in rows), [r.error for r in rows if r.status != "ok"]
     env = json.loads((out / "env.json").read_text())
     assert env["probe"] == "tracked" and env["preset"] == "quick" and env["torch"]
-    # the issue's budget, isolation on (about 15 s when the machine is otherwise idle)
-    assert elapsed < 60, elapsed
     assert (out / "report.md").exists()
 
 
@@ -63,7 +55,7 @@ def test_quick_preset_foreach_adam_peaks_above_fused(quick_run):
 def _run(out, *args, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "multiopt", "run", "--out", str(out), "--no-progress", "--no-report", *args],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout,
+        capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=timeout,
     )
 
 
@@ -76,7 +68,7 @@ def test_sigkill_halfway_then_resume_gives_exactly_one_record_per_config(tmp_pat
     n = 3 * 2 * 2
     proc = subprocess.Popen(
         [sys.executable, "-m", "multiopt", "run", "--out", str(out), "--no-progress", "--no-report", *SMALL],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=ROOT, start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

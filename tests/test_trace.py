@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from multiopt.errors import UsageError
-from multiopt.instrument.allocator import AllocatorConfig
+from multiopt.instrument.allocator_config import AllocatorConfig
 from multiopt.instrument.trace import Event, check, fixture, from_fixture, trim
+
+from .support import FIXTURES, load_bench
 
 MiB = 1 << 20
 A, B = 0x7F00_0000_0000, 0x7E00_0000_0000  # device pointers; B below A, as cudaMalloc may hand out
-CAPTURED = sorted((Path(__file__).parent / "fixtures" / "cuda-traces").glob("*.json"))
+CAPTURED = sorted((FIXTURES / "cuda-traces").glob("*.json"))
 
 
 def ev(action: str, addr: int = 0, size: int = 0) -> Event:
@@ -139,13 +141,7 @@ def test_a_captured_trace_replays_exactly(path: Path) -> None:
 
 
 def _bench_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "cuda_traces.py"
-    spec = importlib.util.spec_from_file_location("cuda_traces", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    return load_bench("cuda_traces")
 
 
 def test_the_capture_script_lists_valid_configs_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 yaml = pytest.importorskip("yaml")
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / ".github" / "workflows"
+from .support import ROOT
+
+WORKFLOWS = ROOT / ".github" / "workflows"
 
 
 def _load(name: str) -> dict:

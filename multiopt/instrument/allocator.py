@@ -4,8 +4,8 @@ It answers "what would ``torch.cuda.memory_allocated()`` / ``memory_reserved()``
 ``memory_stats()["requested_bytes.all.current"]`` say after this sequence of tensor
 allocations and frees?" without a GPU, fast enough to replay millions of events.
 
-Modelled, rule by rule after ``c10/cuda/CUDACachingAllocator.cpp`` (``DeviceCachingAllocator``)
-and the config parsers in ``c10/core/AllocatorConfig.cpp`` / ``c10/cuda/CUDAAllocatorConfig.cpp``:
+Modelled, rule by rule after ``c10/cuda/CUDACachingAllocator.cpp`` (``DeviceCachingAllocator``),
+with the options of `AllocatorConfig` (allocator_config.py, parsed as torch parses them):
 
 - ``round_size``: requests rounded up to 512 B (kMinBlockSize), or to a power-of-2 division
   with ``roundup_power2_divisions`` (``roundup_power2_next_division``);
@@ -47,253 +47,35 @@ ints (one per pool), so that ``bench/allocator_replay.py`` replays 1M events in 
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left, insort
-from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Sequence
 from operator import attrgetter
 from typing import Any
 
 from ..errors import UsageError
+from .allocator_config import (  # noqa: F401 - AllocatorConfig and kLargeBuffer are this model's too
+    AllocatorConfig,
+    kLargeBuffer,
+    kRoundUpPowerOfTwoIntervals,
+    kRoundUpPowerOfTwoStartLog2,
+)
 
 ALLOC_MODEL = "cuda-caching/torch-2.13"
 """The allocator rules this module models (recorded in records as ``alloc_model``)."""
 
-# c10/cuda/CUDACachingAllocator.cpp constants.
+# c10/cuda/CUDACachingAllocator.cpp constants (kLargeBuffer, which the options are checked
+# against, is allocator_config's).
 kMinBlockSize = 512  # all sizes are rounded to at least 512 bytes
 kSmallSize = 1048576  # largest "small" allocation is 1 MiB
 kSmallBuffer = 2097152  # "small" allocations are packed in 2 MiB blocks
-kLargeBuffer = 20971520  # "large" allocations may be packed in 20 MiB blocks
 kMinLargeAlloc = 10485760  # allocations between 1 and 10 MiB may use kLargeBuffer
 kRoundLarge = 2097152  # round up large allocations to 2 MiB
-
-# c10/core/AllocatorConfig.cpp constants.
-_MiB = 1024 * 1024
-_kRoundUpPowerOfTwoIntervals = 16  # intervals [1 MiB, 2 MiB), ..., [32 GiB, 64 GiB) and beyond
-_kRoundUpPowerOfTwoStartLog2 = 20  # 1 MiB
-_PINNED_MAX_REGISTER_THREADS = 128  # CUDAAllocatorConfig::pinned_max_register_threads()
-
-_ENV_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
-"""Read in this order, as ``AcceleratorAllocatorConfig::instance()`` does (the CUDA/HIP names
-are the deprecated spellings)."""
 
 _INF = 1 << 62  # max_split_size unset: SIZE_MAX in C++
 _SHIFT = 52  # free-list key = size << _SHIFT | address; addresses stay below 4 PiB
 _MASK = (1 << _SHIFT) - 1
 _ADDR_BASE = 1 << 32  # first synthetic address (non-zero, like a device pointer)
 _DEFAULT_VIRTUAL = 1 << 40  # expandable-segment address space when no limit is known
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-@dataclass(frozen=True)
-class AllocatorConfig:
-    """The ``PYTORCH_CUDA_ALLOC_CONF`` options that change what the caching allocator reports.
-
-    ``roundup_power2_divisions`` may be given as one int (every interval) or as the 16
-    per-interval values torch keeps (``[1 MiB, 2 MiB)`` ... ``[32 GiB, ...)``); it is stored as
-    the 16-tuple. ``max_non_split_rounding_size`` defaults to kLargeBuffer (20 MiB) as in
-    ``AllocatorConfig``'s constructor. ``garbage_collection_threshold`` and
-    ``per_process_memory_fraction`` are kept for the record, not applied: pass the byte
-    ``limit`` to `CachingAllocator` instead (the model does not know the device's total).
-    """
-
-    max_split_size: int | None = None
-    max_non_split_rounding_size: int = kLargeBuffer
-    roundup_power2_divisions: int | tuple[int, ...] = 0
-    expandable_segments: bool = False
-    garbage_collection_threshold: float = 0.0
-    per_process_memory_fraction: float | None = None
-    backend: str = "native"
-
-    def __post_init__(self) -> None:
-        rp2 = self.roundup_power2_divisions
-        if isinstance(rp2, int):
-            rp2 = (rp2,) * _kRoundUpPowerOfTwoIntervals
-        rp2 = tuple(int(v) for v in rp2)
-        if len(rp2) != _kRoundUpPowerOfTwoIntervals or any(v != 0 and not _is_pow2(v) for v in rp2):
-            raise UsageError(f"AllocatorConfig: roundup_power2_divisions must be an int or "
-                             f"{_kRoundUpPowerOfTwoIntervals} ints, each 0 or a power of 2, got {rp2!r}")
-        object.__setattr__(self, "roundup_power2_divisions", rp2)
-        if self.max_split_size is not None and self.max_split_size < kLargeBuffer:
-            raise UsageError(f"AllocatorConfig: max_split_size must be >= {kLargeBuffer} bytes (20 MiB), "
-                             f"got {self.max_split_size}")
-        if self.max_non_split_rounding_size < kLargeBuffer:
-            raise UsageError(f"AllocatorConfig: max_non_split_rounding_size must be >= {kLargeBuffer} "
-                             f"bytes (20 MiB), got {self.max_non_split_rounding_size}")
-
-    @classmethod
-    def parse(cls, text: str, source: str = "PYTORCH_CUDA_ALLOC_CONF") -> AllocatorConfig:
-        """Parse ``key:value,key:value`` as torch does (``ConfigTokenizer`` and the ``parseArgs``
-        of ``AcceleratorAllocatorConfig`` and ``CUDAAllocatorConfig``).
-
-        Every key torch accepts is accepted (the pinned-memory and locking keys are validated,
-        then ignored); anything else raises `UsageError` with a one-line message naming
-        ``source``, the key and the value.
-        """
-        return _Parser(text, source).parse()
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AllocatorConfig:
-        """The config torch would read from the environment: ``PYTORCH_ALLOC_CONF``, else
-        ``PYTORCH_CUDA_ALLOC_CONF``, else ``PYTORCH_HIP_ALLOC_CONF``; defaults if none is set."""
-        env = os.environ if environ is None else environ
-        for name in _ENV_VARS:
-            if name in env:
-                return cls.parse(env[name], source=name)
-        return cls()
-
-
-class _Parser:
-    """``ConfigTokenizer`` + ``parseArgs``: tokens split on ``, : [ ]``, whitespace dropped."""
-
-    def __init__(self, text: str, source: str) -> None:
-        self.source = source
-        self.tokens: list[str] = []
-        buf = ""
-        for ch in text:
-            if ch in ",:[]":
-                if buf:
-                    self.tokens.append(buf)
-                    buf = ""
-                self.tokens.append(ch)
-            elif not ch.isspace():
-                buf += ch
-        if buf:
-            self.tokens.append(buf)
-
-    def fail(self, msg: str) -> UsageError:
-        return UsageError(f"{self.source}: {msg}")
-
-    def tok(self, i: int, key: str) -> str:
-        if i >= len(self.tokens):
-            raise self.fail(f"{key} has no value; write {key}:VALUE")
-        return self.tokens[i]
-
-    def colon(self, i: int, key: str) -> None:
-        if self.tok(i, key) != ":":
-            raise self.fail(f"expected ':' after {key}, got {self.tokens[i]!r}")
-
-    def integer(self, i: int, key: str, what: str) -> int:
-        t = self.tok(i, key)
-        if not t.isdigit():  # std::stoull; stricter: the whole token must be digits
-            raise self.fail(f"{key} must be {what}, got {t!r}")
-        return int(t)
-
-    def number(self, i: int, key: str, what: str) -> float:
-        t = self.tok(i, key)
-        try:
-            return float(t)
-        except ValueError:
-            raise self.fail(f"{key} must be {what}, got {t!r}") from None
-
-    def boolean(self, i: int, key: str) -> bool:
-        t = self.tok(i, key)
-        if t not in ("True", "False"):  # ConfigTokenizer::toBool: exactly True or False
-            raise self.fail(f"{key} must be True or False, got {t!r}")
-        return t == "True"
-
-    def parse(self) -> AllocatorConfig:
-        kw: dict[str, Any] = {}
-        toks = self.tokens
-        i = 0
-        while i < len(toks):
-            key = toks[i]
-            if key in ",:[]":
-                raise self.fail(f"expected an option name, got {key!r}")
-            self.colon(i + 1, key)
-            i += 2
-            if key in ("max_split_size_mb", "max_non_split_rounding_mb"):
-                # parseMaxSplitSize / parseMaxNonSplitRoundingSize: >= kLargeBuffer / kMB
-                v = self.integer(i, key, "an integer >= 20 (MiB)")
-                if v < kLargeBuffer // _MiB:
-                    raise self.fail(f"{key} must be an integer >= 20 (MiB), got {toks[i]!r}")
-                kw["max_split_size" if key == "max_split_size_mb" else "max_non_split_rounding_size"] = v * _MiB
-            elif key == "garbage_collection_threshold":
-                v = self.number(i, key, "a number in (0.0, 1.0)")
-                if not 0.0 < v < 1.0:
-                    raise self.fail(f"{key} must be a number in (0.0, 1.0), got {toks[i]!r}")
-                kw[key] = v
-            elif key == "per_process_memory_fraction":
-                v = self.number(i, key, "a number in [0.0, 1.0]")
-                if not 0.0 <= v <= 1.0:
-                    raise self.fail(f"{key} must be a number in [0.0, 1.0], got {toks[i]!r}")
-                kw[key] = v
-            elif key == "roundup_power2_divisions":
-                kw[key], i = self.roundup(i, key)
-            elif key == "expandable_segments":
-                kw[key] = self.boolean(i, key)
-            elif key == "backend":
-                t = self.tok(i, key)
-                if t not in ("native", "cudaMallocAsync"):
-                    raise self.fail(f"backend must be native or cudaMallocAsync, got {t!r}")
-                kw[key] = t
-            elif key in ("release_lock_on_cudamalloc", "release_lock_on_hipmalloc",
-                         "pinned_use_cuda_host_register", "pinned_use_hip_host_register",
-                         "pinned_use_background_threads", "graph_capture_record_stream_reuse"):
-                self.boolean(i, key)  # valid, no effect on device memory stats
-            elif key == "pinned_num_register_threads":
-                v = self.integer(i, key, f"a power of 2 <= {_PINNED_MAX_REGISTER_THREADS}")
-                if not _is_pow2(v) or v > _PINNED_MAX_REGISTER_THREADS:
-                    raise self.fail(f"{key} must be a power of 2 <= {_PINNED_MAX_REGISTER_THREADS}, "
-                                    f"got {toks[i]!r}")
-            elif key == "pinned_reserve_segment_size_mb":
-                if self.integer(i, key, "an integer > 0 (MiB)") == 0:
-                    raise self.fail(f"{key} must be an integer > 0 (MiB), got {toks[i]!r}")
-            else:
-                raise self.fail(f"unknown option {key!r}; options: max_split_size_mb, "
-                                "max_non_split_rounding_mb, roundup_power2_divisions, expandable_segments, "
-                                "garbage_collection_threshold, per_process_memory_fraction, backend, ...")
-            i += 1
-            if i < len(toks):
-                if toks[i] != ",":
-                    raise self.fail(f"expected ',' after the value of {key}, got {toks[i]!r}")
-                i += 1
-        return AllocatorConfig(**kw)
-
-    def roundup(self, i: int, key: str) -> tuple[tuple[int, ...], int]:
-        """parseRoundUpPower2Divisions: ``N`` (every interval) or ``[MiB:N, ..., >:N]``.
-        Returns the 16 divisions and the index of the value's last token."""
-        toks = self.tokens
-        if self.tok(i, key) != "[":
-            v = self.integer(i, key, "a power of 2 or a list [MiB:N,...,>:N]")
-            if not _is_pow2(v):  # the legacy form: llvm::isPowerOf2_64 (0 is refused)
-                raise self.fail(f"{key} must be a power of 2, got {toks[i]!r}")
-            return (v,) * _kRoundUpPowerOfTwoIntervals, i
-        div = [0] * _kRoundUpPowerOfTwoIntervals
-        first, last_index = True, 0
-        i += 1
-        while True:
-            t = self.tok(i, key)
-            if t == "]":
-                return tuple(div), i
-            self.colon(i + 1, f"{key} interval {t}")
-            v = self.integer(i + 2, key, "a list of MiB:N with N 0 or a power of 2")
-            if v != 0 and not _is_pow2(v):
-                raise self.fail(f"{key}: divisions must be 0 or a power of 2, got {toks[i + 2]!r} for {t}")
-            if t == ">":  # everything above the last interval named
-                for j in range(last_index + 1, _kRoundUpPowerOfTwoIntervals):
-                    div[j] = v
-            else:
-                if not t.isdigit() or not _is_pow2(int(t)):
-                    raise self.fail(f"{key}: intervals must be powers of 2 (MiB) or '>', got {t!r}")
-                index = min(int(t).bit_length() - 1, _kRoundUpPowerOfTwoIntervals - 1)
-                if first:  # the first interval also covers every smaller size
-                    div[:index] = [v] * index
-                    first = False
-                div[index] = v
-                last_index = index
-            i += 3
-            t = self.tok(i, key)
-            if t == ",":
-                i += 1
-            elif t != "]":
-                raise self.fail(f"{key}: expected ',' or ']' in the list, got {t!r}")
 
 
 # --------------------------------------------------------------------------- rounding
@@ -316,7 +98,7 @@ def round_size(size: int, config: AllocatorConfig = AllocatorConfig()) -> int:
     """``round_size``: the bytes a request of ``size`` occupies before any splitting."""
     if size < kMinBlockSize:
         return kMinBlockSize
-    index = min(max(size.bit_length() - 1 - _kRoundUpPowerOfTwoStartLog2, 0), _kRoundUpPowerOfTwoIntervals - 1)
+    index = min(max(size.bit_length() - 1 - kRoundUpPowerOfTwoStartLog2, 0), kRoundUpPowerOfTwoIntervals - 1)
     divisions = config.roundup_power2_divisions[index]  # type: ignore[index]
     if divisions > 1 and size > kMinBlockSize * divisions:
         return roundup_power2_next_division(size, divisions)
@@ -549,31 +331,7 @@ class CachingAllocator:
         self._allocated -= blk.size
         self._requested -= blk.req
         blk.allocated = False
-        if blk.small:
-            free, fmap = self._small_free, self._small_map
-        else:
-            free, fmap = self._large_free, self._large_map
-        p = blk.prev
-        if p is not None and not p.allocated and p.mapped:  # [p blk] -> blk takes p's address
-            del free[bisect_left(free, (p.size << _SHIFT) | p.addr)]
-            del fmap[p.addr]
-            blk.addr = p.addr
-            blk.size += p.size
-            p = p.prev
-            blk.prev = p
-            if p is not None:
-                p.next = blk
-        n = blk.next
-        if n is not None and not n.allocated and n.mapped:  # [blk n]
-            del free[bisect_left(free, (n.size << _SHIFT) | n.addr)]
-            del fmap[n.addr]
-            blk.size += n.size
-            n = n.next
-            blk.next = n
-            if n is not None:
-                n.prev = blk
-        insort(free, (blk.size << _SHIFT) | blk.addr)
-        fmap[blk.addr] = blk
+        self._file(blk)
 
     def empty_cache(self) -> None:
         """``emptyCache`` -> ``release_cached_blocks``: cudaFree every cached segment that is one
@@ -726,24 +484,44 @@ class CachingAllocator:
             i, cur = i + 1, nxt
         return i
 
-    def _try_merge(self, dst: _Block, src: _Block | None) -> None:
-        """``try_merge_blocks``: absorb a free neighbour in the same mapped state."""
-        if src is None or src.allocated or src.mapped != dst.mapped:
-            return
-        if src.mapped:
-            self._remove_free(src)
+    def _file(self, blk: _Block) -> None:
+        """A block that just became free (``free_block``), mapped (``map_block``) or unmapped
+        (``unmap_block``): ``try_merge_blocks`` with both neighbours (each free neighbour in the
+        same mapped state is absorbed, taken off its free list or the unmapped ranges), then
+        the block goes on its pool's free list, or among the unmapped ranges. One call per
+        free on the replay's hot path, so the two sides are written out."""
+        mapped = blk.mapped
+        free, fmap = (self._small_free, self._small_map) if blk.small else (self._large_free, self._large_map)
+        p = blk.prev
+        if p is not None and not p.allocated and p.mapped == mapped:  # [p blk] -> blk takes p's address
+            if mapped:
+                del free[bisect_left(free, (p.size << _SHIFT) | p.addr)]
+                del fmap[p.addr]
+            else:
+                del self._unmapped[p.addr]
+            blk.addr = p.addr
+            blk.size += p.size
+            p = p.prev
+            blk.prev = p
+            if p is not None:
+                p.next = blk
+        n = blk.next
+        if n is not None and not n.allocated and n.mapped == mapped:  # [blk n]
+            if mapped:
+                del free[bisect_left(free, (n.size << _SHIFT) | n.addr)]
+                del fmap[n.addr]
+            else:
+                del self._unmapped[n.addr]
+            blk.size += n.size
+            n = n.next
+            blk.next = n
+            if n is not None:
+                n.prev = blk
+        if mapped:
+            insort(free, (blk.size << _SHIFT) | blk.addr)
+            fmap[blk.addr] = blk
         else:
-            del self._unmapped[src.addr]
-        if dst.prev is src:
-            dst.addr = src.addr
-            dst.prev = src.prev
-            if dst.prev is not None:
-                dst.prev.next = dst
-        else:
-            dst.next = src.next
-            if dst.next is not None:
-                dst.next.prev = dst
-        dst.size += src.size
+            self._unmapped[blk.addr] = blk
 
     def _find_expandable_block(self, size: int, small: bool) -> _Block:
         """``find_expandable_block``: the lowest-address run of free/unmapped space of >= size in
@@ -792,9 +570,7 @@ class CachingAllocator:
             b.next = r
             self._unmapped[r.addr] = r
             b.size = mapped
-        self._try_merge(b, b.prev)
-        self._try_merge(b, b.next)
-        self._insert_free(b)
+        self._file(b)
         self._grow_reserved(mapped)
 
     def _try_allocate_expandable_block(self, size: int, small: bool) -> _Block:
@@ -835,9 +611,7 @@ class CachingAllocator:
             b.next = f
             self._insert_free(f)
         b.addr, b.size, b.mapped = lo, hi - lo, False
-        self._try_merge(b, b.prev)
-        self._try_merge(b, b.next)
-        self._unmapped[b.addr] = b
+        self._file(b)
         self._reserved -= hi - lo
         self.num_device_free += 1
 

@@ -44,7 +44,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..env import rank_env
 from ..errors import UsageError
@@ -169,7 +171,6 @@ def shard_model(model: nn.Module, mesh: Any, config: Config) -> nn.Module:
 def fake_group(rank: int, world: int) -> Iterator[None]:
     """This process as rank `rank` of `world` on torch's fake process group: collectives return
     at once and move nothing, so one process can play any rank (sizes are all that count)."""
-    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -184,8 +185,6 @@ def fake_group(rank: int, world: int) -> Iterator[None]:
 
 def in_group() -> bool:
     """Whether this process already is a rank of a process group (torchrun, or a simulated rank)."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
@@ -297,7 +296,6 @@ class Sharding:
     let a probe see FSDP2's storage resizes, name its buffers, and gather Muon's matrices."""
 
     def __init__(self, config: Config) -> None:
-        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
@@ -441,8 +439,6 @@ def _detached(collective: Callable[..., Any]) -> Callable[..., None]:
     (made with every dispatch mode off), the result copied into `output_tensor`. Gloo keeps its
     own references to a collective's tensors until its worker thread moves on, a moment after
     `wait()` returns, so a buffer FSDP2 drops would otherwise die early or late by a race."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
     def run(comm: Any, output_tensor: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         kwargs["async_op"] = False
         with _disable_current_modes():
@@ -472,8 +468,6 @@ def _gather_muon(stack: ExitStack, detached: bool) -> None:
             return newton_schulz(grad, *args, **kwargs)
         if any(not isinstance(p, Shard) or p.dim != 0 for p in grad.placements):
             raise UsageError(f"Muon under FSDP gathers dim-0 shards; got placements {grad.placements}")
-        import torch.distributed as dist
-
         mesh = grad.device_mesh
         rank, world = mesh.get_local_rank(), mesh.size()
         rows = shard_rows(grad.shape[0], world)

@@ -1,4 +1,4 @@
-"""The measurement protocol (DESIGN.md): one config in, one Record out.
+"""The measurement protocol (docs/DESIGN.md): one config in, one Record out.
 
 1. base = allocated(); 2. build the model: param_bytes (parameters) and buffer_bytes;
 3. build the optimizers; 4. warm up, then count optimizer state (measured and expected);
@@ -14,7 +14,7 @@ import gc
 import math
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from ..env import device_name, rank_env
 from ..errors import UsageError, one_line
 from ..kinds import Probe as ProbeName, Status, Target, effective_target
-from ..record import PHASES, Config, OptimizerRecord, Record
+from ..record import PHASES, Config, OptimizerRecord, Record, phase_order
 from ..train import models, optimizers as registry
 from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
 from ..train.spec import Rule
@@ -34,10 +34,12 @@ from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
+from .gpu import check_gpu, predict
 from .timing import Calibration, time_steps
+from .work import Work, counting_work
 
-__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
-           "storage_bytes", "training", "validate"]
+__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "measure_work", "model_bytes",
+           "model_factory", "probe_target", "storage_bytes", "training", "validate"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AMPS = ("none", "fp16", "bf16")
@@ -64,6 +66,11 @@ class Protocol:
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
     # whose reserved columns include the check's temporaries. For replaying those records.
     reserved_after_check: bool = False
+    # count the instrumented step's work (work.py: FLOPs, bytes, kernels per phase and per
+    # optimizer) on the tracked and fake probes; False only to measure what counting costs
+    count_work: bool = True
+    # predict the step time on this GPU (gpu.py: h100, h200, ...) from the work, target cuda
+    gpu: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alloc_conf, str):
@@ -75,6 +82,8 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     dtype, amp or impl, rules that do not parse, unknown optimizers, bad keywords, rules that
     claim nothing or leave parameters unclaimed (checked on a meta-device model)."""
     _check_fields(config)
+    if protocol.gpu is not None:
+        check_gpu(protocol.gpu, config.target, protocol.probe)
     if config.zero == 1:
         _check_zero(config, protocol)
     if protocol.probe == ProbeName.FAKE:
@@ -167,10 +176,18 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
     `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
     factory when the caller already has one (a plan reuses one meta-built model for every
     candidate: a copy per run); it must build what `model_factory(config)` builds."""
+    return measure_work(config, protocol, build=build, **meta)[0]
+
+
+def measure_work(config: Config, protocol: Protocol = Protocol(), *,
+                 build: Callable[[], torch.nn.Module] | None = None, **meta: Any) -> tuple[Record, Work | None]:
+    """`measure`, and the op stream of its instrumented step (work.py; None where no work was
+    counted: the cuda probe, a config that failed before its instrumented step)."""
     if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
-        # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py)
+        # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py);
+        # each rank's record carries its own work counters, the merged one rank 0's
         meta.setdefault("run_id", uuid.uuid4().hex[:12])
-        return fsdp.simulate(config, lambda: measure(config, protocol, build=build, **meta))
+        return fsdp.simulate(config, lambda: measure(config, protocol, build=build, **meta)), None
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -197,7 +214,8 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
         # blocks back so memory_reserved starts low too.
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return Record.from_dict(fields)
+    work = fields.pop("_work", None)
+    return Record.from_dict(fields), work
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
@@ -334,9 +352,13 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         counted = _count_state(local, out)
         # attributed at the same moment as walked: later steps may replace state tensors
         watched = {k: _attributed(probe, built, stepped[k], optimizer.optimizers[k], o) for k, o in local.items()}
-        temps = _instrumented_step(probe, trainer, step, out)
+        with (counting_work(probe, trainer, probe_target(probe)) if protocol.count_work
+              else _no_counter()) as counter:
+            temps = _instrumented_step(probe, trainer, step, out)
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
+        if counter is not None:
+            _record_work(counter.work(), config, protocol, out)
         if sharding is not None:
             out["ranks_state"] = [sharding.row(out)]
         extra = None if protocol.reserved_after_check else probe.extra()
@@ -347,6 +369,39 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             _time(config, protocol, probe, step, out)
+
+
+def probe_target(probe: Probe) -> str:
+    """Whose choices the probe's numbers follow: cuda on the cuda probe, else its target."""
+    return effective_target(probe.name, getattr(probe, "target", Target.CPU))
+
+
+@contextmanager
+def _no_counter() -> Iterator[None]:
+    yield None
+
+
+def _record_work(work: Work, config: Config, protocol: Protocol, out: dict[str, Any]) -> None:
+    """The step's work into `out`: per phase, the whole step, each optimizer's share; and,
+    with `protocol.gpu`, the predicted step time (gpu.py)."""
+    order = phase_order(config.zero_grad_at)
+    phases = work.phases(order)
+    total = work.total()
+    out["_work"] = work
+    out["step_flops"], out["step_bytes"], out["step_kernels"] = total.flops, total.bytes, total.kernels
+    owners = work.by_owner()
+    out["optimizers"] = [replace(o, work_flops=owners[o.name].flops if o.name in owners else 0,
+                                 work_bytes=owners[o.name].bytes if o.name in owners else 0,
+                                 work_kernels=owners[o.name].kernels if o.name in owners else 0)
+                         for o in out["optimizers"]]
+    predicted: dict[str, float] = {}
+    if protocol.gpu is not None:
+        p = predict(work, protocol.gpu)
+        predicted = p.phase_ms
+        out.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_device_ms=p.device_ms,
+                   predicted_check=p.checked)
+    out["work"] = [{"phase": w.phase, "flops": w.flops, "bytes": w.bytes, "kernels": w.kernels,
+                    "predicted_ms": predicted.get(w.phase)} for w in phases]
 
 
 def _count_state(local: dict[str, Any], out: dict[str, Any]) -> dict[str, tuple[StateBytes, StateBytes | None]]:

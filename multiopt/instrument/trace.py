@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
-from .allocator import AllocatorConfig, AllocatorOOM, CachingAllocator, UnknownKeyError
+from .allocator import AllocatorOOM, CachingAllocator, UnknownKeyError
+from .allocator_config import AllocatorConfig
 
 FORMAT = "multiopt.cuda-trace/1"
 ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free",

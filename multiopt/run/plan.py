@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from tabulate import tabulate
 
 from ..errors import UsageError
 from ..instrument.probes import Workspaces
@@ -192,9 +193,11 @@ class Runner:
     once on meta per model-shaping fields and copied into every run."""
 
     def __init__(self, limit: int, *, warmup: int = 1, alloc_conf: str | None = None,
-                 workspaces: Workspaces = Workspaces()) -> None:
+                 workspaces: Workspaces = Workspaces(), gpu: str | None = None) -> None:
         self.limit = limit
-        self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces)
+        # gpu: each record also predicts its step time there (instrument/gpu.py)
+        self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces,
+                                 gpu=gpu)
         self.runs = 0
         self.seconds = 0.0
         self._records: dict[tuple[Config, int | None], Record] = {}
@@ -647,7 +650,6 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
 def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     """Markdown: the frontier with its breakdown and commands, the other fitting candidates,
     the candidates that fit nothing with why."""
-    from tabulate import tabulate
 
     ctx = p.context if p.target == Target.CUDA else 0
     b = p.base
@@ -695,7 +697,6 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
 
 def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) -> list[str]:
     """Rows with their breakdown, best first."""
-    from tabulate import tabulate
 
     ctx = p.context if p.target == Target.CUDA else 0
     body = []

@@ -125,6 +125,8 @@ class StorageLedger(TorchDispatchMode):
         self.op_hooks: dict[Any, Callable[[tuple, dict, Any], None]] = {}
         # set by LedgerProbe.watching: told every op run and every storage born
         self.watch: Watch | None = None
+        # set by LedgerProbe.counting: told every op with its (args, kwargs, output) (work.py)
+        self.work: Callable[[Any, tuple, dict | None, Any], None] | None = None
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -159,6 +161,8 @@ class StorageLedger(TorchDispatchMode):
             self.add(out, self._sizers[func](args, kwargs or {}, out))
         if hook is not None:
             hook(args, kwargs or {}, out)
+        if self.work is not None:
+            self.work(func, args, kwargs, out)
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
@@ -374,6 +378,19 @@ class LedgerProbe(Probe):
                 yield watch
         finally:
             self._ledger.watch = previous
+
+    @contextmanager
+    def counting(self, counter: Callable[[Any, tuple, dict | None, Any], None]) -> Iterator[bool]:
+        """Tell `counter` (instrument/work.py) every op the block runs; yields True (counted)."""
+        previous, self._ledger.work = self._ledger.work, counter
+        try:
+            yield True
+        finally:
+            self._ledger.work = previous
+
+    def is_host(self, key: int) -> bool:
+        """Whether the storage keyed `key` lives on the host under the target (see `host`)."""
+        return self._cuda is not None and self._cuda.is_host(key)
 
     def _check_not_active(self) -> None:
         if self._active:
