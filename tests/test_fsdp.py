@@ -301,16 +301,16 @@ def test_plan_offers_the_sharding_degree_as_an_axis():
     """`plan --fsdp 1,2` on the fake probe: a weight-heavy MLP (AdamW's state twice the weights)
     fits a larger batch per rank sharded over 2 than whole; each answer is the boundary (every
     rank within the budget at its batch, batch + 1 out of memory); an optimizer sized by formula
-    (Adafactor reads values) is refused under FSDP with the reason, and planned without it."""
+    (Adafactor reads values) is refused under FSDP with the reason, before any run."""
     from dataclasses import replace
 
     from multiopt.run import plan as planning
     from multiopt.units import parse_bytes
 
     budget = parse_bytes("16MiB")
-    axes = [planning.combo_axis(planning.preset_combos(["adamw", "adafactor"])),
-            planning.field_axis("fsdp", "--fsdp", (1, 2))]
-    p = planning.plan(Config(model="mlp", width=512, depth=3, target="cpu"), axes, budget, confirm="all")
+    base = Config(model="mlp", width=512, depth=3, target="cpu")
+    fsdp_axis = planning.field_axis("fsdp", "--fsdp", (1, 2))
+    p = planning.plan(base, [planning.combo_axis(planning.preset_combos(["adamw"])), fsdp_axis], budget, confirm="all")
     rows = {(r.values["combo"], r.values["fsdp"]): r for r in p.rows}
     whole, sharded = rows["adamw", "1"], rows["adamw", "2"]
     assert whole.confirmed and sharded.confirmed and sharded.batch > whole.batch > 1
@@ -321,4 +321,7 @@ def test_plan_offers_the_sharding_degree_as_an_axis():
     over = measure(replace(sharded.config, batch=sharded.batch + 1), replace(QUICK, limit_bytes=budget))
     assert over.status == Status.OOM
     assert "--fsdp 2" in planning.reproduce(p, sharded)
-    assert rows["adafactor", "1"].batch > 1 and "plan it without --fsdp" in rows["adafactor", "2"].why
+    refused = planning.plan(base, [planning.combo_axis(planning.preset_combos(["adafactor"])),
+                                   planning.field_axis("fsdp", "--fsdp", (2,))], budget)
+    (row,) = refused.refused
+    assert "adafactor sized by formula on the whole model only" in row.why and refused.runs == 0
