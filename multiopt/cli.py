@@ -78,6 +78,7 @@ def _run_parser(sub: Any) -> None:
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
     _target_arguments(r, Target.CPU)
+    _fsdp_arguments(r)
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
     r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
@@ -129,6 +130,7 @@ def _plan_parser(sub: Any) -> None:
                     help="optimizer step inside backward, gradients freed as used (default 0,1)")
     pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     _target_arguments(pl, Target.CUDA)
+    _fsdp_arguments(pl, axis=True)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
     pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
@@ -195,9 +197,30 @@ def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
     return None
 
 
+def _fsdp_arguments(m: argparse.ArgumentParser, *, axis: bool = False) -> None:
+    """FSDP2 sharding (instrument/fsdp.py), on measure, estimate and run; on plan (`axis`) the
+    degree is a list of values, one axis of the candidates."""
+    if axis:
+        m.add_argument("--fsdp", default=None, metavar="LIST",
+                       help="FSDP2 degrees to plan, e.g. 1,2,8: per-rank memory, each rank's batch (default: none)")
+    else:
+        m.add_argument("--fsdp", type=int, default=0, metavar="N",
+                       help="FSDP2 degree: fully_shard each block and the root over N ranks; per-rank numbers (fake "
+                            "probe: simulated in one process; tracked: torchrun --nproc-per-node N -m multiopt run)")
+    m.add_argument("--reshard-after-forward", type=int, default=1, choices=[0, 1],
+                   help="1 (FSDP2's default): blocks free their unsharded parameters after forward; 0: keep them")
+    m.add_argument("--fsdp-mp", default="none", choices=["none", "bf16"],
+                   help="bf16: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
+
+
+def _fsdp_fields(args: argparse.Namespace) -> dict:
+    return {"fsdp": args.fsdp, "reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
+
+
 def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
     """One config's flags, shared by `measure` and `estimate`."""
     _target_arguments(m, target)
+    _fsdp_arguments(m)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
     m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory | "
@@ -311,7 +334,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     dtype=args.dtype, amp=args.amp, combo=combo, rules=rules, impl=args.impl,
                     zero_grad_at=args.zero_grad_at, seed=args.seed, device=device,
                     target=effective_target(probe, args.target), checkpointing=int(args.checkpointing),
-                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward)
+                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward,
+                    **_fsdp_fields(args))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
                         gpu=_gpu(args, probe))
@@ -354,7 +378,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target=effective_target(probe, args.target)) for c in configs]
+    configs = [replace(c, target=effective_target(probe, args.target), **_fsdp_fields(args)) for c in configs]
     if args.task:
         configs = [replace(c, model=_model_name(c.model, args.task)) for c in configs]
     checkpointing = _ints(args.checkpointing, "--checkpointing") or [0]
@@ -416,7 +440,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                     planning.int_values(args.checkpointing or "0,1", "--checkpointing", (0, 1))))
     if args.lora is not None and _strs(args.lora) != ["none"]:
         axes.append(planning.field_axis("lora", "--lora", _strs(args.lora)))
-    extra = {}
+    if args.fsdp is not None:
+        degrees = planning.int_values(args.fsdp, "--fsdp")
+        if min(degrees) < 1:
+            raise UsageError(f"--fsdp {args.fsdp}: each degree is 1 (unsharded) or more")
+        axes.append(planning.field_axis("fsdp", "--fsdp", degrees))
+    extra = {"reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
         extra["seq"] = _ints(args.seq, "--seq")[0]

@@ -124,6 +124,14 @@ class Config:
     # 1: each parameter's optimizer steps inside backward as its gradient completes, and the
     # gradient is freed there (Trainer(step_in_backward=True)); 0: one step after backward
     step_in_backward: int = 0
+    # FSDP2 (`fully_shard` on each block and the root): the sharding degree, 0 or 1 = none;
+    # whether blocks free their unsharded parameters after forward (1, FSDP2's default) or keep
+    # them until backward (0); "bf16" = MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32).
+    # Plain config columns (no role): in the key and the series, read at these defaults from
+    # rows written before FSDP existed (they were measured unsharded).
+    fsdp: int = 0
+    reshard_after_forward: int = 1
+    fsdp_mp: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, Rules):
@@ -131,6 +139,9 @@ class Config:
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
+        if self.fsdp > 1:
+            zero += f" fsdp/{self.fsdp}" + ("" if self.reshard_after_forward else " keep-after-fwd") + \
+                ("" if self.fsdp_mp == "none" else f" mp={self.fsdp_mp}")
         target = f" target={self.target}" if self.target != Target.CPU else ""
         sib = " step-in-backward" if self.step_in_backward else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
@@ -194,8 +205,15 @@ class WorkRecord:
 
 @dataclass(frozen=True)
 class RankRecord:
-    """One rank of a ZeRO config: its partition's state and peak, its outcome, and its
-    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes)."""
+    """One rank of a ZeRO or FSDP config: its partition's state and peak, its outcome, and its
+    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes).
+
+    FSDP (config fsdp > 1) fills the rest: the rank's sharded parameters (local shards with
+    their padding), sharded gradients, phase peaks, and what FSDP2 itself holds per phase
+    (instrument/fsdp.py): the peak bytes of unsharded parameters (all-gather outputs) live in
+    forward and in backward, of the all-gather staging buffers, and of the reduce-scatter
+    inputs. `same_as`: the rank whose run these numbers are, where the fake probe simulated one
+    rank for every rank whose shards are the same size (None: measured on this rank)."""
 
     rank: int = 0
     state_bytes: int | None = None
@@ -208,6 +226,21 @@ class RankRecord:
     status: str | None = None
     error: str | None = None
     by_optimizer: tuple[OptimizerRecord, ...] = ()
+    # FSDP's per-rank bytes (Role.MEMORY: exact on the deterministic probes, compared per rank)
+    param_bytes: int | None = _role(Role.MEMORY)
+    grad_bytes: int | None = _role(Role.MEMORY)
+    mem_step_start: int | None = _role(Role.MEMORY)
+    peak_forward: int | None = _role(Role.MEMORY)
+    peak_backward: int | None = _role(Role.MEMORY)
+    peak_step: int | None = _role(Role.MEMORY)
+    peak_zero_grad: int | None = _role(Role.MEMORY)
+    mem_after_step: int | None = _role(Role.MEMORY)
+    unsharded_forward: int | None = _role(Role.MEMORY)
+    unsharded_backward: int | None = _role(Role.MEMORY)
+    all_gather_forward: int | None = _role(Role.MEMORY)
+    all_gather_backward: int | None = _role(Role.MEMORY)
+    reduce_scatter_backward: int | None = _role(Role.MEMORY)
+    same_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -384,6 +417,8 @@ MEMORY_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=_ALL)
 # Every byte count a record holds (checked as non-negative integers).
 BYTE_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, Role.BYTES, fields=_ALL)
 TIME_COLUMNS: tuple[str, ...] = _with_role(Role.TIME, fields=_ALL)
+# The per-rank memory columns an FSDP config adds to `ranks_state` (RankRecord's Role.MEMORY).
+RANK_FSDP_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=dataclasses.fields(RankRecord))
 # Lists of timed samples (ms): the step's and the host's calibration kernel's.
 SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
 # Work counters of the whole step (instrument/work.py), exact on deterministic probes.

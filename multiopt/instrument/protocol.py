@@ -13,11 +13,12 @@ import datetime as _dt
 import gc
 import math
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..env import device_name, rank_env
 from ..errors import UsageError, one_line
@@ -28,6 +29,7 @@ from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
 from ..train.spec import Rule
 from ..train.trainer import Trainer
 from ..units import round_alloc
+from . import fsdp
 from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
@@ -93,6 +95,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     with torch.device("meta"):
         model = models.for_config(config).build(config.width, config.depth)
     plan(model, config.rules)
+    fsdp.check(config, protocol.probe, model)
 
 
 def _check_fields(config: Config) -> None:
@@ -120,6 +123,7 @@ def _check_fields(config: Config) -> None:
     if config.step_in_backward and config.zero:
         raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
                          "use zero=0")
+    fsdp.check_fields(config)
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -179,6 +183,11 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), *,
                  build: Callable[[], torch.nn.Module] | None = None, **meta: Any) -> tuple[Record, Work | None]:
     """`measure`, and the op stream of its instrumented step (work.py; None where no work was
     counted: the cuda probe, a config that failed before its instrumented step)."""
+    if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
+        # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py);
+        # each rank's record carries its own work counters, the merged one rank 0's
+        meta.setdefault("run_id", uuid.uuid4().hex[:12])
+        return fsdp.simulate(config, lambda: measure(config, protocol, build=build, **meta)), None
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -187,9 +196,10 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), *,
             torch.set_num_threads(protocol.threads)
         if config.device.startswith("cuda") and torch.cuda.is_available():
             _fresh_cuda(config.device)
+        sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields, build)
+        _run(config, protocol, probe, fields, build, sharding)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -276,8 +286,21 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the unique storages under `tensors` (None skipped), each rounded up to 512
     as every probe (and CUDA's memory_allocated) counts an allocation. Unique by storage, so
     tied weights and views count once; on fake tensors too (their data pointers are all 0)."""
-    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
+    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in _plain(tensors)}
     return sum(round_alloc(n) for n in sizes.values())
+
+
+def _plain(tensors: Iterable[torch.Tensor | None]) -> Iterator[torch.Tensor]:
+    """The tensors holding the memory: a wrapper subclass's inner tensors (a DTensor's local
+    shard, under FSDP), never its storage-less wrapper. None skipped."""
+    for t in tensors:
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            attrs, _ = t.__tensor_flatten__()
+            yield from _plain(x for a in attrs if isinstance(x := getattr(t, a), torch.Tensor))  # not a DTensor's mesh
+        else:
+            yield t
 
 
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -289,19 +312,25 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
-         build: Callable[[], torch.nn.Module] | None = None) -> None:
+         build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None) -> None:
     torch.manual_seed(config.seed)
-    with probe:
+    with probe, (sharding or nullcontext()):
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
         model = probe.build_model(build or model_factory(config))
+        if sharding is not None:  # FSDP2: param_bytes are this rank's shards
+            sharding.attach(probe)
+            model = sharding.shard(model)
+            gc.collect()
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
         # births while optimizers are built belong to the one being built (shared maps)
         with probe.watching(Watch(constructing_optimizer)) as built:
             optimizer, trainer, batch = training(config, model, probe.device, probe.computes)
+        if sharding is not None:
+            trainer.register_phase_hook(sharding.buffers.on_phase)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)
@@ -330,6 +359,8 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
                              for (key, opt), rule in zip(local.items(), rules)]
         if counter is not None:
             _record_work(counter.work(), config, protocol, out)
+        if sharding is not None:
+            out["ranks_state"] = [sharding.row(out)]
         extra = None if protocol.reserved_after_check else probe.extra()
         if probe.computes or protocol.reserved_after_check:  # fake: the ops alone, for the reserved read after
             _check_finite(model, read=probe.computes)
@@ -472,7 +503,7 @@ def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str]
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms,
+                            device=probe.device, min_block_ms=0.0 if config.zero or config.fsdp > 1 else protocol.min_block_ms,
                             host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
                step_ms_mean=timing.mean, steps_timed=timing.steps,

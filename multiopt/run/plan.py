@@ -180,9 +180,10 @@ class PlanFailed(Exception):
     """A fake run ended neither ok nor oom."""
 
 
-# Config fields that do not change the model the factory builds (its meta copy is shared)
+# Config fields that do not change the model the factory builds (its meta copy is shared;
+# FSDP shards the built copy inside the run)
 _NOT_MODEL = {"batch", "combo", "rules", "impl", "zero_grad_at", "seed", "step_in_backward", "amp", "target",
-              "device", "zero", "ranks"}
+              "device", "zero", "ranks", "fsdp", "reshard_after_forward", "fsdp_mp"}
 
 
 class Runner:
@@ -223,7 +224,9 @@ class Runner:
 
 
 def metric(r: Record) -> int:
-    """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated."""
+    """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated.
+    Under FSDP the record's numbers are rank 0's, whose shards are the largest (torch.chunk gives
+    it ceil(rows / N) of every parameter); a confirming run holds every simulated rank to the limit."""
     if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved
     return r.peak_total or 0
@@ -471,9 +474,12 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
     try:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
-        validate(row.config, Protocol(probe=Probe.TRACKED))
+        validate(replace(row.config, fsdp=0), Protocol(probe=Probe.TRACKED))
         row.formula = formula_for(row.config, runner.meta_model(row.config))
-        if row.formula is not None:
+        if row.formula is not None and row.config.fsdp > 1:
+            raise PlanFailed(f"{row.formula.why.split(':')[0]} sized by formula on the whole model only; its "
+                             f"state per FSDP rank is not measured: plan it without --fsdp")
+        if row.formula is not None or row.config.fsdp > 1:  # FSDP: the degree against the parameters
             validate(_run_config(row), Protocol(probe=Probe.FAKE))
     except (UsageError, PlanFailed) as e:
         row.why = str(e)
@@ -481,7 +487,8 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
     room = limit - (row.formula.state if row.formula else 0)
     config = _run_config(row)
     key = (runner.model_key(row.config), row.config.dtype, row.config.amp, row.config.step_in_backward,
-           row.config.zero_grad_at, row.config.target)
+           row.config.zero_grad_at, row.config.target, row.config.fsdp, row.config.reshard_after_forward,
+           row.config.fsdp_mp)
     row.klass = key
     if key not in classes:
         r1 = runner.run(config, None)
@@ -601,6 +608,8 @@ def reproduce(plan_: Plan, row: Row) -> str:
     sizes = [f"--{s} {getattr(b, s)}" for s in ("width", "depth") if s in spec.takes]
     flags = " ".join(_quote(f) for f in row.flags)
     target = f" --target {b.target}" if b.target != Target.CUDA else ""
+    target += "" if b.reshard_after_forward else " --reshard-after-forward 0"
+    target += "" if b.fsdp_mp == "none" else f" --fsdp-mp {b.fsdp_mp}"
     return f"multiopt estimate --model {b.model} {' '.join(sizes)} --batch {row.answer} {flags}{target}".replace("  ", " ")
 
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from ...errors import UsageError
 from ...kinds import Probe as ProbeName, Target
@@ -59,6 +59,9 @@ _SIZED = 3  # a sizer given to the ledger says how big the (one) output's storag
 Sizer = Callable[[tuple, dict, torch.Tensor], int]
 
 _MASK = ~(ALLOC_GRANULE - 1)
+
+# Tensor classes whose storage is their own (FakeTensor, Parameter, ...), learnt as they are met.
+_PLAIN: set[type] = set()
 
 
 def _format_bytes(n: int) -> str:
@@ -168,6 +171,16 @@ class StorageLedger(TorchDispatchMode):
         (a model built under `torch.device("meta")`, optimizers validated on meta parameters)."""
         if t.is_meta:
             return
+        cls = type(t)
+        if cls is not _Tensor and cls not in _PLAIN:
+            if is_traceable_wrapper_subclass(t):
+                # DTensor and other wrapper subclasses: the memory is their inner tensors' (a
+                # DTensor's local shard); the wrapper's own storage is a sizeless stand-in of the
+                # global shape. Their ops run below this mode, so only their outputs are seen.
+                attrs, _ = t.__tensor_flatten__()
+                self._add_all([getattr(t, a) for a in attrs])  # _add_all skips non-tensors (a DTensor's mesh)
+                return
+            _PLAIN.add(cls)
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -324,6 +337,11 @@ class LedgerProbe(Probe):
 
     def extra(self) -> dict[str, int]:
         return {} if self._cuda is None else self._cuda.extra()
+
+    def resized(self, *tensors: torch.Tensor) -> None:
+        """Count the new sizes of storages resized outside any op (`UntypedStorage.resize_`:
+        FSDP2 frees and re-allocates its unsharded parameters so); storages never counted stay so."""
+        self._ledger._resized(list(tensors))
 
     @property
     def unmodelled(self) -> tuple[str, ...]:
