@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from multiopt.analyze.gate import run_gate
 
 from .support import ROOT, run_quick, subprocess_env
 
