@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-
 from .support import ROOT, run_quick, subprocess_env
 
 BASELINE = ROOT / "reports" / "baselines" / "cpu-quick.jsonl"
