@@ -80,6 +80,7 @@ def _run_parser(sub: Any) -> None:
                    "ZeroRedundancyOptimizer across all torchrun ranks (default 0)")
     r.add_argument("--probe", default=None, help="auto | cuda | tracked | fake (default: the preset's)")
     _target_arguments(r, Target.CPU)
+    _fsdp_arguments(r)
     r.add_argument("--out", default=None, help="output directory (default: runs/PRESET-TIMESTAMP)")
     r.add_argument("--resume", action="store_true", help="skip configs already recorded in OUT/results.jsonl")
     r.add_argument("--isolate", dest="isolate", action="store_true", default=True,
@@ -120,7 +121,6 @@ def _plan_parser(sub: Any) -> None:
     pl.add_argument("--width", type=int, default=1024, help="for a model that takes a width (default 1024)")
     pl.add_argument("--depth", type=int, default=4, help="for a model that takes a depth (default 4)")
     pl.add_argument("--seq", default=None, help="sequence length, for a model that takes one")
-    pl.add_argument("--gpu", default=None, help="predict step time and throughput on this GPU (needs a time model)")
     pl.add_argument("--combos", default=None, help="combo presets, comma separated (default: adamw,adafactor,"
                     "muon+adamw,sgd-momentum and torchao's 8-bit AdamW where installed)")
     pl.add_argument("--rules", action="append", metavar="[NAME::]RULES", help="your own combo, repeatable")
@@ -132,6 +132,7 @@ def _plan_parser(sub: Any) -> None:
                     help="optimizer step inside backward, gradients freed as used (default 0,1)")
     pl.add_argument("--impl", default="default", help="default | foreach | fused | forloop")
     _target_arguments(pl, Target.CUDA)
+    _fsdp_arguments(pl, axis=True)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
     pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
@@ -149,8 +150,8 @@ def _gate_parser(sub: Any) -> None:
     g.add_argument("--mem-tol", default=None, help="relative memory tolerance, e.g. 0, 1%% or 0.01 (default: 0 on tracked/fake, 1%% on cuda)")
     g.add_argument("--time-tol", default="10%", help="relative step-time tolerance (default 10%%)")
     g.add_argument("--time-k", type=float, default=3.0, help="time band is at least K x baseline IQR/median (default 3)")
-    g.add_argument("--only", choices=["memory", "time"], default=None,
-                   help="compare only memory (CPU CI) or only step time")
+    g.add_argument("--only", default=None, metavar="KINDS",
+                   help="compare only these: memory, work, time, or a comma list (CPU CI: memory,work)")
     g.add_argument("--update-baseline", action="store_true", help="after comparing, write the current records as the new baseline")
     g.add_argument("--summary", default=None, metavar="PATH", help="append the markdown here (default: $GITHUB_STEP_SUMMARY if set)")
     g.set_defaults(func=_cmd_gate)
@@ -170,6 +171,20 @@ def _target_arguments(m: argparse.ArgumentParser, target: str) -> None:
                    help=f"whose numbers a CPU probe reports: cpu, or what a CUDA device would (default {target})")
     m.add_argument("--alloc-conf", default=None, metavar="TEXT",
                    help="CUDA allocator options for --target cuda (default: $PYTORCH_CUDA_ALLOC_CONF)")
+    m.add_argument("--gpu", default=None, metavar="NAME",
+                   help="with --target cuda: predict the step time on this GPU (h100, h200, a100, l4, rtx4090) "
+                        "from the step's work counters")
+
+
+def _gpu(args: argparse.Namespace, probe: str) -> str | None:
+    """--gpu, checked now (a known GPU, target cuda, a counting probe) so a bad value is a
+    usage error before any work."""
+    if args.gpu is None:
+        return None
+    from .instrument.gpu import check_gpu
+
+    check_gpu(args.gpu, args.target, probe)
+    return args.gpu.strip().lower()
 
 
 def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
@@ -184,9 +199,30 @@ def _alloc_conf(args: argparse.Namespace) -> "AllocatorConfig | None":
     return None
 
 
+def _fsdp_arguments(m: argparse.ArgumentParser, *, axis: bool = False) -> None:
+    """FSDP2 sharding (instrument/fsdp.py), on measure, estimate and run; on plan (`axis`) the
+    degree is a list of values, one axis of the candidates."""
+    if axis:
+        m.add_argument("--fsdp", default=None, metavar="LIST",
+                       help="FSDP2 degrees to plan, e.g. 1,2,8: per-rank memory, each rank's batch (default: none)")
+    else:
+        m.add_argument("--fsdp", type=int, default=0, metavar="N",
+                       help="FSDP2 degree: fully_shard each block and the root over N ranks; per-rank numbers (fake "
+                            "probe: simulated in one process; tracked: torchrun --nproc-per-node N -m multiopt run)")
+    m.add_argument("--reshard-after-forward", type=int, default=1, choices=[0, 1],
+                   help="1 (FSDP2's default): blocks free their unsharded parameters after forward; 0: keep them")
+    m.add_argument("--fsdp-mp", default="none", choices=["none", "bf16"],
+                   help="bf16: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
+
+
+def _fsdp_fields(args: argparse.Namespace) -> dict:
+    return {"fsdp": args.fsdp, "reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
+
+
 def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, target: str) -> None:
     """One config's flags, shared by `measure` and `estimate`."""
     _target_arguments(m, target)
+    _fsdp_arguments(m)
     m.add_argument("--rules", default="rest=adam", help='e.g. "layer1=sgd(lr=0.01); rest=adam"')
     m.add_argument("--combo", default=None, help="a combo preset name instead of --rules (sgd, adam, muon+adamw, ...)")
     m.add_argument("--model", default="mlp", help="simple | mlp | transformer | pkg.module:factory | "
@@ -300,9 +336,11 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                     dtype=args.dtype, amp=args.amp, combo=combo, rules=rules, impl=args.impl,
                     zero_grad_at=args.zero_grad_at, seed=args.seed, device=device,
                     target=effective_target(probe, args.target), checkpointing=int(args.checkpointing),
-                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward)
+                    lora=_lora_text(args.lora), seq=args.seq, step_in_backward=args.step_in_backward,
+                    **_fsdp_fields(args))
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args))
+                        limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
+                        gpu=_gpu(args, probe))
     validate(config, protocol)
     settle()  # this process ends with the command
     record = measure(config, protocol)
@@ -342,7 +380,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                      batches=_ints(args.batches, "--batches"), depths=_ints(args.depths, "--depths"),
                      dtypes=_strs(args.dtypes), impls=_strs(args.impls), models=_strs(args.models),
                      zeros=_ints(args.zero, "--zero"), combos=chosen)
-    configs = [replace(c, target=effective_target(probe, args.target)) for c in configs]
+    configs = [replace(c, target=effective_target(probe, args.target), **_fsdp_fields(args)) for c in configs]
     if args.task:
         configs = [replace(c, model=_model_name(c.model, args.task)) for c in configs]
     checkpointing = _switches(args.checkpointing, "--checkpointing")
@@ -352,7 +390,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                for c in configs for k in checkpointing for s in in_backward]
     protocol = Protocol(probe=probe, steps=args.steps if args.steps is not None else p["steps"], alloc_conf=_alloc_conf(args),
                         warmup=args.warmup, limit_bytes=_bytes(args.limit, "--limit") if args.limit else None,
-                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms))
+                        threads=args.threads, min_block_ms=p.get("min_block_ms", Protocol.min_block_ms),
+                        gpu=_gpu(args, probe))
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_writable_dir(out, "--out")
     result = sweep(configs, out, protocol, preset=args.preset, resume=args.resume, isolate=args.isolate,
@@ -378,7 +417,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == Target.CUDA else 0)
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0, gpu=_gpu(args, "fake"))
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 
@@ -399,18 +438,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     axes = [planning.combo_axis(chosen), planning.dtype_axis(args.dtype), planning.amp_axis(args.amp),
             planning.field_axis("step_in_backward", "--step-in-backward",
                                 planning.int_values(args.step_in_backward, "--step-in-backward", (0, 1)))]
-    checkpointing = args.checkpointing or ("0,1" if planning.has_field("checkpointing") else None)
-    if checkpointing is not None:
-        axes.append(planning.field_axis("checkpointing", "--checkpointing",
-                                        planning.int_values(checkpointing, "--checkpointing", (0, 1))))
+    axes.append(planning.field_axis("checkpointing", "--checkpointing",
+                                    planning.int_values(args.checkpointing or "0,1", "--checkpointing", (0, 1))))
     if args.lora is not None and _strs(args.lora) != ["none"]:
         axes.append(planning.lora_axis(args.lora))
-    extra = {}
+    if args.fsdp is not None:
+        degrees = planning.int_values(args.fsdp, "--fsdp")
+        if min(degrees) < 1:
+            raise UsageError(f"--fsdp {args.fsdp}: each degree is 1 (unsharded) or more")
+        axes.append(planning.field_axis("fsdp", "--fsdp", degrees))
+    extra = {"reshard_after_forward": args.reshard_after_forward, "fsdp_mp": args.fsdp_mp}
     if args.seq is not None:
         planning.field_axis("seq", "--seq", ())  # refused in one line where the build has no seq
         extra["seq"] = _ints(args.seq, "--seq")[0]
-    if args.gpu is not None and planning.has_field("gpu"):
-        extra["gpu"] = args.gpu  # the time model fills each record's predicted_step_ms for it
     base = Config(model=args.model, width=args.width, depth=args.depth, impl=args.impl, target=args.target, **extra)
     context = planning.context_bytes(args.context) if args.target == Target.CUDA else 0
     alloc_conf = _alloc_conf(args)

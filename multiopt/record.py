@@ -67,6 +67,7 @@ class Role(str, Enum):
     MEMORY = "memory"  # result: bytes (or parameters) measured exactly on the deterministic probes
     BYTES = "bytes"    # result: other byte counts (checked like memory, compared by nobody)
     TIME = "time"      # result: step time and how many steps it is of
+    WORK = "work"      # result: work counters (FLOPs, bytes, kernels), exact on the deterministic probes
 
 
 ROLE = "role"      # metadata key: a `Role`
@@ -123,6 +124,14 @@ class Config:
     # 1: each parameter's optimizer steps inside backward as its gradient completes, and the
     # gradient is freed there (Trainer(step_in_backward=True)); 0: one step after backward
     step_in_backward: int = 0
+    # FSDP2 (`fully_shard` on each block and the root): the sharding degree, 0 or 1 = none;
+    # whether blocks free their unsharded parameters after forward (1, FSDP2's default) or keep
+    # them until backward (0); "bf16" = MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32).
+    # Plain config columns (no role): in the key and the series, read at these defaults from
+    # rows written before FSDP existed (they were measured unsharded).
+    fsdp: int = 0
+    reshard_after_forward: int = 1
+    fsdp_mp: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.rules, Rules):
@@ -130,6 +139,9 @@ class Config:
 
     def label(self) -> str:
         zero = f" zero/{self.ranks}" if self.zero else ""
+        if self.fsdp > 1:
+            zero += f" fsdp/{self.fsdp}" + ("" if self.reshard_after_forward else " keep-after-fwd") + \
+                ("" if self.fsdp_mp == "none" else f" mp={self.fsdp_mp}")
         target = f" target={self.target}" if self.target != Target.CPU else ""
         sib = " step-in-backward" if self.step_in_backward else ""
         return (f"{self.combo} {self.model} w={self.width} d={self.depth} b={self.batch} {self.dtype} "
@@ -173,12 +185,35 @@ class OptimizerRecord:
     state_attributed_bytes: int | None = None
     state_gap_bytes: int | None = field(default=None, metadata={SIGNED: True})
     compiled: str | None = None
+    # its step()'s work (instrument/work.py): FLOPs, bytes read + written, kernels; None
+    # where nothing counts work (cuda probe)
+    work_flops: int | None = None
+    work_bytes: int | None = None
+    work_kernels: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkRecord:
+    """One phase's work (instrument/work.py), and its predicted time on the record's `gpu`."""
+
+    phase: str = ""
+    flops: int = 0
+    bytes: int = 0
+    kernels: int = 0
+    predicted_ms: float | None = None
 
 
 @dataclass(frozen=True)
 class RankRecord:
-    """One rank of a ZeRO config: its partition's state and peak, its outcome, and its
-    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes)."""
+    """One rank of a ZeRO or FSDP config: its partition's state and peak, its outcome, and its
+    optimizers (name, optimizer, n_params, n_param_tensors, state_bytes).
+
+    FSDP (config fsdp > 1) fills the rest: the rank's sharded parameters (local shards with
+    their padding), sharded gradients, phase peaks, and what FSDP2 itself holds per phase
+    (instrument/fsdp.py): the peak bytes of unsharded parameters (all-gather outputs) live in
+    forward and in backward, of the all-gather staging buffers, and of the reduce-scatter
+    inputs. `same_as`: the rank whose run these numbers are, where the fake probe simulated one
+    rank for every rank whose shards are the same size (None: measured on this rank)."""
 
     rank: int = 0
     state_bytes: int | None = None
@@ -191,6 +226,21 @@ class RankRecord:
     status: str | None = None
     error: str | None = None
     by_optimizer: tuple[OptimizerRecord, ...] = ()
+    # FSDP's per-rank bytes (Role.MEMORY: exact on the deterministic probes, compared per rank)
+    param_bytes: int | None = _role(Role.MEMORY)
+    grad_bytes: int | None = _role(Role.MEMORY)
+    mem_step_start: int | None = _role(Role.MEMORY)
+    peak_forward: int | None = _role(Role.MEMORY)
+    peak_backward: int | None = _role(Role.MEMORY)
+    peak_step: int | None = _role(Role.MEMORY)
+    peak_zero_grad: int | None = _role(Role.MEMORY)
+    mem_after_step: int | None = _role(Role.MEMORY)
+    unsharded_forward: int | None = _role(Role.MEMORY)
+    unsharded_backward: int | None = _role(Role.MEMORY)
+    all_gather_forward: int | None = _role(Role.MEMORY)
+    all_gather_backward: int | None = _role(Role.MEMORY)
+    reduce_scatter_backward: int | None = _role(Role.MEMORY)
+    same_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +319,18 @@ class Record(Config):
     host_calib: str | None = None
     host_calib_ms: tuple[float, ...] = ()
     host_noise: float | None = _role(Role.TIME)
+    # work per phase and of the whole step (instrument/work.py; tracked and fake probes, None or
+    # empty elsewhere): exact and deterministic, so gated like memory
+    work: tuple[WorkRecord, ...] = ()
+    step_flops: int | None = _role(Role.WORK)
+    step_bytes: int | None = _role(Role.WORK)
+    step_kernels: int | None = _role(Role.WORK)
+    # predicted step time on a named GPU (instrument/gpu.py) from the work counters; what the
+    # model was checked against and how far off it was there
+    gpu: str | None = None
+    predicted_step_ms: float | None = None
+    predicted_device_ms: float | None = None
+    predicted_check: str | None = None
     # outcome
     status: str = Status.OK.value
     error: str | None = None
@@ -307,6 +369,7 @@ class Record(Config):
         kept["ranks_state"] = _subrecords(RankRecord, kept.get("ranks_state"))
         for c in SAMPLE_COLUMNS:  # tuples, as measured: a frozen record stays hashable
             kept[c] = tuple(kept.get(c) or ())
+        kept["work"] = _subrecords(WorkRecord, kept.get("work"))
         return cls(**kept)
 
 
@@ -354,8 +417,12 @@ MEMORY_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=_ALL)
 # Every byte count a record holds (checked as non-negative integers).
 BYTE_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, Role.BYTES, fields=_ALL)
 TIME_COLUMNS: tuple[str, ...] = _with_role(Role.TIME, fields=_ALL)
+# The per-rank memory columns an FSDP config adds to `ranks_state` (RankRecord's Role.MEMORY).
+RANK_FSDP_COLUMNS: tuple[str, ...] = _with_role(Role.MEMORY, fields=dataclasses.fields(RankRecord))
 # Lists of timed samples (ms): the step's and the host's calibration kernel's.
 SAMPLE_COLUMNS: tuple[str, ...] = ("step_ms_samples", "host_calib_ms")
+# Work counters of the whole step (instrument/work.py), exact on deterministic probes.
+WORK_COLUMNS: tuple[str, ...] = _with_role(Role.WORK, fields=_ALL)
 # The memory metrics the regression gate compares.
 GATED_COLUMNS: tuple[str, ...] = tuple(f.name for f in _ALL if f.metadata.get(GATED))
 
@@ -481,7 +548,7 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         raise UsageError(f"{where}: status is {_show(row['status'])}, expected one of {', '.join(STATUSES)}")
     for c in BYTE_COLUMNS:
         _check_count(row.get(c), f"{where}: {c}")
-    for c in TIME_COLUMNS:
+    for c in (*TIME_COLUMNS, "predicted_step_ms", "predicted_device_ms"):
         v = row.get(c)
         if v is not None and not (_is(v, float) and v >= 0):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a non-negative number or null")
@@ -489,9 +556,16 @@ def check_values(row: Mapping[str, Any], where: str) -> None:
         v = row.get(c)
         if v is not None and not (isinstance(v, (list, tuple)) and all(_is(x, float) and x >= 0 for x in v)):
             raise UsageError(f"{where}: {c} is {_show(v)}, expected a list of non-negative numbers")
-    for c in ("error", "unmodelled", "host_calib"):
+    for c in ("error", "unmodelled", "host_calib", "gpu", "predicted_check"):
         if row.get(c) is not None and not isinstance(row[c], str):
             raise UsageError(f"{where}: {c} is {_show(row[c])}, expected text or null")
+    for c in WORK_COLUMNS:
+        _check_count(row.get(c), f"{where}: {c}")
+    for i, item in enumerate(row.get("work") or ()):
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: work[{i}] is {_show(item)}, expected an object")
+        for c in ("flops", "bytes", "kernels"):
+            _check_count(item.get(c), f"{where}: work[{i}].{c}")
     for list_name, counts in _SUB_COUNTS.items():
         for i, item in enumerate(row.get(list_name) or ()):
             for c in counts:

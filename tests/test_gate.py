@@ -413,5 +413,5 @@ def test_a_metric_kind_is_one_check_object():
     assert f"{base[2].n_params + 1:,}" in gate.render(res)
     both = gate.compare(base, cur, using=(*gate.checks(), count), only="params")
     assert {v.metric for v in both.verdicts} == {"n_params"} and "memory not compared (--only params)" in both.settings
-    with pytest.raises(UsageError, match="--only takes 'memory' or 'time'"):
-        gate.compare(base, cur, only="work")
+    with pytest.raises(UsageError, match="--only takes 'memory', 'work', 'time'"):
+        gate.compare(base, cur, only="bandwidth")

@@ -5,8 +5,6 @@ import sys
 
 import pytest
 
-from multiopt.analyze.gate import run_gate
-
 from .support import ROOT, run_quick, subprocess_env
 
 BASELINE = ROOT / "reports" / "baselines" / "cpu-quick.jsonl"

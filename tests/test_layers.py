@@ -34,6 +34,14 @@ LAZY_IMPORTS = {
     ("multiopt/run/launch.py", "torch.distributed"): "needed only by a rank of a torchrun launch",
     ("multiopt/run/sweep.py", "torch"): "with torch.distributed, only under torchrun",
     ("multiopt/run/sweep.py", "torch.distributed"): "needed only under torchrun; costs its import time elsewhere",
+    # FSDP2 and DTensor cost about 1.5 s to import: only a config with fsdp > 1 pays it
+    **{("multiopt/instrument/fsdp.py", m): "FSDP2 and DTensor (about 1.5 s of imports): only fsdp > 1 configs pay it"
+       for m in ("torch.distributed.fsdp", "torch.distributed.fsdp._fully_shard", "torch.distributed.device_mesh",
+                 "torch.distributed.tensor")},
+    ("multiopt/instrument/fsdp.py", "torch.testing._internal.distributed.fake_pg"):
+        "torch's testing internals: only the fake probe's simulated FSDP ranks need FakeStore",
+    ("multiopt/instrument/fsdp.py", "torch.optim"): "torch's private _muon, absent from some torch versions "
+                                                   "(ImportError handled)",
     ("multiopt/train/multi.py", "torch.distributed.optim"):
         "scripts its functional optimizers on import (most of a second): only ZeRO configs pay it",
 }

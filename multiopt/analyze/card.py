@@ -22,15 +22,22 @@ def record_text(record: Record) -> str:
     """Every field with human units and raw numbers, then one row per optimizer."""
     rows = []
     for k, v in record.to_dict().items():
-        if k in ("optimizers", "ranks_state"):
+        if k in ("optimizers", "ranks_state", "work"):
             continue
         if isinstance(v, int) and not isinstance(v, bool) and _is_bytes(k):
             rows.append((k, fmt_bytes(v), f"{v:,}"))
-        elif isinstance(v, float) and k.startswith("step_ms"):
+        elif isinstance(v, float) and k.startswith(("step_ms", "predicted_")):
             rows.append((k, fmt_ms(v), f"{v:.4f}"))
         else:
             rows.append((k, "" if v is None else v, ""))
     text = tabulate(rows, headers=["field", "value", "raw"], tablefmt="github", disable_numparse=True)
+    if record.work:
+        text += "\n\n" + tabulate(
+            [(w.phase, f"{w.flops:,}", fmt_bytes(w.bytes), f"{w.kernels:,}",
+              "-" if w.predicted_ms is None else fmt_ms(w.predicted_ms)) for w in record.work],
+            headers=["phase", "FLOPs", "bytes read + written", "kernels", f"predicted on {record.gpu or '-'}"],
+            tablefmt="github", disable_numparse=True,
+        )
     if record.optimizers:
         text += "\n\n" + tabulate(
             [(o.name, o.optimizer, o.impl, f"{o.n_params:,}", fmt_bytes(o.state_bytes), f"{o.state_bytes:,}",

@@ -80,7 +80,9 @@ from ..train import optimizers as registry
 from ..train.multi import MultiOptimizer, impl_of
 from ..units import fmt_bytes, fmt_ms, missing
 from .probes import Probe, make_probe
+from .gpu import check_gpu, predict
 from .recorder import OTHER, Recorder
+from .work import Work, WorkCounter
 from .state import expected_state, measured_state
 
 __all__ = ["Profile", "profile"]
@@ -101,6 +103,7 @@ def profile(
     *,
     track: Iterable[Any] = (),
     target: str = Target.CPU,
+    gpu: str | None = None,
 ) -> "Profile":
     """Instruments for a hand-written training loop; use as `with profile(...) as prof:`.
 
@@ -108,8 +111,11 @@ def profile(
     "tracked", or a Probe instance (entered here unless already active; an active one is
     left active on exit). track: tensors/modules/optimizers made before the block that the
     loop uses (the model and the optimizers are tracked anyway). target: "cuda" makes the
-    tracked probe report what a CUDA device would (allocator blocks, reserved, workspaces)."""
-    return Profile(model, optimizer, probe, track=track, target=target)
+    tracked probe report what a CUDA device would (allocator blocks, reserved, workspaces).
+    gpu: with target "cuda" on the tracked probe, count each step's work (instrument/work.py)
+    and predict its time on this GPU (instrument/gpu.py: h100, h200, a100, l4, rtx4090): row
+    fields step_flops, step_bytes, step_kernels, predicted_step_ms, predicted_ms_<phase>."""
+    return Profile(model, optimizer, probe, track=track, target=target, gpu=gpu)
 
 
 class Profile:
@@ -125,9 +131,14 @@ class Profile:
         *,
         track: Iterable[Any] = (),
         target: str = Target.CPU,
+        gpu: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"profile() needs the model (a torch.nn.Module) first, got {type(model).__name__}")
+        if gpu is not None:
+            check_gpu(gpu, target, probe if isinstance(probe, str) else probe.name)
+        self._gpu = gpu
+        self._counting: Any = None
         self.model = model
         self._tops, self.optimizers = _optimizers(optimizer, model)
         self._probe_arg = probe
@@ -158,6 +169,8 @@ class Profile:
         recorder = Recorder(self.model, self._tops, self.optimizers, probe, self.rows)
         try:
             probe.track(self.model, *self.optimizers.values(), *self._track)
+            if self._gpu is not None:
+                self._count_work(probe, recorder)
             self.mem_enter = recorder.start()
         except BaseException:
             self._leave_probe(None, None, None)
@@ -175,7 +188,28 @@ class Profile:
             _ACTIVE.remove(self)
             self._leave_probe(*exc)
 
+    def _count_work(self, probe: Probe, recorder: Recorder) -> None:
+        """Count every op of the loop's phases (work.py), for the GPU prediction."""
+        counter = WorkCounter(getattr(probe, "target", Target.CPU), host=getattr(probe, "is_host", lambda key: False))
+        counting = probe.counting(counter)
+        if not counting.__enter__():
+            counting.__exit__(None, None, None)
+            raise UsageError(f"gpu={self._gpu!r} predicts from the tracked probe's work counters; the "
+                             f"{probe.name} probe counts none: use probe='tracked' with target='cuda'")
+        self._counting = counting
+        recorder.counter, recorder.on_row_work = counter, self._predict
+
+    def _predict(self, row: dict[str, Any], work: Work) -> None:
+        total = work.total()
+        row.update(step_flops=total.flops, step_bytes=total.bytes, step_kernels=total.kernels)
+        p = predict(work, self._gpu)  # type: ignore[arg-type]
+        row.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_check=p.checked,
+                   **{f"predicted_ms_{phase}": ms for phase, ms in p.phase_ms.items()})
+
     def _leave_probe(self, *exc: Any) -> None:
+        if self._counting is not None:
+            counting, self._counting = self._counting, None
+            counting.__exit__(None, None, None)
         if self._owns_probe and self.probe is not None:
             self._owns_probe = False
             self.probe.__exit__(*exc)

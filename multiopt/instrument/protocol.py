@@ -13,29 +13,33 @@ import datetime as _dt
 import gc
 import math
 import uuid
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..env import device_name, rank_env
 from ..errors import UsageError, one_line
 from ..kinds import Probe as ProbeName, Status, Target, effective_target
-from ..record import PHASES, Config, OptimizerRecord, Record
+from ..record import PHASES, Config, OptimizerRecord, Record, phase_order
 from ..train import models, optimizers as registry
 from ..train.multi import IMPLS, MultiOptimizer, impl_of, local_optimizer, plan
 from ..train.spec import Rule
 from ..train.trainer import Trainer
 from ..units import round_alloc
+from . import fsdp
 from .allocator import AllocatorConfig
 from .probes import COMPILED_UNKNOWN, Probe, Watch, Workspaces, make_probe
 from .state import (StateBytes, attributed_state, constructing_optimizer, expected_state, host_state, measured_state,
                     observed_impl)
+from .gpu import check_gpu, predict
 from .timing import Calibration, time_steps
+from .work import Work, counting_work
 
-__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "model_bytes", "model_factory",
-           "storage_bytes", "training", "validate"]
+__all__ = ["AMPS", "DTYPES", "Config", "Protocol", "failed_record", "measure", "measure_work", "model_bytes",
+           "model_factory", "probe_target", "storage_bytes", "training", "validate"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AMPS = ("none", "fp16", "bf16")
@@ -62,6 +66,11 @@ class Protocol:
     # not right after the step: the order schema-v1 records were measured in (reports/gpu-h200),
     # whose reserved columns include the check's temporaries. For replaying those records.
     reserved_after_check: bool = False
+    # count the instrumented step's work (work.py: FLOPs, bytes, kernels per phase and per
+    # optimizer) on the tracked and fake probes; False only to measure what counting costs
+    count_work: bool = True
+    # predict the step time on this GPU (gpu.py: h100, h200, ...) from the work, target cuda
+    gpu: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.alloc_conf, str):
@@ -73,6 +82,8 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     dtype, amp or impl, rules that do not parse, unknown optimizers, bad keywords, rules that
     claim nothing or leave parameters unclaimed (checked on a meta-device model)."""
     _check_fields(config)
+    if protocol.gpu is not None:
+        check_gpu(protocol.gpu, config.target, protocol.probe)
     if config.zero == 1:
         _check_zero(config, protocol)
     if protocol.probe == ProbeName.FAKE:
@@ -84,6 +95,7 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
     with torch.device("meta"):
         model = models.for_config(config).build(config.width, config.depth)
     plan(model, config.rules)
+    fsdp.check(config, protocol.probe, model)
 
 
 def _check_fields(config: Config) -> None:
@@ -111,6 +123,7 @@ def _check_fields(config: Config) -> None:
     if config.step_in_backward and config.zero:
         raise UsageError("step_in_backward steps each parameter alone; ZeRO's step broadcasts every partition: "
                          "use zero=0")
+    fsdp.check_fields(config)
 
 
 def _check_zero(config: Config, protocol: Protocol) -> None:
@@ -163,6 +176,18 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
     `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
     factory when the caller already has one (a plan reuses one meta-built model for every
     candidate: a copy per run); it must build what `model_factory(config)` builds."""
+    return measure_work(config, protocol, build=build, **meta)[0]
+
+
+def measure_work(config: Config, protocol: Protocol = Protocol(), *,
+                 build: Callable[[], torch.nn.Module] | None = None, **meta: Any) -> tuple[Record, Work | None]:
+    """`measure`, and the op stream of its instrumented step (work.py; None where no work was
+    counted: the cuda probe, a config that failed before its instrumented step)."""
+    if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
+        # N ranks simulated here, each on a fake process group of its own (instrument/fsdp.py);
+        # each rank's record carries its own work counters, the merged one rank 0's
+        meta.setdefault("run_id", uuid.uuid4().hex[:12])
+        return fsdp.simulate(config, lambda: measure(config, protocol, build=build, **meta)), None
     fields = _identity(config, protocol, meta)
     fields.setdefault("device_name", device_name(config.device))
     threads = torch.get_num_threads()
@@ -171,9 +196,10 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
             torch.set_num_threads(protocol.threads)
         if config.device.startswith("cuda") and torch.cuda.is_available():
             _fresh_cuda(config.device)
+        sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields, build)
+        _run(config, protocol, probe, fields, build, sharding)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -188,7 +214,8 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
         # blocks back so memory_reserved starts low too.
         if config.device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return Record.from_dict(fields)
+    work = fields.pop("_work", None)
+    return Record.from_dict(fields), work
 
 
 def _probe(config: Config, protocol: Protocol) -> Probe:
@@ -259,8 +286,21 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the unique storages under `tensors` (None skipped), each rounded up to 512
     as every probe (and CUDA's memory_allocated) counts an allocation. Unique by storage, so
     tied weights and views count once; on fake tensors too (their data pointers are all 0)."""
-    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors if t is not None}
+    sizes = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in _plain(tensors)}
     return sum(round_alloc(n) for n in sizes.values())
+
+
+def _plain(tensors: Iterable[torch.Tensor | None]) -> Iterator[torch.Tensor]:
+    """The tensors holding the memory: a wrapper subclass's inner tensors (a DTensor's local
+    shard, under FSDP), never its storage-less wrapper. None skipped."""
+    for t in tensors:
+        if t is None:
+            continue
+        if is_traceable_wrapper_subclass(t):
+            attrs, _ = t.__tensor_flatten__()
+            yield from _plain(x for a in attrs if isinstance(x := getattr(t, a), torch.Tensor))  # not a DTensor's mesh
+        else:
+            yield t
 
 
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -272,19 +312,25 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
-         build: Callable[[], torch.nn.Module] | None = None) -> None:
+         build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None) -> None:
     torch.manual_seed(config.seed)
-    with probe:
+    with probe, (sharding or nullcontext()):
         gc.collect()
         probe.sync()
         out["mem_base"] = probe.allocated()
         model = probe.build_model(build or model_factory(config))
+        if sharding is not None:  # FSDP2: param_bytes are this rank's shards
+            sharding.attach(probe)
+            model = sharding.shard(model)
+            gc.collect()
         probe.sync()
         out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
         out["n_params"] = sum(p.numel() for p in model.parameters())
         # births while optimizers are built belong to the one being built (shared maps)
         with probe.watching(Watch(constructing_optimizer)) as built:
             optimizer, trainer, batch = training(config, model, probe.device, probe.computes)
+        if sharding is not None:
+            trainer.register_phase_hook(sharding.buffers.on_phase)
 
         def step(where: str) -> None:
             loss = trainer.train_step(batch)
@@ -306,9 +352,15 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         counted = _count_state(local, out)
         # attributed at the same moment as walked: later steps may replace state tensors
         watched = {k: _attributed(probe, built, stepped[k], optimizer.optimizers[k], o) for k, o in local.items()}
-        temps = _instrumented_step(probe, trainer, step, out)
+        with (counting_work(probe, trainer, probe_target(probe)) if protocol.count_work
+              else _no_counter()) as counter:
+            temps = _instrumented_step(probe, trainer, step, out)
         out["optimizers"] = [_optimizer_record(key, rule, opt, *counted[key], temps.get(key), watched[key], probe)
                              for (key, opt), rule in zip(local.items(), rules)]
+        if counter is not None:
+            _record_work(counter.work(), config, protocol, out)
+        if sharding is not None:
+            out["ranks_state"] = [sharding.row(out)]
         extra = None if protocol.reserved_after_check else probe.extra()
         if probe.computes or protocol.reserved_after_check:  # fake: the ops alone, for the reserved read after
             _check_finite(model, read=probe.computes)
@@ -317,6 +369,39 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             _time(config, protocol, probe, step, out)
+
+
+def probe_target(probe: Probe) -> str:
+    """Whose choices the probe's numbers follow: cuda on the cuda probe, else its target."""
+    return effective_target(probe.name, getattr(probe, "target", Target.CPU))
+
+
+@contextmanager
+def _no_counter() -> Iterator[None]:
+    yield None
+
+
+def _record_work(work: Work, config: Config, protocol: Protocol, out: dict[str, Any]) -> None:
+    """The step's work into `out`: per phase, the whole step, each optimizer's share; and,
+    with `protocol.gpu`, the predicted step time (gpu.py)."""
+    order = phase_order(config.zero_grad_at)
+    phases = work.phases(order)
+    total = work.total()
+    out["_work"] = work
+    out["step_flops"], out["step_bytes"], out["step_kernels"] = total.flops, total.bytes, total.kernels
+    owners = work.by_owner()
+    out["optimizers"] = [replace(o, work_flops=owners[o.name].flops if o.name in owners else 0,
+                                 work_bytes=owners[o.name].bytes if o.name in owners else 0,
+                                 work_kernels=owners[o.name].kernels if o.name in owners else 0)
+                         for o in out["optimizers"]]
+    predicted: dict[str, float] = {}
+    if protocol.gpu is not None:
+        p = predict(work, protocol.gpu)
+        predicted = p.phase_ms
+        out.update(gpu=p.gpu, predicted_step_ms=p.step_ms, predicted_device_ms=p.device_ms,
+                   predicted_check=p.checked)
+    out["work"] = [{"phase": w.phase, "flops": w.flops, "bytes": w.bytes, "kernels": w.kernels,
+                    "predicted_ms": predicted.get(w.phase)} for w in phases]
 
 
 def _count_state(local: dict[str, Any], out: dict[str, Any]) -> dict[str, tuple[StateBytes, StateBytes | None]]:
@@ -418,7 +503,7 @@ def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str]
         timing = time_steps(lambda: step("a timed step"), steps=protocol.steps, warmup=1,
                             # ZeRO ranks step together (collectives in every step): each
                             # calibrating its own block size would desynchronise them
-                            device=probe.device, min_block_ms=0.0 if config.zero else protocol.min_block_ms,
+                            device=probe.device, min_block_ms=0.0 if config.zero or config.fsdp > 1 else protocol.min_block_ms,
                             host=host)
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
                step_ms_mean=timing.mean, steps_timed=timing.steps,

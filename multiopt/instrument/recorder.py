@@ -19,6 +19,7 @@ from ..kinds import Phase
 from .probes import Probe
 from .protocol import storage_bytes
 from .state import StateBytes, measured_state
+from .work import Work, WorkCounter
 
 OTHER = "other"
 """The window key of whatever runs between phases (`peak_other`)."""
@@ -47,6 +48,10 @@ class Recorder:
         self._last_step_end: float | None = None
         self._lone: str | None = None
         self._t = 0.0
+        # Profile(gpu=...): a work counter told each window's phase and each child's step, and
+        # told each closed row with the ops counted in it (work.py)
+        self.counter: WorkCounter | None = None
+        self.on_row_work: Callable[[dict[str, Any], Work], None] | None = None
 
     # --- starting and stopping ---------------------------------------------------------------
 
@@ -135,6 +140,8 @@ class Recorder:
         if next_phase is not None:
             self._open_row(now, t)
         self._phase = next_phase
+        if self.counter is not None:
+            self.counter.phase = next_phase
         self._t = t
         return now, peak
 
@@ -142,6 +149,8 @@ class Recorder:
         if self.row is None:
             self.row = {"step": len(self.rows) + 1, "mem_step_start": now, "_t0": t, "n_forward": 0,
                         "n_backward": 0, "stepped": False}
+            if self.counter is not None:
+                self.row["_ops0"] = len(self.counter.ops)
         return self.row
 
     def _begin(self, phase: Phase) -> None:
@@ -170,6 +179,9 @@ class Recorder:
         if row.get("_before_step") is not None:
             row["step_temp_bytes"] = row["peak_step"] - row["_before_step"]
         row.pop("_before_step", None)
+        first = row.pop("_ops0", None)
+        if self.counter is not None and first is not None and self.on_row_work is not None:
+            self.on_row_work(row, Work(tuple(self.counter.ops[first:]), self.counter.target))
         self.rows.append(row)
 
     # --- hooks --------------------------------------------------------------------------------
@@ -246,12 +258,16 @@ class Recorder:
                 self._lone = key
             now, _ = self._cut(Phase.STEP)
             self._child_start[key] = now
+            if self.counter is not None:
+                self.counter.owner = key
 
         return pre
 
     def _child_post(self, key: str) -> Callable[..., None]:
         def post(opt: Any, args: Any, kwargs: Any) -> None:
             _, peak = self._cut(Phase.STEP)
+            if self.counter is not None:
+                self.counter.owner = None
             row = self.row
             assert row is not None
             col = f"step_temp_bytes:{key}"

@@ -70,15 +70,17 @@ class Answer:
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
             cap: int | None = None, alloc_conf: str | None = None, context: int = 0,
-            runner: Runner | None = None) -> Answer:
+            runner: Runner | None = None, gpu: str | None = None) -> Answer:
     """The largest value of `axis` ("batch" or "width") for which `config` fits `budget`
     (target cuda: peak reserved + `context`; target cpu: peak allocated). `runner` shares
-    fake runs between questions."""
+    fake runs between questions. `gpu`: each record also predicts its step time on that GPU
+    (instrument/gpu.py)."""
     if axis not in CAPS:
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
     limit = max(budget - context, 0)
-    runner = runner or Runner(limit, warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf)
+    runner = runner or Runner(limit, warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf,
+                              gpu=gpu)
     fixed = None
     if axis == "batch":
         if "width" in models.resolve(config.model).takes:
@@ -197,7 +199,8 @@ def _root(known: dict[int, int], budget: int, lo: int, hi: int | None) -> float 
 
 def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
         depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
-        target: str = Target.CPU, alloc_conf: str | None = None, context: int = 0) -> list[Answer]:
+        target: str = Target.CPU, alloc_conf: str | None = None, context: int = 0,
+        gpu: str | None = None) -> list[Answer]:
     """For every combo: the largest batch (at `width`, where the model takes one), and the
     largest width at `batch` for a model whose factory takes a width. One Runner: every
     measurement is made once. target "cuda": on predicted peak reserved plus `context` bytes."""
@@ -215,7 +218,8 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
             validate(c, fake)
         except UsageError as e:
             raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
-    runner = Runner(max(budget - context, 0), warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf)
+    runner = Runner(max(budget - context, 0), warmup=Protocol.warmup if warmup is None else warmup, alloc_conf=alloc_conf,
+                    gpu=gpu)
     axes = ("batch", "width") if "width" in spec.takes else ("batch",)
     return [largest(c, axis, budget, alloc_conf=alloc_conf, context=context, runner=runner)
             for c in configs for axis in axes]
@@ -248,6 +252,8 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
             used = _used(r, a.context)
             nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
+            if r.predicted_step_ms is not None:
+                answer += f" ({r.predicted_step_ms:.2f} ms/step on {r.gpu})"
             if r.target == Target.CUDA:
                 splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
             rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
@@ -257,6 +263,9 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                               tablefmt="github", disable_numparse=True))
         if splits:
             lines += ["", "How the budget splits at the peak (target cuda):", "", *splits]
+        checked = sorted({a.record.predicted_check for a in group if a.record is not None and a.record.predicted_check})
+        if checked:
+            lines += ["", f"Step times predicted from the work counters (instrument/gpu.py); checked on {checked[0]}."]
         unmodelled = sorted({a.record.unmodelled for a in group if a.record is not None and a.record.unmodelled})
         if unmodelled:
             lines += ["", f"Estimate, not CUDA's to the byte: this model runs ops whose CUDA kernels allocate "

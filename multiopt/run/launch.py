@@ -35,12 +35,12 @@ import torch
 from tqdm import tqdm
 
 from ..instrument.protocol import Protocol, failed_record, measure
-from ..kinds import Status
+from ..kinds import Probe, Status
 from ..record import Config, Record
 from ..store import append_jsonl
 from ..units import fmt_bytes
 
-__all__ = ["Launcher", "InProcess", "Isolated", "RankScope", "merge_zero", "make_launcher"]
+__all__ = ["Launcher", "InProcess", "Isolated", "RankScope", "merge_zero", "make_launcher", "together"]
 
 # What a launcher does with a measured record before keeping it: the record to keep, or None
 # to keep none (a ZeRO config's ranks merge into one record, kept by rank 0).
@@ -238,6 +238,7 @@ class RankScope:
     host: str
     port: int
     timeout_s: float
+    probe: str = Probe.TRACKED
 
     @contextmanager
     def enter(self, config: Any) -> Iterator[None]:
@@ -245,7 +246,7 @@ class RankScope:
 
         if str(config.device).startswith("cuda"):
             torch.cuda.set_device(self.local_rank)
-        if not getattr(config, "zero", 0):
+        if not together(config, self.probe):
             yield
             return
         key = hashlib.sha1(repr(config).encode()).hexdigest()[:16]
@@ -258,6 +259,12 @@ class RankScope:
             yield
         finally:
             dist.destroy_process_group()
+
+
+def together(config: Any, probe: str) -> bool:
+    """Whether every rank of the launch runs `config` together in one process group: ZeRO, and
+    FSDP on a probe with real tensors (the fake probe simulates FSDP's ranks in one process)."""
+    return bool(getattr(config, "zero", 0)) or (getattr(config, "fsdp", 0) > 1 and probe != Probe.FAKE)
 
 
 _BAD_FIRST = (Status.OOM, Status.DIVERGED, Status.ERROR)

@@ -42,6 +42,7 @@ import torch
 from tabulate import tabulate
 
 from ..errors import UsageError
+from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
@@ -181,14 +182,11 @@ Predictor = Callable[[Record], "float | None"]
 
 
 def time_model(gpu: str | None) -> tuple[Predictor | None, str]:
-    """The predictor for `gpu`, and a sentence saying what it is. The GPU time model (work
-    counters, `predicted_step_ms`) is not on this build: no predictor, and the sentence says so."""
+    """The predictor for `gpu`, and a sentence saying what it is and what it was checked
+    against: each record's `predicted_step_ms` (instrument/gpu.py), made by the Runner."""
     if gpu is None:
         return None, "no time model (no --gpu given): ranked by batch, no throughput claimed"
-    if not has_field("gpu"):
-        return None, (f"no time model for --gpu {gpu} on this build (the GPU time model is not merged): "
-                      "ranked by batch, no throughput claimed")
-    return (lambda r: getattr(r, "predicted_step_ms", None)), f"predicted step time on {gpu} (the record's predicted_step_ms)"
+    return (lambda r: r.predicted_step_ms), f"predicted step time on {gpu}: {check_text(gpu)}"
 
 
 # --- the engine -----------------------------------------------------------------------------
@@ -198,9 +196,10 @@ class PlanFailed(Exception):
     """A fake run ended neither ok nor oom."""
 
 
-# Config fields that do not change the model the factory builds (its meta copy is shared)
+# Config fields that do not change the model the factory builds (its meta copy is shared;
+# FSDP shards the built copy inside the run)
 _NOT_MODEL = {"batch", "combo", "rules", "impl", "zero_grad_at", "seed", "step_in_backward", "amp", "target",
-              "device", "zero", "ranks"}
+              "device", "zero", "ranks", "fsdp", "reshard_after_forward", "fsdp_mp"}
 
 
 class Runner:
@@ -208,9 +207,11 @@ class Runner:
     once on meta per model-shaping fields and copied into every run."""
 
     def __init__(self, limit: int, *, warmup: int = 1, alloc_conf: str | None = None,
-                 workspaces: Workspaces = Workspaces()) -> None:
+                 workspaces: Workspaces = Workspaces(), gpu: str | None = None) -> None:
         self.limit = limit
-        self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces)
+        # gpu: each record also predicts its step time there (instrument/gpu.py)
+        self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces,
+                                 gpu=gpu)
         self.runs = 0
         self.seconds = 0.0
         self._records: dict[tuple[Config, int | None], Record] = {}
@@ -239,7 +240,9 @@ class Runner:
 
 
 def metric(r: Record) -> int:
-    """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated."""
+    """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated.
+    Under FSDP the record's numbers are rank 0's, whose shards are the largest (torch.chunk gives
+    it ceil(rows / N) of every parameter); a confirming run holds every simulated rank to the limit."""
     if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved
     return r.peak_total or 0
@@ -442,7 +445,7 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     limit = budget - context
     if limit <= 0:
         raise UsageError(f"the budget {fmt_bytes(budget)} leaves nothing beside the CUDA context ({fmt_bytes(context)})")
-    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf)
+    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
     predictor, note = time_model(gpu)
     if predictor is not None:
         confirm = "all"  # a throughput needs a run at the batch it is claimed for
@@ -494,9 +497,12 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
     try:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
-        validate(row.config, Protocol(probe=Probe.TRACKED))
+        validate(replace(row.config, fsdp=0), Protocol(probe=Probe.TRACKED))
         row.formula = formula_for(row.config, runner.meta_model(row.config))
-        if row.formula is not None:
+        if row.formula is not None and row.config.fsdp > 1:
+            raise PlanFailed(f"{row.formula.why.split(':')[0]} sized by formula on the whole model only; its "
+                             f"state per FSDP rank is not measured: plan it without --fsdp")
+        if row.formula is not None or row.config.fsdp > 1:  # FSDP: the degree against the parameters
             validate(_run_config(row), Protocol(probe=Probe.FAKE))
     except (UsageError, PlanFailed) as e:
         row.why = str(e)
@@ -504,7 +510,8 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
     room = limit - (row.formula.state if row.formula else 0)
     config = _run_config(row)
     key = (runner.model_key(row.config), row.config.dtype, row.config.amp, row.config.step_in_backward,
-           row.config.zero_grad_at, row.config.target)
+           row.config.zero_grad_at, row.config.target, row.config.fsdp, row.config.reshard_after_forward,
+           row.config.fsdp_mp)
     row.klass = key
     if key not in classes:
         r1 = runner.run(config, None)
@@ -528,7 +535,8 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
         anchor = runner.run(replace(config, batch=classes[key].points[1]), None)
         classes[key] = replace(classes[key], anchor=anchor, state=formula_state(config, runner.meta_model(config)))
     s = classes[key]
-    state = formula_state(config, runner.meta_model(config)) if s.state is not None else None
+    # FSDP shards the state: the whole model's formula is not its per-rank bytes, so it runs
+    state = formula_state(config, runner.meta_model(config)) if s.state is not None and config.fsdp <= 1 else None
     if state is not None and s.anchor is not None and s.anchor.status == Status.OK:
         # same model, dtype, amp and placement: the same activations and gradients; only the
         # optimizers' state (and their step temporaries, left to the confirmation) differ
@@ -647,6 +655,8 @@ def reproduce(plan_: Plan, row: Row) -> str:
     sizes = [f"--{s} {getattr(b, s)}" for s in ("width", "depth") if s in spec.takes]
     flags = " ".join(_quote(f) for f in row.flags)
     target = f" --target {b.target}" if b.target != Target.CUDA else ""
+    target += "" if b.reshard_after_forward else " --reshard-after-forward 0"
+    target += "" if b.fsdp_mp == "none" else f" --fsdp-mp {b.fsdp_mp}"
     return f"multiopt estimate --model {b.model} {' '.join(sizes)} --batch {row.answer} {flags}{target}".replace("  ", " ")
 
 

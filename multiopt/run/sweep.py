@@ -38,11 +38,12 @@ from typing import Any, Callable, Sequence
 
 from .. import env as envmod
 from ..errors import UsageError
+from ..instrument.fsdp import merge_ranks
 from ..instrument.protocol import Protocol, validate
-from ..kinds import Status
+from ..kinds import Probe, Status
 from ..record import Config, Record, config_key
 from ..store import append_jsonl, iter_jsonl, write_jsonl_atomic, write_text_atomic
-from .launch import RankScope, make_launcher, merge_zero
+from .launch import RankScope, make_launcher, merge_zero, together
 
 __all__ = ["SweepResult", "sweep", "fold_shards", "has_shards", "shard"]
 
@@ -87,7 +88,8 @@ def sweep(configs: Sequence[Config], out: Path, protocol: Protocol, *, preset: s
         validate(c, protocol)
     launch = envmod.rank_env()
     cuda = any(c.device.startswith("cuda") for c in configs)
-    team: Team = Solo(out) if launch is None else Ranks(out, launch, timeout * max(len(configs), 1) + 600, cuda)
+    team: Team = Solo(out) if launch is None else Ranks(out, launch, timeout * max(len(configs), 1) + 600, cuda,
+                                                        protocol.probe)
     with team:
         team.agree(lambda: team.check_out(resume))
         prior = team.recorded(resume)
@@ -188,8 +190,9 @@ class Solo(Team):
 class Ranks(Team):
     """The ranks of a torchrun launch share the configs (see the module docstring)."""
 
-    def __init__(self, out: Path, launch: envmod.RankEnv, wait_s: float, cuda: bool) -> None:
+    def __init__(self, out: Path, launch: envmod.RankEnv, wait_s: float, cuda: bool, probe: str = Probe.TRACKED) -> None:
         super().__init__(out)
+        self.probe = probe
         self.launch = launch
         self.world = launch.world_size
         self.is_main = launch.is_main
@@ -251,18 +254,21 @@ class Ranks(Team):
 
     def scope(self, run_id: str, timeout: float) -> RankScope:
         host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-        return RankScope(self.launch.rank, self.world, self.launch.local_rank, run_id, host, port, timeout)
+        return RankScope(self.launch.rank, self.world, self.launch.local_rank, run_id, host, port, timeout, self.probe)
 
     def share(self, todo: list[Config]) -> list[Config]:
-        return shard([c for c in todo if not c.zero], self.launch.rank, self.world) + [c for c in todo if c.zero]
+        alone = [c for c in todo if not together(c, self.probe)]
+        return shard(alone, self.launch.rank, self.world) + [c for c in todo if together(c, self.probe)]
 
     def _merge_zero(self, config: Config, record: Record) -> Record | None:
-        if not config.zero:
+        if not together(config, self.probe):
             return record
         ranks: list[Any] = [None] * self.world
         self._dist.all_gather_object(ranks, record.to_dict())
         # only rank 0 keeps (and appends to its shard) the one merged record
-        return merge_zero(ranks) if self.is_main else None
+        if not self.is_main:
+            return None
+        return merge_ranks(ranks) if config.fsdp > 1 else merge_zero(ranks)
 
     def collect(self, mine: list[Record], prior: dict[tuple, dict[str, Any]], configs: Sequence[Config],
                 probe: str) -> list[Record]:

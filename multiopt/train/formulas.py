@@ -40,8 +40,11 @@ class Planned(NamedTuple):
 
 
 def like(p: torch.Tensor, n: int = 1) -> list[Planned]:
-    """n tensors shaped, typed and placed like the parameter (zeros_like / clone of grad)."""
-    return [Planned(tuple(p.shape), p.dtype, p.device) for _ in range(n)]
+    """n tensors shaped, typed and placed like the parameter (zeros_like / clone of grad); for a
+    sharded parameter (FSDP's DTensor) like its local shard, which is what `zeros_like` allocates
+    on this rank (the shard without FSDP's padding)."""
+    shape = tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+    return [Planned(shape, p.dtype, p.device) for _ in range(n)]
 
 
 def _scalars(n: int, device: torch.device, dtype: torch.dtype | None = None) -> list[Planned]:

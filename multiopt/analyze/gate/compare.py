@@ -79,6 +79,7 @@ class Unit:
 
 BYTES = Unit("bytes", fmt_bytes)
 MS = Unit("ms", fmt_ms)
+COUNT = Unit("count", lambda v: f"{v:,}")
 STATUS = Unit("status", str, numeric=False)
 
 
@@ -275,6 +276,57 @@ class ToleranceCheck:
                 yield Verdict(p.config, p.key, m, old, new, _rel(old, new), tol, _classify(old, new, tol), self.unit)
 
 
+_WORK = (("flops", COUNT), ("bytes", BYTES), ("kernels", COUNT))
+
+
+@dataclass(frozen=True)
+class WorkCheck:
+    """Work counters (instrument/work.py), per phase and per optimizer's step, under a relative
+    tolerance (None: `DEFAULT_MEM_TOL` per probe, 0 on tracked/fake where they are exact).
+    Metrics are named `work:<phase>:<what>` and `work:step[<optimizer>]:<what>`, so a verdict
+    says which phase and which optimizer changed. Records without counters on both sides (the
+    cuda probe, records older than the counters) are skipped; counters missing now are a
+    regression."""
+
+    tol: float | None = None
+    kind: str = "work"
+
+    def __post_init__(self) -> None:
+        _check_number("work tolerance", self.tol)
+
+    def describe(self) -> str:
+        return "work: 0 on tracked/fake probes" if self.tol is None else f"work: {pct(self.tol)}"
+
+    def __call__(self, p: Pair) -> Iterator[Found]:
+        tol = self.tol if self.tol is not None else DEFAULT_MEM_TOL.get(str(p.old.probe), FALLBACK_MEM_TOL)
+        old, new = _work_of(p.old), _work_of(p.new)
+        if not old:
+            if new:
+                yield NotCompared(p.config, p.key, "work", "no work counters in baseline")
+            return
+        for metric, (a, unit, detail) in old.items():
+            b = new.get(metric, (None, unit, detail))[0]
+            if missing(b):
+                yield Verdict(p.config, p.key, metric, a, b, None, None, REGRESSION, unit,
+                              "no work counters in current", missing=True)
+            else:
+                yield Verdict(p.config, p.key, metric, a, b, _rel(a, b), tol, _classify(a, b, tol), unit, detail)
+
+
+def _work_of(r: Record) -> dict[str, tuple[Any, Unit, str]]:
+    """metric -> (value, unit, detail) for every work counter of `r`: per phase, per optimizer."""
+    out: dict[str, tuple[Any, Unit, str]] = {}
+    for w in r.work:
+        for what, unit in _WORK:
+            out[f"work:{w.phase}:{what}"] = (getattr(w, what), unit, f"phase {w.phase}")
+    if r.work:
+        for o in r.optimizers:
+            for what, unit in _WORK:
+                out[f"work:step[{o.name}]:{what}"] = (getattr(o, f"work_{what}"), unit,
+                                                      f"phase step, optimizer {o.name} ({o.optimizer})")
+    return out
+
+
 TIME_METRIC = "step_ms_median"
 TIME_IQR = "step_ms_iqr"
 _UNTIMED_NOW = "not timed in current"
@@ -352,8 +404,8 @@ def _time_incomparable(b: Record, c: Record) -> str | None:
 
 
 def checks(mem_tol: float | None = None, time_tol: float = 0.10, time_k: float = 3.0) -> tuple[Check, ...]:
-    """The gate's checks at these settings: memory, then step time."""
-    return (ToleranceCheck("memory", MEMORY_METRICS, BYTES, mem_tol), TimeCheck(time_tol, time_k))
+    """The gate's checks at these settings: memory, work (at memory's tolerance), then step time."""
+    return (ToleranceCheck("memory", MEMORY_METRICS, BYTES, mem_tol), WorkCheck(mem_tol), TimeCheck(time_tol, time_k))
 
 
 # --------------------------------------------------------------------------------------
@@ -369,9 +421,10 @@ def compare(baseline: Iterable[Record], current: Iterable[Record], *, mem_tol: f
     of that kind (`"memory"`: a CPU CI runner's timings say little about a change)."""
     every = tuple(using) if using is not None else checks(mem_tol, time_tol, time_k)
     kinds = [c.kind for c in every]
-    if only is not None and only not in kinds:
-        raise UsageError(f"--only takes {' or '.join(repr(k) for k in kinds)}, got {only!r}")
-    active = [c for c in every if only in (None, c.kind)]
+    wanted = None if only is None else {k.strip() for k in only.split(",")}  # "memory,work": both
+    if wanted is not None and not wanted <= set(kinds):
+        raise UsageError(f"--only takes {', '.join(repr(k) for k in kinds)} or a comma list of them, got {only!r}")
+    active = [c for c in every if wanted is None or c.kind in wanted]
     notes: list[str] = []
     base = _by_key(baseline, "baseline", notes)
     cur = _by_key(current, "current", notes)

@@ -154,6 +154,12 @@ class Probe(ABC):
         with watch.counting_compiled_calls():
             yield watch
 
+    @contextmanager
+    def counting(self, counter: Callable[[Any, tuple, dict | None, Any], None]) -> Iterator[bool]:
+        """Tell `counter` every op the block runs (instrument/work.py). Yields whether it is
+        told: ledger probes count, the cuda probe does not (False)."""
+        yield False
+
     def extra(self) -> dict[str, int]:
         """Backend-only figures (CUDA: reserved bytes); empty elsewhere."""
         return {}

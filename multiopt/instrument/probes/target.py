@@ -155,5 +155,8 @@ class CudaTarget:
                 self.allocator.free(key)
                 self._host.add(key)
 
+    def is_host(self, key: int) -> bool:
+        return key in self._host
+
     def extra(self) -> dict[str, int]:
         return {"reserved": self.allocator.reserved, "peak_reserved": self.allocator.peak_reserved}

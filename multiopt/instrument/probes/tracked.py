@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, is_traceable_wrapper_subclass
 
 from ...errors import UsageError
 from ...kinds import Probe as ProbeName, Target
@@ -59,6 +59,9 @@ _SIZED = 3  # a sizer given to the ledger says how big the (one) output's storag
 Sizer = Callable[[tuple, dict, torch.Tensor], int]
 
 _MASK = ~(ALLOC_GRANULE - 1)
+
+# Tensor classes whose storage is their own (FakeTensor, Parameter, ...), learnt as they are met.
+_PLAIN: set[type] = set()
 
 
 def _format_bytes(n: int) -> str:
@@ -122,6 +125,8 @@ class StorageLedger(TorchDispatchMode):
         self.op_hooks: dict[Any, Callable[[tuple, dict, Any], None]] = {}
         # set by LedgerProbe.watching: told every op run and every storage born
         self.watch: Watch | None = None
+        # set by LedgerProbe.counting: told every op with its (args, kwargs, output) (work.py)
+        self.work: Callable[[Any, tuple, dict | None, Any], None] | None = None
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -156,6 +161,8 @@ class StorageLedger(TorchDispatchMode):
             self.add(out, self._sizers[func](args, kwargs or {}, out))
         if hook is not None:
             hook(args, kwargs or {}, out)
+        if self.work is not None:
+            self.work(func, args, kwargs, out)
         return out
 
     def add(self, t: torch.Tensor, nbytes: int | None = None) -> None:
@@ -164,6 +171,16 @@ class StorageLedger(TorchDispatchMode):
         (a model built under `torch.device("meta")`, optimizers validated on meta parameters)."""
         if t.is_meta:
             return
+        cls = type(t)
+        if cls is not _Tensor and cls not in _PLAIN:
+            if is_traceable_wrapper_subclass(t):
+                # DTensor and other wrapper subclasses: the memory is their inner tensors' (a
+                # DTensor's local shard); the wrapper's own storage is a sizeless stand-in of the
+                # global shape. Their ops run below this mode, so only their outputs are seen.
+                attrs, _ = t.__tensor_flatten__()
+                self._add_all([getattr(t, a) for a in attrs])  # _add_all skips non-tensors (a DTensor's mesh)
+                return
+            _PLAIN.add(cls)
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -321,6 +338,11 @@ class LedgerProbe(Probe):
     def extra(self) -> dict[str, int]:
         return {} if self._cuda is None else self._cuda.extra()
 
+    def resized(self, *tensors: torch.Tensor) -> None:
+        """Count the new sizes of storages resized outside any op (`UntypedStorage.resize_`:
+        FSDP2 frees and re-allocates its unsharded parameters so); storages never counted stay so."""
+        self._ledger._resized(list(tensors))
+
     @property
     def unmodelled(self) -> tuple[str, ...]:
         """Under target cuda: what ran whose CUDA allocations are not modelled (target.py)."""
@@ -356,6 +378,19 @@ class LedgerProbe(Probe):
                 yield watch
         finally:
             self._ledger.watch = previous
+
+    @contextmanager
+    def counting(self, counter: Callable[[Any, tuple, dict | None, Any], None]) -> Iterator[bool]:
+        """Tell `counter` (instrument/work.py) every op the block runs; yields True (counted)."""
+        previous, self._ledger.work = self._ledger.work, counter
+        try:
+            yield True
+        finally:
+            self._ledger.work = previous
+
+    def is_host(self, key: int) -> bool:
+        """Whether the storage keyed `key` lives on the host under the target (see `host`)."""
+        return self._cuda is not None and self._cuda.is_host(key)
 
     def _check_not_active(self) -> None:
         if self._active:
