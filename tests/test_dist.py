@@ -187,6 +187,18 @@ def test_zero_config_is_refused_outside_torchrun_and_on_the_fake_probe(monkeypat
         validate(Config(zero=2))
 
 
+def _resumed_after_a_killed_shard(tmp_path, *, rank: int, index: int):
+    """A sharded sweep killed after rank `rank` wrote config `index` (run_id "old"): a new sweep
+    into the directory is refused without --resume, and resumes with it. (configs, protocol)."""
+    configs = _configs(("sgd", "adam"), (64,), (16,))
+    protocol = Protocol(probe="tracked", steps=0)
+    append_jsonl(tmp_path / "ranks" / f"rank{rank}.jsonl", [measure(configs[index], protocol, run_id="old")])
+    with pytest.raises(UsageError, match="ranks already holds results of a sharded sweep; pass --resume"):
+        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
+    assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
+    return configs, protocol
+
+
 def test_sharded_sweep_refuses_a_directory_with_results_unless_resuming(tmp_path, monkeypatch):
     """World size 1, in process: the same code path as torchrun's rank 0."""
     monkeypatch.setenv("RANK", "0")
@@ -194,12 +206,7 @@ def test_sharded_sweep_refuses_a_directory_with_results_unless_resuming(tmp_path
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    configs = _configs(("sgd", "adam"), (64,), (16,))
-    protocol = Protocol(probe="tracked", steps=0)
-    append_jsonl(tmp_path / "ranks" / "rank3.jsonl", [measure(configs[0], protocol, run_id="old")])
-    with pytest.raises(UsageError, match="ranks already holds results of a sharded sweep; pass --resume"):
-        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
-    assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
+    configs, protocol = _resumed_after_a_killed_shard(tmp_path, rank=3, index=0)
     rows = _rows(tmp_path / "results.jsonl")
     assert [r["combo"] for r in rows] == ["sgd", "adam"] and rows[0]["run_id"] == "old"
     assert not (tmp_path / "ranks").exists()
@@ -223,12 +230,7 @@ def test_records_written_before_zero_existed_load_as_zero_0_on_one_rank():
 def test_one_process_resume_folds_a_killed_sharded_sweeps_shards(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    configs = _configs(("sgd", "adam"), (64,), (16,))
-    protocol = Protocol(probe="tracked", steps=0)
-    append_jsonl(tmp_path / "ranks" / "rank1.jsonl", [measure(configs[1], protocol, run_id="old")])
-    with pytest.raises(UsageError, match="sharded sweep; pass --resume"):
-        sweep(configs, tmp_path, protocol, isolate=False, progress=False)
-    assert sweep(configs, tmp_path, protocol, resume=True, isolate=False, progress=False) is not None
+    _resumed_after_a_killed_shard(tmp_path, rank=1, index=1)
     rows = _rows(tmp_path / "results.jsonl")
     assert sorted((r["combo"], r["run_id"] == "old") for r in rows) == [("adam", True), ("sgd", False)]
     assert not (tmp_path / "ranks").exists()

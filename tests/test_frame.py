@@ -262,43 +262,28 @@ def test_torn_last_line_is_skipped(tmp_path):
     assert len(frame.load(p)) == 3
 
 
+def _refused(path, text: str) -> str:
+    """Write `text` to `path` and load it: the UsageError's message, which names the file."""
+    path.write_text(text)
+    with pytest.raises(UsageError) as e:
+        frame.load(path)
+    assert path.name in _msg(e)
+    return _msg(e)
+
+
 def test_wrong_schema(tmp_path):
     rec = json.loads((RUN / "results.jsonl").read_text().splitlines()[0])
-    p = tmp_path / "old.jsonl"
-    p.write_text(json.dumps(dict(rec, schema="multiopt.record/0")) + "\n")
-    with pytest.raises(UsageError) as e:
-        frame.load(p)
-    assert "old.jsonl" in _msg(e) and "schema" in _msg(e)
-    p2 = tmp_path / "other.jsonl"
-    p2.write_text(json.dumps({"hello": 1}) + "\n")
-    with pytest.raises(UsageError) as e:
-        frame.load(p2)
-    assert "other.jsonl" in _msg(e)
-    p3 = tmp_path / "typed.jsonl"
-    p3.write_text(json.dumps(dict(rec, n_params="many")) + "\n")
-    with pytest.raises(UsageError) as e:
-        frame.load(p3)
-    assert "typed.jsonl" in _msg(e) and "n_params" in _msg(e)
+    assert "schema" in _refused(tmp_path / "old.jsonl", json.dumps(dict(rec, schema="multiopt.record/0")) + "\n")
+    _refused(tmp_path / "other.jsonl", json.dumps({"hello": 1}) + "\n")
+    assert "n_params" in _refused(tmp_path / "typed.jsonl", json.dumps(dict(rec, n_params="many")) + "\n")
     # pytest-benchmark JSON: not one / no extra_info / wrong schema in extra_info
-    q = tmp_path / "notbench.json"
-    q.write_text(json.dumps([1, 2]))
-    with pytest.raises(UsageError) as e:
-        frame.load(q)
-    assert "notbench.json" in _msg(e)
+    _refused(tmp_path / "notbench.json", json.dumps([1, 2]))
     doc = json.loads(BENCH.read_text())
     doc["benchmarks"][0]["extra_info"] = {}
-    q2 = tmp_path / "noextra.json"
-    q2.write_text(json.dumps(doc))
-    with pytest.raises(UsageError) as e:
-        frame.load(q2)
-    assert "noextra.json" in _msg(e) and "extra_info" in _msg(e)
+    assert "extra_info" in _refused(tmp_path / "noextra.json", json.dumps(doc))
     doc = json.loads(BENCH.read_text())
     doc["benchmarks"][1]["extra_info"]["schema"] = "nope/9"
-    q3 = tmp_path / "schema.json"
-    q3.write_text(json.dumps(doc))
-    with pytest.raises(UsageError) as e:
-        frame.load(q3)
-    assert "schema.json" in _msg(e) and "schema" in _msg(e)
+    assert "schema" in _refused(tmp_path / "schema.json", json.dumps(doc))
 
 
 def test_run_dir_copy_reads_env(tmp_path):
