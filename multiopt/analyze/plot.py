@@ -34,11 +34,12 @@ from matplotlib.ticker import FuncFormatter, Locator, LogFormatterSciNotation
 
 from ..kinds import Status
 from .frame import PEAK_PARTS
+from .ranks import BUFFERS, fsdp_records, rank_groups, ranks_text, resident_parts
 from .select import MAX_BARS, MAX_PANELS, MAX_SERIES, evenly, labelled_ok, largest, main_model
 from ..units import fmt_bytes, fmt_ms
 
 __all__ = ["Plot", "figures", "make_plots", "breakdown_rows", "breakdown_bar_label", "has_predictions", "PLOTS",
-           "SLACK"]
+           "SLACK", "rank_bar_label", "RANK_PEAK"]
 
 PART_LABELS = {
     "peak_params": "params",
@@ -340,6 +341,66 @@ def _predicted_vs_measured(ok: pd.DataFrame) -> Plot:
     return Plot(title, fig, data)
 
 
+def rank_bar_label(label: str, width: Any, batch: Any, ranks: str) -> str:
+    return f"{breakdown_bar_label(label, width, batch)} ranks {ranks}"
+
+
+RANK_PEAK = "peak"  # a rank bar's data key for the rank's peak (the black tick)
+_BUFFER_MARKERS = {"unsharded params": "o", "all-gather staging": "^", "reduce-scatter inputs": "s"}
+
+
+def _rank_bars(ax: Any, r: pd.Series, colours: dict[str, str]) -> dict[str, dict[str, float]]:
+    """One stacked bar per kind of rank of FSDP record `r` (`ranks.resident_parts`), a black
+    tick at its peak and a marker per FSDP2 buffer at its largest over the phases."""
+    groups = rank_groups(r["ranks_state"])[:MAX_BARS]
+    data: dict[str, dict[str, float]] = {}
+    for x, g in enumerate(groups):
+        name = rank_bar_label(r["_label"], r["width"], r["batch"], ranks_text(g.ranks))
+        bottom, bar = 0.0, {}
+        for part, h in resident_parts(g.row).items():
+            colour = colours.setdefault(part, _PALETTE[len(colours) % len(_PALETTE)])
+            ax.bar(x, h, bottom=bottom, color=colour, label=part, width=0.6)
+            bottom, bar[part] = bottom + h, h
+        bar[RANK_PEAK] = float(g.row.get("peak_total") or 0.0)
+        ax.plot([x - 0.35, x + 0.35], [bar[RANK_PEAK]] * 2, color="black", linewidth=2, label="rank's peak")
+        for what, marker in _BUFFER_MARKERS.items():
+            largest_of = max((float(g.row.get(f) or 0.0) for f, _p, w in BUFFERS if w == what), default=0.0)
+            ax.plot([x + 0.45], [largest_of], marker=marker, color="black", linestyle="none",
+                    label=f"{what} (largest in a phase)")
+            bar[what] = largest_of
+        data[name] = bar
+    ax.set_xticks(range(len(groups)), [f"ranks {ranks_text(g.ranks)}" for g in groups], fontsize="small")
+    return data
+
+
+def _rank_breakdown(ok: pd.DataFrame) -> Plot:
+    """Per FSDP record (one panel each, at most MAX_PANELS), a bar per kind of rank: what it
+    holds through the step stacked (sharded params, sharded grads, each optimizer's state, the
+    rest of its peak), FSDP2's buffers as markers. Data: {rank_bar_label: {part: height,
+    RANK_PEAK: peak, buffer: its largest}}; the stacked parts sum to the peak."""
+    title = "Memory per rank (FSDP)"
+    rows = fsdp_records(ok).head(MAX_PANELS)
+    if rows.empty:
+        return _empty(title, "no ok FSDP records with per-rank rows")
+    fig = Figure(layout="constrained")
+    colours: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    axes = _panels(fig, len(rows), 4.5, 5.0)
+    for ax, (_, r) in zip(axes, rows.iterrows()):
+        data.update(_rank_bars(ax, r, colours))
+        _bytes_axis(ax)
+        ax.set_title(f"{r['_label']}, fsdp {r['fsdp']}\nwidth {r['width']}, batch {r['batch']}", fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("bytes per rank")
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize="small")
+    fig.suptitle(f"{title}: held through the step, stacked; FSDP2's buffers as markers")
+    return Plot(title, fig, data)
+
+
 # name -> builder over `select.labelled_ok` records; the report links them under these keys
 PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
     "state_per_param": _state_per_param,
@@ -351,13 +412,16 @@ PLOTS: dict[str, Callable[[pd.DataFrame], Plot]] = {
 
 def figures(df: pd.DataFrame) -> dict[str, Plot]:
     """Every plot of a `frame.load` DataFrame, built, not written; nothing when no ok record.
-    `predicted_vs_measured` only where records carry predictions."""
+    `predicted_vs_measured` only where records carry predictions, `rank_breakdown` only where
+    there are FSDP records with per-rank rows."""
     if len(df) == 0 or not (df["status"] == Status.OK).any():
         return {}
     ok = labelled_ok(df)
     out = {name: build(ok) for name, build in PLOTS.items()}
     if has_predictions(df):
         out["predicted_vs_measured"] = _predicted_vs_measured(ok)
+    if not fsdp_records(ok).empty:
+        out["rank_breakdown"] = _rank_breakdown(ok)
     return out
 
 

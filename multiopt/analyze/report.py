@@ -30,6 +30,7 @@ from .frame import TWIN_COMBO, by_optimizer, from_sources, series_labels
 from .gate import GateResult, compare, headline
 from .gate import render as gate_render
 from .plot import breakdown_rows, make_plots
+from .ranks import BUFFERS, fsdp_records, rank_groups, rank_peak_phase, ranks_text
 from .select import MAX_ROWS, cap, evenly, labelled_ok, largest
 from ..units import fmt_bytes, fmt_ms, missing
 
@@ -480,6 +481,59 @@ def _zero(ok: pd.DataFrame) -> str:
     return _section("ZeRO: optimizer state per rank", note + "\n\n" + _table(headers, rows) + more)
 
 
+def _rank_state(o: Any) -> str:
+    return f"{o.get('name')} {_b(o.get('state_bytes'))}"
+
+
+def _fsdp_held(fs: pd.DataFrame) -> list[list[Any]]:
+    rows = []
+    for _, r in fs.iterrows():
+        for g in rank_groups(r["ranks_state"]):
+            e = g.row
+            state = ", ".join(_rank_state(o) for o in e.get("by_optimizer") or ()) or _b(e.get("state_bytes"))
+            rows.append([r["_label"], r["width"], r["batch"], ranks_text(g.ranks), _b(e.get("param_bytes")),
+                         _b(e.get("grad_bytes")), state, _b(e.get("mem_step_start")), _b(e.get("peak_total")),
+                         rank_peak_phase(e) or "-"])
+    return rows
+
+
+def _fsdp_phases(fs: pd.DataFrame) -> list[list[Any]]:
+    field = {(what, phase): f for f, phase, what in BUFFERS}
+    rows = []
+    for _, r in fs.iterrows():
+        for g in rank_groups(r["ranks_state"]):
+            for p in phase_order(str(r["zero_grad_at"])):
+                buffers = [_b(g.row.get(field[w, p])) if (w, p) in field else "-" for w in _BUFFER_NAMES]
+                rows.append([r["_label"], r["width"], r["batch"], ranks_text(g.ranks), p,
+                             _b(g.row.get(f"peak_{p}")), *buffers])
+    return rows
+
+
+_BUFFER_NAMES = tuple(dict.fromkeys(w for _f, _p, w in BUFFERS))
+
+
+def _fsdp(ok: pd.DataFrame, plots: dict[str, str] | None) -> str:
+    """FSDP records per rank: what each kind of rank holds, and FSDP2's buffers per phase."""
+    fs = fsdp_records(ok)
+    if fs.empty:
+        return ""
+    held, more = cap(_fsdp_held(fs))
+    phases, more_phases = cap(_fsdp_phases(fs))
+    note = ("Per rank of each FSDP2 series (`fully_shard`; its largest ok config); ranks holding the same numbers "
+            "share a row (`0, 2-7`). Sharded params and grads are the rank's local shards with their padding; "
+            "optimizer state is per optimizer, on the rank's shards; step start = what the rank holds "
+            "between steps; peak = the rank's highest allocated memory, in the phase named.")
+    phase_note = ("Per phase: the rank's peak, and FSDP2's own buffers at their largest in that phase: unsharded "
+                  "params (all-gather outputs, live while a block computes), the all-gather staging buffers "
+                  "and the reduce-scatter inputs (`-`: the phase has none).")
+    headers = ["series", "width", "batch", "ranks", "sharded params", "sharded grads", "optimizer state",
+               "step start", "peak", "peak phase"]
+    return _section("FSDP: memory per rank", note + "\n\n" + _table(headers, held) + more
+                    + _image(plots, "rank_breakdown", "memory per rank") + "\n\n" + phase_note + "\n\n"
+                    + _table(["series", "width", "batch", "ranks", "phase", "peak", *_BUFFER_NAMES], phases)
+                    + more_phases)
+
+
 def _implementations(df: pd.DataFrame, ok: pd.DataFrame) -> str:
     if ok["impl"].nunique() < 2:
         return ""
@@ -550,7 +604,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResu
         _failures(df),
         _gate(gate),
         _section("Details", "Per optimizer, per phase, per series (implementation, dtype, zero_grad placement, "
-                 "model), ZeRO: each table bounded like the ones above, every record in the CSV."),
+                 "model), ZeRO, FSDP per rank: each table bounded like the ones above, every record in the CSV."),
         _per_optimizer(ok),
         _phases(ok),
         _breakdown(ok),
@@ -561,6 +615,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResu
         _variants(ok),
         _implementations(df, ok),
         _zero(ok),
+        _fsdp(ok, plots),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"
 

@@ -16,7 +16,10 @@ touching no other check:
   regression when `new > old * (1 + tol)`, an improvement when `new < old * (1 - tol)`; a
   value missing now where the baseline has one is a regression (a missing value can hide
   one). Without a tolerance, memory takes it per probe: 0 on `tracked`/`fake` (deterministic
-  to the byte), 1% on `cuda` and anything else.
+  to the byte), 1% on `cuda` and anything else. Its `per_rank` metrics are compared on every
+  rank of `ranks_state` (FSDP, ZeRO) the same way, named `rank <r>: <metric>` (an optimizer's
+  state `rank <r>: state[<name>]`), so a verdict names the rank that grew; a rank missing now
+  is a regression like a missing value.
 * `TimeCheck` -- step time, against the host's own noise (`noise.host_noise`: a fixed
   calibration kernel's spread in both runs and its shift between them). The band is
   `max(time_tol, time_k * old_iqr / old)`, so a noisy baseline widens its own band. Noise
@@ -38,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 
 from ...errors import UsageError
 from ...kinds import Probe, Status
-from ...record import GATED_COLUMNS, KEY_COLUMNS, NAME_COLUMNS, Record
+from ...record import GATED_COLUMNS, KEY_COLUMNS, NAME_COLUMNS, RANK_FSDP_COLUMNS, Record
 from ...units import fmt_bytes, fmt_ms, missing, parse_fraction
 from .noise import host_noise, pct as noise_pct
 
@@ -235,6 +238,9 @@ def _check_number(name: str, v: Any) -> None:
 
 # Memory metrics the gate compares (bytes): declared on the Record's fields (`GATED`).
 MEMORY_METRICS: tuple[str, ...] = GATED_COLUMNS
+# ... and on each rank of `ranks_state`: its optimizer state (also per optimizer), its peak,
+# and FSDP's per-rank fields (RankRecord's Role.MEMORY); exact on tracked/fake like the record's.
+RANK_METRICS: tuple[str, ...] = ("state_bytes", "peak_total", *RANK_FSDP_COLUMNS)
 # Default memory tolerance per probe, used when a check has no tolerance of its own.
 DEFAULT_MEM_TOL: Mapping[str, float] = {Probe.TRACKED: 0.0, Probe.FAKE: 0.0, Probe.CUDA: 0.01}
 FALLBACK_MEM_TOL = 0.01  # an unknown probe is assumed to be noisy like CUDA
@@ -243,28 +249,33 @@ FALLBACK_MEM_TOL = 0.01  # an unknown probe is assumed to be noisy like CUDA
 @dataclass(frozen=True)
 class ToleranceCheck:
     """Metrics compared under a relative tolerance; `tol` None takes `DEFAULT_MEM_TOL` per
-    probe. A metric measured on neither side is skipped; one missing now is a regression."""
+    probe. A metric measured on neither side is skipped; one missing now is a regression.
+    `per_rank`: metrics of each rank's row in `ranks_state`, compared rank by rank."""
 
     kind: str
     metrics: tuple[str, ...]
     unit: Unit
     tol: float | None = None
+    per_rank: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_number(f"{self.kind} tolerance", self.tol)
 
     def describe(self) -> str:
+        ranks = " (per rank too)" if self.per_rank else ""
         if self.tol is None:
-            return f"{self.kind}: 0 on tracked/fake probes, 1% on cuda"
-        return f"{self.kind}: {pct(self.tol)}"
+            return f"{self.kind}{ranks}: 0 on tracked/fake probes, 1% on cuda"
+        return f"{self.kind}{ranks}: {pct(self.tol)}"
 
     def band(self, probe: str) -> float:
         return self.tol if self.tol is not None else DEFAULT_MEM_TOL.get(str(probe), FALLBACK_MEM_TOL)
 
     def __call__(self, p: Pair) -> Iterator[Found]:
         tol = self.band(p.old.probe)
-        for m in self.metrics:
-            old, new = getattr(p.old, m), getattr(p.new, m)
+        pairs = [(m, getattr(p.old, m), getattr(p.new, m)) for m in self.metrics]
+        if self.per_rank:
+            pairs += _rank_pairs(p.old, p.new, self.per_rank)
+        for m, old, new in pairs:
             if missing(old) and missing(new):
                 continue  # not measured on this probe/config
             if missing(new):  # a missing (or NaN) value can hide a regression: never a pass
@@ -274,6 +285,21 @@ class ToleranceCheck:
                 yield NotCompared(p.config, p.key, m, "no value in baseline")
             else:
                 yield Verdict(p.config, p.key, m, old, new, _rel(old, new), tol, _classify(old, new, tol), self.unit)
+
+
+def _rank_values(r: Record, metrics: Sequence[str]) -> dict[str, Any]:
+    """`rank <r>: <metric>` -> value for every rank of `r`, and each rank's optimizers' state."""
+    out: dict[str, Any] = {}
+    for row in r.ranks_state:
+        out.update({f"rank {row.rank}: {m}": getattr(row, m) for m in metrics})
+        out.update({f"rank {row.rank}: state[{o.name}]": o.state_bytes for o in row.by_optimizer})
+    return out
+
+
+def _rank_pairs(old: Record, new: Record, metrics: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """(metric, old, new) per rank metric of the baseline (a rank absent now: new None)."""
+    a, b = _rank_values(old, metrics), _rank_values(new, metrics)
+    return [(m, v, b.get(m)) for m, v in a.items()]
 
 
 _WORK = (("flops", COUNT), ("bytes", BYTES), ("kernels", COUNT))
@@ -405,7 +431,8 @@ def _time_incomparable(b: Record, c: Record) -> str | None:
 
 def checks(mem_tol: float | None = None, time_tol: float = 0.10, time_k: float = 3.0) -> tuple[Check, ...]:
     """The gate's checks at these settings: memory, work (at memory's tolerance), then step time."""
-    return (ToleranceCheck("memory", MEMORY_METRICS, BYTES, mem_tol), WorkCheck(mem_tol), TimeCheck(time_tol, time_k))
+    return (ToleranceCheck("memory", MEMORY_METRICS, BYTES, mem_tol, RANK_METRICS), WorkCheck(mem_tol),
+            TimeCheck(time_tol, time_k))
 
 
 # --------------------------------------------------------------------------------------
