@@ -81,18 +81,18 @@ from multiopt import record
 from multiopt.analyze import frame
 from multiopt.store import read_jsonl
 for cols in ("CONFIG_COLUMNS", "KEY_COLUMNS", "SERIES_COLUMNS", "NAME_COLUMNS"):
-    assert "lora" in getattr(record, cols), cols
+    assert "grad_clip" in getattr(record, cols), cols
 old = read_jsonl(sys.argv[1])  # written before the field existed: read at its default
-assert old and all(r.lora == 0 for r in old) and all(r.key()[record.CONFIG_COLUMNS.index("lora")] == 0 for r in old)
+assert old and all(r.grad_clip == 0 for r in old) and all(r.key()[record.CONFIG_COLUMNS.index("grad_clip")] == 0 for r in old)
 assert record.config_key(json.loads(open(sys.argv[1]).readline())) == old[0].key()
 import dataclasses
-d = frame.records_to_frame([old[0], old[0], dataclasses.replace(old[0], lora=8)])
-assert list(frame.series_labels(d))[2].endswith("(lora=8)"), list(frame.series_labels(d))
-bad = {**old[0].to_dict(), "lora": "eight"}
+d = frame.records_to_frame([old[0], old[0], dataclasses.replace(old[0], grad_clip=8)])
+assert list(frame.series_labels(d))[2].endswith("(grad_clip=8)"), list(frame.series_labels(d))
+bad = {**old[0].to_dict(), "grad_clip": "eight"}
 try:
     record.check_values(bad, "x")
 except ValueError as e:
-    assert "lora" in str(e)
+    assert "grad_clip" in str(e)
 else:
     raise AssertionError("a str in an int config column passed")
 print("ok")
@@ -100,14 +100,14 @@ print("ok")
 
 
 def test_a_new_config_field_with_a_default_needs_nothing_else(tmp_path):
-    """Adding `lora: int = 0` to Config (in a copy of the package) makes it a config, key,
+    """Adding `grad_clip: int = 0` to Config (in a copy of the package) makes it a config, key,
     series and name column, reads older records at 0 and type-checks stored rows."""
     pkg = tmp_path / "multiopt"
     shutil.copytree(ROOT / "multiopt", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     text = (pkg / "record.py").read_text()
     anchor = "\n    def label(self) -> str:"
     assert text.count(anchor) == 1
-    (pkg / "record.py").write_text(text.replace(anchor, "\n    lora: int = 0\n" + anchor))
+    (pkg / "record.py").write_text(text.replace(anchor, "\n    grad_clip: int = 0\n" + anchor))
     env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-c", _NEW_FIELD, str(BASELINES[0])], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=300)
