@@ -106,6 +106,7 @@ def _assert_same_memory(bench: dict[tuple, dict], run: dict[tuple, dict]) -> Non
     assert not diffs, "memory differs between pytest bench and multiopt run:\n" + "\n".join(diffs)
 
 
+@pytest.mark.slow  # runs pytest-benchmark and a sweep in subprocesses: .ci/run's `pytest -m slow`
 def test_bench_memory_matches_multiopt_run_to_the_byte(outputs):
     bench = _by_key(frame.load(outputs["bench"]))
     run = _by_key(frame.load(outputs["run"]))
@@ -114,6 +115,7 @@ def test_bench_memory_matches_multiopt_run_to_the_byte(outputs):
     _assert_same_memory(bench, run)
 
 
+@pytest.mark.slow  # runs pytest-benchmark and a sweep in subprocesses: .ci/run's `pytest -m slow`
 def test_bench_times_come_from_pytest_benchmark(outputs):
     df = frame.load(outputs["bench"])
     assert len(df) == len(EXPECTED)
@@ -133,6 +135,7 @@ def test_bench_times_come_from_pytest_benchmark(outputs):
         assert b["name"].startswith(f"test_step[{info['combo']}-w{info['width']}-b{info['batch']}-")
 
 
+@pytest.mark.slow  # runs pytest-benchmark and a sweep in subprocesses: .ci/run's `pytest -m slow`
 def test_bench_machine_info_has_torch_and_gpu_facts(outputs):
     doc = json.loads(outputs["bench"].read_text())
     info = doc["machine_info"]["multiopt"]
@@ -144,6 +147,7 @@ def test_bench_machine_info_has_torch_and_gpu_facts(outputs):
     assert info["probe"] == "tracked" and info["preset"] == "quick" and info["gpu_count"] == 0
 
 
+@pytest.mark.slow  # runs pytest-benchmark and a sweep in subprocesses: .ci/run's `pytest -m slow`
 def test_fake_probe_records_memory_without_times(outputs):
     from multiopt.instrument.protocol import Protocol, measure
 

@@ -61,6 +61,7 @@ def sharded(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_torchrun_two_ranks_record_every_config_once_with_single_process_numbers(sharded):
     out, proc = sharded
     rows = _rows(out / "results.jsonl")
@@ -102,6 +103,7 @@ def zero_run(tmp_path_factory):
     return out, proc, planted
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_resume_keeps_what_a_killed_sharded_sweep_wrote(zero_run):
     out, proc, planted = zero_run
     rows = _rows(out / "results.jsonl")
@@ -120,6 +122,7 @@ def _largest_state(row) -> int:
     return max(p.numel() for p in model.parameters()) * 8 + 4
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_zero_halves_each_ranks_adam_state_give_or_take_one_tensor(zero_run):
     rows = {(r["combo"], r["zero"]): r for r in _rows(zero_run[0] / "results.jsonl")}
     for combo in ("adam", "sgd+adam"):
@@ -236,6 +239,7 @@ def test_one_process_resume_folds_a_killed_sharded_sweeps_shards(tmp_path, monke
     assert not (tmp_path / "ranks").exists()
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_report_shows_each_ranks_state_against_the_zero_model(zero_run):
     from multiopt.analyze import frame, report
     from multiopt.units import fmt_bytes

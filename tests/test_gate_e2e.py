@@ -15,6 +15,7 @@ def _gate(*args):
                           text=True, env=subprocess_env(drop=["GITHUB_STEP_SUMMARY"]), cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_a_fresh_quick_run_passes_the_memory_gate_against_the_committed_baseline(quick_run):
     p = _gate("--baseline", BASELINE, "--current", quick_run[0], "--only", "memory")
     assert p.returncode == 0, p.stdout + p.stderr

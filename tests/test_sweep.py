@@ -19,6 +19,7 @@ from multiopt.errors import UsageError
 from .support import ROOT, subprocess_env
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_quick_preset_writes_one_record_per_config(quick_run):
     """(How long it takes is bench/wall_times.py's question: the issue's budget is 60 s.)"""
     out, proc = quick_run
@@ -32,6 +33,7 @@ def test_quick_preset_writes_one_record_per_config(quick_run):
     assert (out / "report.md").exists()
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_quick_preset_state_bytes_per_parameter(quick_run):
     df = frame.load(quick_run[0])
     per = df.groupby("combo")["state_bytes_per_param"].agg(["min", "max"])
@@ -45,6 +47,7 @@ def test_quick_preset_state_bytes_per_parameter(quick_run):
     assert (muon.state_bytes / muon.n_params).eq(4).all()
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_quick_preset_foreach_adam_peaks_above_fused(quick_run):
     df = frame.load(quick_run[0])
     adam = df[(df.combo == "adam") & (df.width == 256) & (df.batch == 64)].set_index("impl")
@@ -62,6 +65,7 @@ def _run(out, *args, timeout=300):
 SMALL = ["--preset", "quick", "--widths", "32,48,64", "--batches", "8,16", "--combos", "sgd,adam"]
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_sigkill_halfway_then_resume_gives_exactly_one_record_per_config(tmp_path):
     out = tmp_path / "run"
     results = out / "results.jsonl"
@@ -129,6 +133,7 @@ def test_per_config_timeout(tmp_path):
     assert recs[0].status == "error" and "timed out after 3 s" in recs[0].error
 
 
+@pytest.mark.slow  # whole sweeps in subprocesses: run by .ci/run's `pytest -m slow`, kept out of the README's 5 minutes
 def test_no_isolate_gives_the_same_memory_numbers(tmp_path):
     a = _run(tmp_path / "a", "--preset", "quick", "--widths", "32", "--batches", "8", "--combos", "sgd+adam,muon+adamw")
     b = _run(tmp_path / "b", "--preset", "quick", "--widths", "32", "--batches", "8", "--combos", "sgd+adam,muon+adamw",
