@@ -48,7 +48,8 @@ def _spread(result) -> tuple[float, int, int]:
     return cuts[-1] / cuts[0] - 1, len(result.regressions), len(result.improvements)
 
 
-@pytest.mark.slow  # two timed quick sweeps (~40 s): a measurement of the host; .ci/run runs it with -m slow
+@pytest.mark.slow  # two timed quick sweeps (~40 s): a measurement of the host
+@pytest.mark.host
 def test_two_runs_on_the_same_machine_do_not_fail_each_other_on_time(quick_run, tmp_path):
     """The acceptance as written: two runs of the quick preset, the default time tolerance,
     retried once. A time gate can only be as steady as the machine under it: when both tries

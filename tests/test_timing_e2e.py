@@ -24,7 +24,7 @@ from multiopt.analyze.gate import INCONCLUSIVE, REGRESSION, compare
 from multiopt.store import read_records
 from tests.conftest import run_quick
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.host]
 
 # 16 configs of the quick preset's main grid; adam through SlowAdam (slowdown 0: Adam itself)
 GRID = ("--widths", "64,256", "--batches", "16,64", "--combos", "sgd,sgd-momentum,adamw", "--no-report")
