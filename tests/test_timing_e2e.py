@@ -22,7 +22,7 @@ import pytest
 
 from multiopt.analyze.gate import INCONCLUSIVE, REGRESSION, compare
 from multiopt.store import read_records
-from tests.conftest import run_quick
+from tests.support import run_quick
 
 pytestmark = [pytest.mark.slow, pytest.mark.host]
 
@@ -35,7 +35,7 @@ def _adam(slowdown: float) -> tuple[str, ...]:
 
 
 def _run(out: Path, *extra: str) -> Path:
-    proc, _ = run_quick(out, *GRID, *extra)
+    proc = run_quick(out, *GRID, *extra)
     assert proc.returncode == 0, proc.stderr
     return out
 
