@@ -51,7 +51,7 @@ from ..record import PHASES, Record
 from ..train import models, optimizers as registry
 from ..train.hf import parse_lora
 from ..train.multi import MultiOptimizer
-from ..rules import Rule, Rules, format_rules, rules_from
+from ..rules import Rule, Rules, format_rules
 from ..units import fmt_bytes, parse_bytes, round_alloc
 from .presets import combos as preset_combos
 
@@ -115,10 +115,6 @@ def field_axis(name: str, flag: str, values: Iterable[Any]) -> Axis:
     if name not in fields:
         raise UsageError(f"{flag}: this build has no {name!r} config field yet; leave {flag} out")
     return Axis(name, values, lambda c, v: replace(c, **{name: v}), str, lambda v: [flag, str(v)])
-
-
-def has_field(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(Config)}
 
 
 def default_combos() -> list[tuple[str, str]]:
@@ -330,7 +326,7 @@ class Formula:
 def formula_for(config: Config, meta_model: torch.nn.Module) -> Formula | None:
     """For a candidate whose optimizers read tensor values: SGD (no state) in their place, and
     their state from the registry's formula; None when every optimizer runs on the fake probe."""
-    rules = rules_from(config.rules)
+    rules = config.rules.parsed  # parsed once, when the Config was made
     reads = [r for r in rules if _reads_values(r.optimizer)]
     if not reads:
         return None
@@ -355,10 +351,10 @@ def formula_for(config: Config, meta_model: torch.nn.Module) -> Formula | None:
 def _reads_values(optimizer: str) -> bool:
     """An optimizer the fake probe cannot step: the registry's HOST_READS, and 8-bit optimizers
     (bitsandbytes, torchao: block-wise quantisation reads scales on the host)."""
-    name = optimizer.strip().lower()
-    if "8bit" in name or name.startswith("bitsandbytes"):
+    name = optimizer.strip()
+    if "8bit" in name.lower() or name.startswith("bitsandbytes"):
         return True
-    desc = registry.lookup(name)
+    desc = registry.lookup(name)  # case-insensitive for names, exact for import paths
     return desc is not None and desc.host_reads is not None
 
 
