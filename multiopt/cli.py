@@ -88,7 +88,7 @@ def _run_parser(sub: Any) -> None:
     r.add_argument("--no-isolate", dest="isolate", action="store_false", help="all configs in this process (faster)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per config (isolated runs)")
     r.add_argument("--steps", type=int, default=None, help="timed samples per config (default: the preset's; 0: memory only)")
-    r.add_argument("--warmup", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=None, help="warm-up steps before the measured one (default: 1 on the fake probe, 3 on the others)")
     r.add_argument("--threads", type=int, default=None,
                    help="CPU threads per config (torch.set_num_threads); 1 gives steadier CPU timings on a shared machine")
     r.add_argument("--limit", default=None, help="tracked probe memory limit per config, e.g. 8GiB")
@@ -239,7 +239,7 @@ def _config_arguments(m: argparse.ArgumentParser, *, probe: str, steps: int, tar
                    help="1: each parameter's optimizer steps inside backward as its gradient completes (default 0)")
     m.add_argument("--probe", default=probe, help=f"auto | cuda | tracked | fake (default {probe})")
     m.add_argument("--steps", type=int, default=steps, help=f"timed samples, 0 = memory only (default {steps})")
-    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--warmup", type=int, default=None, help="warm-up steps before the measured one (default: 1 on the fake probe, 3 on the others)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
     m.add_argument("--limit", default=None, help="tracked probe memory limit, e.g. 2GiB (over it: status oom)")
     m.add_argument("--seed", type=int, default=0)

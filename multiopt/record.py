@@ -296,6 +296,10 @@ class Record(Config):
     peak_step: int | None = _role(Role.MEMORY, gated=True)
     step_temp_bytes: int | None = _role(Role.MEMORY, gated=True)
     peak_total: int | None = _role(Role.MEMORY, gated=True)
+    # allocated after the measured step returned (its loss released): mem_step_start again
+    # when the step is steady; else state was still being made (too few warm-up steps) or
+    # memory leaks across steps, and the step's numbers may not repeat (`step_growth`)
+    mem_step_end: int | None = _role(Role.MEMORY)
     # reserved memory: the cuda probe's, or the allocator model's on a CPU probe with
     # target "cuda" (None elsewhere); alloc_model names that model and the torch rules it follows
     reserved_after_step: int | None = _role(Role.BYTES)
@@ -356,6 +360,14 @@ class Record(Config):
 
     def by_optimizer(self) -> list[dict[str, Any]]:
         return plain(self.optimizers)
+
+    @property
+    def step_growth(self) -> int | None:
+        """Bytes the measured step left allocated beyond its start: 0 when steady, None when
+        not measured (a failed config, a record from before `mem_step_end`)."""
+        if self.mem_step_end is None or self.mem_step_start is None:
+            return None
+        return self.mem_step_end - self.mem_step_start
 
     def by_rank(self) -> list[dict[str, Any]]:
         return plain(self.ranks_state)

@@ -86,3 +86,28 @@ def sequential(*sizes: int, act: type[nn.Module] = nn.ReLU, dtype: torch.dtype =
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
         layers += [nn.Linear(a, b)] + ([act()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+class LateStateSGD(torch.optim.Optimizer):
+    """SGD whose momentum buffers are made at its second step, not its first: one warm-up step
+    leaves the measured step making state (`Record.step_growth`), two do not. For the tests of
+    steadiness; by import path in rules: `rest=tests.support:LateStateSGD(lr=0.1)`."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["steps"] = state.get("steps", 0) + 1
+                if state["steps"] < 2:
+                    p.add_(p.grad, alpha=-group["lr"])
+                    continue
+                if "buf" not in state:
+                    state["buf"] = torch.zeros_like(p)
+                state["buf"].mul_(0.9).add_(p.grad)
+                p.add_(state["buf"], alpha=-group["lr"])

@@ -55,8 +55,10 @@ def test_int_stays_int_when_all_ok(tmp_path):
     p = tmp_path / "ok.jsonl"
     p.write_text("\n".join(lines) + "\n")
     d = frame.load(p)
+    written = json.loads(lines[0]).keys()  # a column added since the fixture was written stays None
+    assert written & set(MEMORY_COLUMNS)
     for c in MEMORY_COLUMNS:
-        assert d[c].dtype == "int64", c
+        assert d[c].dtype == ("int64" if c in written else "float64"), c
     assert d.attrs["env"] == [{"source": str(p)}]
 
 
@@ -158,8 +160,8 @@ def test_benchmark_json_matches_jsonl(df):
     assert len(b) == 4
     for _, br in b.iterrows():
         jr = row(df, br.combo, br.width, br.batch)
-        for c in MEMORY_COLUMNS:
-            assert br[c] == jr[c], c
+        for c in MEMORY_COLUMNS:  # both None where the fixtures predate the column
+            assert br[c] == jr[c] or (pd.isna(br[c]) and pd.isna(jr[c])), c
         # times come from stats (seconds -> ms), not from extra_info (None there)
         for c in ("step_ms_median", "step_ms_iqr", "step_ms_min", "step_ms_mean"):
             assert br[c] == pytest.approx(jr[c], rel=1e-12), c

@@ -45,4 +45,16 @@ def record_text(record: Record) -> str:
             headers=["optimizer", "class", "impl", "params", "state", "state bytes", "expected bytes", "step temporaries"],
             tablefmt="github", disable_numparse=True,
         )
-    return text
+    unsteady = unsteady_text(record)
+    return text + ("\n\n" + unsteady if unsteady else "")
+
+
+def unsteady_text(record: Record) -> str:
+    """One line flagging a measured step that did not end where it started; "" when steady."""
+    growth = record.step_growth
+    if not growth:
+        return ""
+    more = "more" if growth > 0 else "less"
+    return (f"NOT STEADY: the measured step ended with {fmt_bytes(abs(growth))} ({abs(growth):,} B) {more} allocated than it "
+            f"started with: state was still being made or memory leaks across steps, so these peaks may not "
+            f"repeat; rerun with more warm-up steps (--warmup N)")

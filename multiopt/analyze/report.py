@@ -451,6 +451,23 @@ def _unmodelled(ok: pd.DataFrame) -> str:
                     + _table(["config", "model", "width", "batch", "not modelled"], rows) + more)
 
 
+def _unsteady(ok: pd.DataFrame) -> str:
+    """Configs whose measured step did not end where it started: their peaks may not repeat."""
+    if "mem_step_end" not in ok.columns:
+        return ""
+    growth = pd.to_numeric(ok["mem_step_end"], errors="coerce") - pd.to_numeric(ok["mem_step_start"], errors="coerce")
+    flagged = ok[growth.fillna(0).ne(0)]
+    if flagged.empty:
+        return ""
+    rows, more = cap([[r["_label"], r["model"], r["width"], r["batch"], _b(r["mem_step_start"]), _b(r["mem_step_end"])]
+                      for _, r in flagged.iterrows()])
+    note = ("The measured step of these configs ended with a different amount allocated than it started "
+            "with: optimizer state was still being made (too few warm-up steps) or memory leaks across "
+            "steps. Their peaks may not repeat on the next step: rerun them with more `--warmup` steps.")
+    return _section("Flagged: not steady", note + "\n\n"
+                    + _table(["config", "model", "width", "batch", "allocated at step start", "at step end"], rows) + more)
+
+
 # A ZeRO record's twin: the same config in one process (every key column but zero and ranks).
 _ZERO_TWIN = tuple(c for c in KEY_COLUMNS if c not in ("zero", "ranks"))
 
@@ -612,6 +629,7 @@ def render(df: pd.DataFrame, plots: dict[str, str] | None = None, gate: GateResu
         _expected(ok),
         _attribution(ok),
         _unmodelled(ok),
+        _unsteady(ok),
         _variants(ok),
         _implementations(df, ok),
         _zero(ok),

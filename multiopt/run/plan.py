@@ -202,7 +202,7 @@ class Runner:
     """Fake runs with their records kept: each (config, limit) runs once; the model is built
     once on meta per model-shaping fields and copied into every run."""
 
-    def __init__(self, limit: int, *, warmup: int = 1, alloc_conf: str | None = None,
+    def __init__(self, limit: int, *, warmup: int | None = None, alloc_conf: str | None = None,
                  workspaces: Workspaces = Workspaces(), gpu: str | None = None) -> None:
         self.limit = limit
         # gpu: each record also predicts its step time there (instrument/gpu.py)
