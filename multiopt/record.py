@@ -323,6 +323,10 @@ class Record(Config):
     host_calib: str | None = None
     host_calib_ms: tuple[float, ...] = ()
     host_noise: float | None = _role(Role.TIME)
+    # the fraction of the timed window this process's threads spent runnable but waiting for a
+    # CPU (the scheduler's count, timing.runqueue_ms): another job on the cores. None where the
+    # system does not say, and in records written before it was measured
+    host_wait: float | None = _role(Role.TIME)
     # work per phase and of the whole step (instrument/work.py; tracked and fake probes, None or
     # empty elsewhere): exact and deterministic, so gated like memory
     work: tuple[WorkRecord, ...] = ()

@@ -169,3 +169,22 @@ def test_run_gate_exit_code_and_summary_for_inconclusive(tmp_path):
     text = out.getvalue()
     assert "6 step times inconclusive" in text and "inconclusive (host noise 90%)" in text
     assert (tmp_path / "summary.md").read_text().strip() == text.strip()
+
+
+@pytest.mark.parametrize("side", ["baseline", "current"])
+def test_threads_waiting_for_a_cpu_make_a_steady_kernel_no_alibi(side):
+    """The measured case (timing.py): one busy loop beside 2-thread steps slowed them 2-3x while
+    the calibration kernel moved under 30%. Its steady kernel cannot vouch for the step; the
+    scheduler's count of the threads' waiting for a CPU (host_wait) can, on either side."""
+    base = _runs()
+    cur = _scale(base, ms=2.5, calib=1.05, only=("adam", 64))
+    quiet = _time(gate.compare(_df(base), _df(cur)))[("adam", 64)]
+    assert quiet.verdict == gate.REGRESSION  # no wait recorded: the kernel alone, and it was steady
+    waited = lambda rs, w: [dataclasses.replace(r, host_wait=w) for r in rs]  # noqa: E731
+    b, c = (waited(base, 0.65), cur) if side == "baseline" else (base, waited(cur, 0.65))
+    res = gate.compare(_df(b), _df(c))
+    assert not res.regressions and res.exit_code == 0
+    v = _time(res)[("adam", 64)]
+    assert v.verdict == INCONCLUSIVE and "waited for a CPU 65% of the timed window" in gate.render(res)
+    # a quiet scheduler's account (under WAIT_LIMIT) leaves the verdict to the band and the kernel
+    assert _time(gate.compare(_df(waited(base, 0.001)), _df(waited(cur, 0.004))))[("adam", 64)].verdict == gate.REGRESSION

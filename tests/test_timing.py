@@ -4,6 +4,7 @@ the step-time plots (log axis; predicted vs measured where predictions exist).""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from multiopt.analyze import frame, plot
 from multiopt.errors import UsageError
 from multiopt.instrument.protocol import Config, Protocol, measure
-from multiopt.instrument.timing import HOST_EDGE, HOST_EVERY, Calibration, Timing, relative_iqr, time_steps
+from multiopt.instrument.timing import HOST_EDGE, HOST_EVERY, Calibration, Timing, relative_iqr, runqueue_ms, time_steps
 from multiopt.record import Record, check_values
 from multiopt.units import fmt_ms
 
@@ -81,9 +82,11 @@ def test_measure_records_the_samples_and_the_host_noise():
     assert r.host_calib == Calibration.KERNEL
     assert len(r.host_calib_ms) == 2 * HOST_EDGE + 2
     assert r.host_noise == pytest.approx(relative_iqr(r.host_calib_ms), abs=1e-3)
+    assert (r.host_wait is not None and r.host_wait >= 0) == os.path.exists("/proc/self/task")
     # a memory-only measurement times nothing
     m = measure(cfg, Protocol(probe="tracked", steps=0))
     assert m.step_ms_samples == () and m.host_calib_ms == () and m.host_noise is None and m.host_calib is None
+    assert m.host_wait is None
 
 
 def test_the_samples_round_trip_through_a_record_row():
@@ -148,3 +151,13 @@ def test_predicted_vs_measured_only_where_predictions_exist():
     failed = df.copy()
     failed.loc[(failed["combo"] == "sgd") & (failed["width"] == 64), "status"] = "oom"
     assert "sgd w=64 b=16" not in plot.figures(failed)["predicted_vs_measured"].data
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="the scheduler's per-thread account is Linux's")
+def test_runqueue_wait_is_read_per_thread_and_recorded_as_a_share_of_the_window():
+    first = runqueue_ms()
+    assert first is not None and first >= 0.0
+    assert runqueue_ms() >= first  # a running total: it never goes back while the threads live
+    t = time_steps(lambda: sum(range(1000)), steps=4, warmup=0, host=Calibration("cpu"))
+    assert t.host_wait is not None and 0.0 <= t.host_wait
+    assert time_steps(lambda: None, steps=2, warmup=0).host_wait is None  # no host measured, no wait

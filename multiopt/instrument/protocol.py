@@ -523,7 +523,8 @@ def _time(config: Config, protocol: Protocol, probe: Probe, step: Callable[[str]
     out.update(step_ms_median=timing.median, step_ms_iqr=timing.iqr, step_ms_min=timing.min,
                step_ms_mean=timing.mean, steps_timed=timing.steps,
                step_ms_samples=[round(t, 5) for t in timing.times_ms], host_calib=host.KERNEL,
-               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise)
+               host_calib_ms=[round(t, 5) for t in timing.host_ms], host_noise=timing.host_noise,
+               host_wait=None if timing.host_wait is None else round(timing.host_wait, 5))
 
 
 def _instrumented_step(probe: Probe, trainer: Trainer, step: Any, out: dict[str, Any]) -> dict[str, int]:

@@ -12,11 +12,21 @@ before, between and after the step samples with the same threads and timer. Its 
 changes, so its spread during a config is the host's noise there, and its median against
 another run's median is how much faster or slower the host itself was; the gate
 (`analyze/gate/noise.py`, `TimeCheck`) turns both into `inconclusive` instead of a false regression.
+
+Contention: a kernel's shift cannot see everything. A step that runs on the intra-op thread
+pool waits at every op for its slowest thread, so one competing process on one core slowed
+quick-preset steps 2-3x while the (single-threaded) calibration kernel moved 16-29%, and the
+slowdown of a multi-threaded kernel under the same load swung between 1.0x and 4.9x from one
+run to the next. What does not swing is the scheduler's own account: Linux counts, per thread,
+the time it was runnable but waiting for a CPU (`/proc/self/task/*/schedstat`). `host_wait` is
+that time, summed over the process's threads, as a fraction of the timed window: 0.00 on a
+quiet host, 0.65-1.03 with one or two busy loops beside a 2-thread step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +44,9 @@ class Timing:
     block: int = 1
     # the calibration kernel's samples taken around and between these samples (`Calibration`)
     host_ms: tuple[float, ...] = ()
+    # the process's threads' time waiting for a CPU over the timed window, as a fraction of
+    # it (`runqueue_ms`); None where the system does not say
+    host_wait: float | None = None
 
     @property
     def n(self) -> int:
@@ -70,8 +83,28 @@ class Timing:
     def __str__(self) -> str:
         per = f" (blocks of {self.block})" if self.block > 1 else ""
         host = f"; host noise {self.host_noise:.1%}" if self.host_ms else ""
+        host += f"; waited for a CPU {self.host_wait:.1%} of the window" if self.host_wait else ""
         return (f"median {self.median:.3f} ms, IQR {self.iqr:.3f} ms, min {self.min:.3f} ms over {self.n} "
                 f"samples{per}{host}")
+
+
+def runqueue_ms() -> float | None:
+    """Milliseconds this process's threads have spent runnable but waiting for a CPU, summed
+    over the live threads (Linux schedstat's second field, in ns). None where unreadable
+    (not Linux, schedstats off). Threads that ended meanwhile drop out: compare two reads
+    around a window in which the thread pool lives throughout."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended between the listing and the read
+    return total / 1e6
 
 
 def iqr(xs: Sequence[float]) -> float:
@@ -162,12 +195,15 @@ def time_steps(
         return Timing(tuple(timer(fn, block, device) / block for _ in range(steps)), block)
     host_ms = host.samples(HOST_EDGE)
     times = []
+    waited, start = runqueue_ms(), time.perf_counter()
     for i in range(steps):
         if i and i % HOST_EVERY == 0:
             host_ms.append(host.sample())
         times.append(timer(fn, block, device) / block)
+    window, after = (time.perf_counter() - start) * 1e3, runqueue_ms()
     host_ms += host.samples(HOST_EDGE)
-    return Timing(tuple(times), block, tuple(host_ms))
+    wait = None if waited is None or after is None or window <= 0 else max(after - waited, 0.0) / window
+    return Timing(tuple(times), block, tuple(host_ms), wait)
 
 
 # Calibration samples at each edge of the timed window, and one after every HOST_EVERY step

@@ -26,7 +26,9 @@ touching no other check:
   above the band: `inconclusive` whatever the change, never a regression (the host moved as
   much as the change the gate could call); else a change beyond band + noise is a regression
   (faster: an improvement), one beyond the band but within band + noise is inconclusive, the
-  rest unchanged. Records without the calibration (older files, pytest-benchmark JSON) keep
+  rest unchanged. First of all, a record whose threads waited for a CPU more than
+  `noise.WAIT_LIMIT` of its timed window (`host_wait`: another job on the cores) makes the
+  verdict inconclusive whatever the change. Records without the calibration (older files, pytest-benchmark JSON) keep
   the band alone, and say so. Compared only on the same `device_name` and `torch`, else not
   compared, with the reason. On the same machine a config timed in the baseline with no
   finite time now is a regression, as for memory.
@@ -43,7 +45,7 @@ from ...errors import UsageError
 from ...kinds import Probe, Status
 from ...record import GATED_COLUMNS, KEY_COLUMNS, NAME_COLUMNS, RANK_FSDP_COLUMNS, Record
 from ...units import fmt_bytes, fmt_ms, missing, parse_fraction
-from .noise import host_noise, pct as noise_pct
+from .noise import WAIT_LIMIT, host_contention, host_noise, pct as noise_pct
 
 
 class Outcome(str, Enum):
@@ -401,6 +403,10 @@ class TimeCheck:
             return Verdict(p.config, p.key, TIME_METRIC, old, new, change, band, outcome, MS,
                            "; ".join(d for d in (why, detail) if d), noise=noise)
 
+        wait = host_contention(p.old, p.new)
+        if wait is not None and wait > WAIT_LIMIT:
+            return verdict(INCONCLUSIVE, f"threads waited for a CPU {noise_pct(wait)} of the timed window "
+                                         "(another job on the cores)")
         if noise is None:
             return verdict(_classify(old, new, band), "host noise not recorded")
         words = f"host noise {noise_pct(noise)}"

@@ -12,6 +12,11 @@ kernel timed around and between them. Its work never changes, so
 
 The host's noise for a config is the largest of the two spreads and the shift (`host_noise`);
 None when either record lacks its calibration or they timed different kernels.
+
+The kernel cannot see contention for the step's threads (timing.py: one busy loop slowed
+2-thread steps 2-3x and the kernel 16-29%). The scheduler can: `host_wait` is the fraction of
+the timed window the process's threads spent waiting for a CPU. Above `WAIT_LIMIT` in either
+record, the step time measured the other jobs as much as the code (`host_contention`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import math
 import statistics
 from typing import Any, Sequence
 
-__all__ = ["CONFIRM", "host_noise", "host_shift", "inconclusive_note"]
+__all__ = ["CONFIRM", "WAIT_LIMIT", "host_contention", "host_noise", "host_shift", "inconclusive_note"]
+
+#: the share of a timed window the threads may wait for a CPU before its step time is not the
+#: code's: quiet hosts here read 0.000-0.00x; one competing busy loop, 0.65 and up
+WAIT_LIMIT = 0.02
 
 CONFIRM = ("re-run on a quiet host (no other job on its cores), with `--threads 1`, and gate again; "
            "inconclusive verdicts do not fail the gate")
@@ -35,6 +44,13 @@ def host_noise(b: Any, c: Any) -> float | None:
     if shift is None or any(s is None for s in spreads):
         return None
     return max(abs(shift), *spreads)  # type: ignore[arg-type]
+
+
+def host_contention(b: Any, c: Any) -> float | None:
+    """The larger `host_wait` of the two records (the share of its timed window the process's
+    threads waited for a CPU); None when neither recorded it."""
+    waits = [w for w in (_spread(r, "host_wait") for r in (b, c)) if w is not None]
+    return max(waits) if waits else None
 
 
 def host_shift(b: Any, c: Any) -> float | None:
@@ -65,8 +81,8 @@ def pct(x: float) -> str:
     return f"{p:.0f}%" if abs(p) >= 10 else f"{p:.1f}%"
 
 
-def _spread(r: Any) -> float | None:
-    v = getattr(r, "host_noise", None)
+def _spread(r: Any, name: str = "host_noise") -> float | None:
+    v = getattr(r, name, None)
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
         return float(v)
     return None
