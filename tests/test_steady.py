@@ -82,3 +82,18 @@ def test_estimate_card_says_not_steady() -> None:
     p = run_multiopt("estimate", "--model", "mlp", "--width", "32", "--depth", "2", "--batch", "4", "--rules", LATE,
                      "--warmup", "2")
     assert p.returncode == 0 and "NOT STEADY" not in p.stdout, p.stderr
+
+
+def test_fit_and_plan_say_when_their_measured_step_was_not_steady() -> None:
+    from multiopt.run import plan as planning
+    from multiopt.run.fit import largest, render
+
+    config = Config(model="mlp", width=32, depth=2, batch=1, combo="late", rules=LATE)
+    answer = largest(config, "batch", 1 << 20)
+    assert answer.value > 0 and answer.record.step_growth > 0
+    assert "NOT STEADY: the measured step of late" in render([answer], 1 << 20, model="mlp", depth=2, dtype="float32")
+    p = planning.plan(config, [], 1 << 20)
+    assert p.fitting and all(r.record is None or r.record.step_growth > 0 for r in p.fitting)
+    assert "NOT STEADY" in planning.render(p)
+    settled = planning.plan(config, [], 1 << 20, warmup=2)
+    assert settled.fitting and "NOT STEADY" not in planning.render(settled)

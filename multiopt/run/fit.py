@@ -270,6 +270,11 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
         if unmodelled:
             lines += ["", f"Estimate, not CUDA's to the byte: this model runs ops whose CUDA kernels allocate "
                           f"differently and are not modelled ({'; '.join(unmodelled)}); leave headroom."]
+        unsteady = [a.combo for a in group if a.record is not None and a.record.step_growth]
+        if unsteady:
+            lines += ["", f"NOT STEADY: the measured step of {', '.join(unsteady)} ended with a different amount "
+                          "allocated than it started with (state still being made, or a leak): its answer may not "
+                          "hold on later steps; fit again with more --warmup steps."]
     return "\n".join(lines) + "\n"
 
 

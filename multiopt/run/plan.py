@@ -733,6 +733,11 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     if unmodelled:
         lines += ["", f"Estimate, not CUDA's to the byte: ops whose CUDA kernels allocate differently are not modelled "
                       f"({'; '.join(unmodelled)}); leave headroom."]
+    unsteady = [r.label for r in p.fitting if r.record is not None and r.record.step_growth]
+    if unsteady:
+        lines += ["", f"NOT STEADY: the measured step of {', '.join(unsteady)} ended with a different amount allocated "
+                      "than it started with (state still being made, or a leak): its batch may not hold on later "
+                      "steps; plan again with more --warmup steps."]
     return "\n".join(lines) + "\n"
 
 
