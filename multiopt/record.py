@@ -315,6 +315,9 @@ class Record(Config):
     step_ms_min: float | None = _role(Role.TIME)
     step_ms_mean: float | None = _role(Role.TIME)
     steps_timed: int = _role(Role.TIME, 0)
+    # the warm-up steps run before the measured one (Protocol.warmup; the probe's default when
+    # not given); None in records written before it was kept
+    warmup_steps: int | None = _role(Role.TIME)
     # the timed samples themselves (ms, each the mean of a block of steps), and the host's own
     # noise while they ran: a fixed calibration kernel (`host_calib` names it) timed around and
     # between them (`host_calib_ms`), and its spread, IQR / median (`host_noise`). Empty / None

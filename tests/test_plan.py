@@ -6,6 +6,7 @@ line and exit 2."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import shlex
 
 import pytest
@@ -147,3 +148,26 @@ def test_a_runner_reuses_every_measurement():
     runs = runner.runs
     again = planning.plan(BASE, axes, parse_bytes(BUDGET), runner=runner)
     assert runner.runs == runs and again.fitting[0].batch == first.fitting[0].batch
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_a_run_that_never_reached_the_limit_answers_for_the_limited_run(target):
+    """Runner.known_fit: an unlimited fake run whose metric stayed within a limit is the limited
+    run (the same ops, the same bytes, nothing refused), and one whose live bytes alone went
+    past it cannot fit; between the two (target cuda: live bytes under, reserved over, where a
+    limited allocator frees its cache and retries) only a run can tell."""
+    config = Config(model="mlp", width=128, depth=3, batch=8, combo="adamw", rules="rest=adamw", target=target)
+    runner = planning.Runner(1 << 40)
+    free = runner.run(config, None)
+    assert free.status == "ok" and runner.runs == 1
+    high, low = planning.metric(free), free.peak_total
+    assert runner.known_fit(config, high) is True and runner.known_fit(config, low - 1) is False
+    limited = measure(config, Protocol(probe="fake", steps=0, limit_bytes=high))  # what the shortcut stands for
+    same = ("peak_total", "peak_reserved", "reserved_after_step", "mem_step_start", "mem_step_end",
+            *(f"peak_{p}" for p in ("zero_grad", "forward", "backward", "step")))
+    assert limited.status == "ok" and all(getattr(limited, f) == getattr(free, f) for f in same)
+    assert runner.run(config, high) is free and runner.runs == 1  # reused, not run again
+    assert measure(config, Protocol(probe="fake", steps=0, limit_bytes=low - 1)).status == "oom"
+    if target == "cuda" and low < high:
+        assert runner.known_fit(config, low) is None
+    assert runner.known_fit(replace(config, batch=9), high) is None  # nothing run at batch 9

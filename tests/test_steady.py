@@ -32,6 +32,10 @@ def test_default_warmup_is_one_on_fake_three_on_real_tensors() -> None:
     assert default_warmup(Probe.FAKE) == 1 and default_warmup(Probe.TRACKED) == 3 == default_warmup(Probe.CUDA)
     assert Protocol(probe=Probe.FAKE).warmup == 1 and Protocol().warmup == 3
     assert Protocol(probe=Probe.FAKE, warmup=4).warmup == 4 and Protocol(probe=Probe.FAKE, warmup=0).warmup == 0
+    # and each record keeps the warm-up it was measured after
+    config = Config(model="mlp", width=16, depth=2, batch=2, combo="sgd", rules="rest=sgd(lr=0.1)")
+    assert measure(config, Protocol(probe=Probe.FAKE, steps=0)).warmup_steps == 1
+    assert measure(config, Protocol(probe=Probe.TRACKED, steps=0)).warmup_steps == 3
 
 
 @pytest.mark.parametrize("config", [
@@ -78,7 +82,7 @@ def test_report_flags_the_unsteady_config_only(tmp_path) -> None:
 def test_estimate_card_says_not_steady() -> None:
     p = run_multiopt("estimate", "--model", "mlp", "--width", "32", "--depth", "2", "--batch", "4", "--rules", LATE)
     assert p.returncode == 0, p.stderr
-    assert "NOT STEADY" in p.stdout and "--warmup N" in p.stdout
+    assert "NOT STEADY" in p.stdout and "--warmup N, more than this run's 1" in p.stdout
     p = run_multiopt("estimate", "--model", "mlp", "--width", "32", "--depth", "2", "--batch", "4", "--rules", LATE,
                      "--warmup", "2")
     assert p.returncode == 0 and "NOT STEADY" not in p.stdout, p.stderr

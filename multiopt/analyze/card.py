@@ -57,4 +57,8 @@ def unsteady_text(record: Record) -> str:
     more = "more" if growth > 0 else "less"
     return (f"NOT STEADY: the measured step ended with {fmt_bytes(abs(growth))} ({abs(growth):,} B) {more} allocated than it "
             f"started with: state was still being made or memory leaks across steps, so these peaks may not "
-            f"repeat; rerun with more warm-up steps (--warmup N)")
+            f"repeat; rerun with more warm-up steps (--warmup N{_than(record.warmup_steps)})")
+
+
+def _than(warmup: int | None) -> str:
+    return "" if warmup is None else f", more than this run's {warmup}"

@@ -163,6 +163,7 @@ def _identity(config: Config, protocol: Protocol, meta: dict[str, Any]) -> dict[
         "torch": torch.__version__,
         "probe": protocol.probe,
         "target": effective_target(protocol.probe, config.target),
+        "warmup_steps": protocol.warmup,
         **meta,
     }
     return fields

@@ -225,6 +225,10 @@ class Runner:
 
     def run(self, config: Config, limit: int | None) -> Record:
         key = (config, limit)
+        if key not in self._records and limit is not None and config.fsdp <= 1:
+            free = self._records.get((config, None))
+            if free is not None and free.status == Status.OK and metric(free) <= limit:
+                return free  # the run never reached the limit: under it, the same ops and bytes
         if key not in self._records:
             meta = self.meta_model(config)
             start = time.perf_counter()
@@ -233,6 +237,23 @@ class Runner:
             self.seconds += time.perf_counter() - start
             self.runs += 1
         return self._records[key]
+
+    def known_fit(self, config: Config, limit: int) -> bool | None:
+        """Whether `config` fits `limit`, when a run already made says so without another:
+        one under that limit, or an unlimited one whose metric stayed within it (then the
+        limited run is the same run) or whose live bytes alone went past it (no allocator
+        can hold more live bytes than its limit). None: only a run can tell."""
+        done = self._records.get((config, limit))
+        if done is not None:
+            return done.status == Status.OK if done.status in (Status.OK, Status.OOM) else None
+        free = self._records.get((config, None))
+        if free is None or free.status != Status.OK or config.fsdp > 1:  # FSDP: rank 0's numbers alone
+            return None
+        if metric(free) <= limit:
+            return True
+        if (free.peak_total or 0) > limit:
+            return False
+        return None
 
 
 def metric(r: Record) -> int:
@@ -573,6 +594,9 @@ def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predicto
     config = _run_config(row)
 
     def ok(n: int) -> bool:
+        known = runner.known_fit(replace(config, batch=n), room)
+        if known is not None:
+            return known
         r = runner.run(replace(config, batch=n), room)
         if r.status not in (Status.OK, Status.OOM):
             raise PlanFailed(f"batch {n}: {r.status}: {r.error}")
