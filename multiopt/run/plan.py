@@ -16,7 +16,9 @@ activations and temporaries are affine in it (at a fixed sequence length). So:
 4. the prediction is confirmed at its boundary with the budget as the probe's limit (as
    `set_per_process_memory_fraction` would cap a GPU): batch b runs, b + 1 runs out of
    memory; where they disagree the boundary is searched from there (doubling steps, then
-   bisection), so a wrong prediction costs runs, never a wrong answer.
+   bisection), so a wrong prediction costs runs, never a wrong answer. A batch whose unlimited
+   run stayed within the limit needs no limited run (it is the same run), nor one whose live
+   bytes alone went past it (`Runner.known_fit`).
 
 The model is built once on meta and copied for every run (`measure(build=...)`). An optimizer
 that cannot run on the fake probe (it reads tensor values: Adafactor, 8-bit AdamW) is sized
