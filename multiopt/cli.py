@@ -134,7 +134,8 @@ def _plan_parser(sub: Any) -> None:
     _target_arguments(pl, Target.CUDA)
     _fsdp_arguments(pl, axis=True)
     pl.add_argument("--context", default=None, help="CUDA context bytes, e.g. 512MiB, or a GPU family (default hopper's)")
-    pl.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured one (default 1)")
+    pl.add_argument("--warmup", type=int, default=None,
+                    help="warm-up steps before the measured one (default: the fake probe's, 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
                     help="confirm at its boundary every frontier batch (default) or every candidate's")
     pl.add_argument("--json", action="store_true", help="the plan as one JSON object")

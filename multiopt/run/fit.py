@@ -79,8 +79,7 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
         raise UsageError(f"axis must be batch or width, got {axis!r}")
     cap = CAPS[axis] if cap is None else cap
     limit = max(budget - context, 0)
-    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf,
-                              gpu=gpu)
+    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
     fixed = None
     if axis == "batch":
         if "width" in models.resolve(config.model).takes:
@@ -218,8 +217,7 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
             validate(c, fake)
         except UsageError as e:
             raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
-    runner = Runner(max(budget - context, 0), warmup=warmup, alloc_conf=alloc_conf,
-                    gpu=gpu)
+    runner = Runner(max(budget - context, 0), warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
     axes = ("batch", "width") if "width" in spec.takes else ("batch",)
     return [largest(c, axis, budget, alloc_conf=alloc_conf, context=context, runner=runner)
             for c in configs for axis in axes]

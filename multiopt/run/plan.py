@@ -227,10 +227,9 @@ class Runner:
 
     def run(self, config: Config, limit: int | None) -> Record:
         key = (config, limit)
-        if key not in self._records and limit is not None and config.fsdp <= 1:
-            free = self._records.get((config, None))
-            if free is not None and free.status == Status.OK and metric(free) <= limit:
-                return free  # the run never reached the limit: under it, the same ops and bytes
+        same = None if key in self._records or limit is None else self._within(config, limit)
+        if same is not None:
+            return same
         if key not in self._records:
             meta = self.meta_model(config)
             start = time.perf_counter()
@@ -248,14 +247,21 @@ class Runner:
         done = self._records.get((config, limit))
         if done is not None:
             return done.status == Status.OK if done.status in (Status.OK, Status.OOM) else None
-        free = self._records.get((config, None))
-        if free is None or free.status != Status.OK or config.fsdp > 1:  # FSDP: rank 0's numbers alone
-            return None
-        if metric(free) <= limit:
+        if self._within(config, limit) is not None:
             return True
-        if (free.peak_total or 0) > limit:
+        free = self._records.get((config, None))
+        if free is not None and free.status == Status.OK and config.fsdp <= 1 and (free.peak_total or 0) > limit:
             return False
         return None
+
+    def _within(self, config: Config, limit: int) -> Record | None:
+        """`config`'s unlimited run when it never reached `limit`: under that limit, the same
+        ops and bytes, so the limited run's record. None under FSDP (the record is rank 0's
+        numbers alone; a limited run holds every rank to the limit)."""
+        free = self._records.get((config, None))
+        if free is None or free.status != Status.OK or config.fsdp > 1 or metric(free) > limit:
+            return None
+        return free
 
 
 def metric(r: Record) -> int:
@@ -449,7 +455,7 @@ def candidates(base: Config, axes: Sequence[Axis]) -> list[tuple[dict[str, str],
     return out
 
 
-def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, warmup: int = 1,
+def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, warmup: int | None = None,
          alloc_conf: str | None = None, gpu: str | None = None, confirm: str = "frontier",
          cap: int = BATCH_CAP, runner: Runner | None = None) -> Plan:
     """Every candidate's largest batch under `budget` (target cuda: predicted peak reserved +
@@ -457,7 +463,7 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     "frontier"`; the others keep their prediction, labelled) or every row (`"all"`).
 
     UsageError: a budget below the weights, a model that cannot build."""
-    if warmup < 1:
+    if warmup is not None and warmup < 1:
         raise UsageError(f"--warmup {warmup}: a plan needs at least 1 warm-up step (optimizer state is made in the first)")
     if confirm not in ("frontier", "all"):
         raise UsageError(f"confirm must be 'frontier' or 'all', got {confirm!r}")
