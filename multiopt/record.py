@@ -243,6 +243,11 @@ class RankRecord:
     same_as: int | None = None
 
 
+#: why a measured step that did not end where it started (`Record.step_growth` nonzero) cannot
+#: be trusted: the words of every place that flags one (card, report, fit, plan)
+UNSTEADY_WHY = "optimizer state was still being made (too few warm-up steps) or memory leaks across steps"
+
+
 @dataclass(frozen=True)
 class Record(Config):
     """One config's measurements. Memory in bytes (CUDA `memory_allocated` semantics), time in ms.
@@ -369,7 +374,7 @@ class Record(Config):
         return plain(self.optimizers)
 
     @property
-    def step_growth(self) -> int | None:
+    def step_growth(self) -> int | None:  # nonzero: flagged wherever shown, with UNSTEADY_WHY
         """Bytes the measured step left allocated beyond its start: 0 when steady, None when
         not measured (a failed config, a record from before `mem_step_end`)."""
         if self.mem_step_end is None or self.mem_step_start is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from ..record import Record
+from ..record import UNSTEADY_WHY, Record
 from ..units import fmt_bytes, fmt_ms
 
 _BYTE_PREFIXES = ("mem_", "peak_", "reserved_")
@@ -56,7 +56,7 @@ def unsteady_text(record: Record) -> str:
         return ""
     more = "more" if growth > 0 else "less"
     return (f"NOT STEADY: the measured step ended with {fmt_bytes(abs(growth))} ({abs(growth):,} B) {more} allocated than it "
-            f"started with: state was still being made or memory leaks across steps, so these peaks may not "
+            f"started with: {UNSTEADY_WHY}, so these peaks may not "
             f"repeat; rerun with more warm-up steps (--warmup N{_than(record.warmup_steps)})")
 
 

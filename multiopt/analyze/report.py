@@ -24,7 +24,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from ..kinds import Status
-from ..record import KEY_COLUMNS, PHASES, phase_order
+from ..record import KEY_COLUMNS, PHASES, UNSTEADY_WHY, phase_order
 from ..store import read_records, read_sources
 from .frame import TWIN_COMBO, by_optimizer, from_sources, series_labels
 from .gate import GateResult, compare, headline
@@ -462,8 +462,8 @@ def _unsteady(ok: pd.DataFrame) -> str:
     rows, more = cap([[r["_label"], r["model"], r["width"], r["batch"], _b(r["mem_step_start"]), _b(r["mem_step_end"])]
                       for _, r in flagged.iterrows()])
     note = ("The measured step of these configs ended with a different amount allocated than it started "
-            "with: optimizer state was still being made (too few warm-up steps) or memory leaks across "
-            "steps. Their peaks may not repeat on the next step: rerun them with more `--warmup` steps.")
+            f"with: {UNSTEADY_WHY}. Their peaks may not repeat on the next step: rerun them with more "
+            "`--warmup` steps.")
     return _section("Flagged: not steady", note + "\n\n"
                     + _table(["config", "model", "width", "batch", "allocated at step start", "at step end"], rows) + more)
 

@@ -33,7 +33,7 @@ from tabulate import tabulate
 from ..errors import UsageError
 from ..instrument.protocol import Config, Protocol, validate
 from ..kinds import Probe, Status, Target
-from ..record import Record
+from ..record import UNSTEADY_WHY, Record
 from ..train import models
 from ..rules import Rules
 from ..units import fmt_bytes
@@ -271,7 +271,7 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
         unsteady = [a.combo for a in group if a.record is not None and a.record.step_growth]
         if unsteady:
             lines += ["", f"NOT STEADY: the measured step of {', '.join(unsteady)} ended with a different amount "
-                          "allocated than it started with (state still being made, or a leak): its answer may not "
+                          f"allocated than it started with ({UNSTEADY_WHY}): its answer may not "
                           "hold on later steps; fit again with more --warmup steps."]
     return "\n".join(lines) + "\n"
 

@@ -49,7 +49,7 @@ from ..instrument.probes import Workspaces
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
 from ..kinds import Probe, Status, Target
-from ..record import PHASES, Record
+from ..record import PHASES, UNSTEADY_WHY, Record
 from ..train import models, optimizers as registry
 from ..train.hf import parse_lora
 from ..train.multi import MultiOptimizer
@@ -768,7 +768,7 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     unsteady = [r.label for r in p.fitting if r.record is not None and r.record.step_growth]
     if unsteady:
         lines += ["", f"NOT STEADY: the measured step of {', '.join(unsteady)} ended with a different amount allocated "
-                      "than it started with (state still being made, or a leak): its batch may not hold on later "
+                      f"than it started with ({UNSTEADY_WHY}): its batch may not hold on later "
                       "steps; plan again with more --warmup steps."]
     return "\n".join(lines) + "\n"
 

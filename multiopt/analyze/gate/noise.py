@@ -39,7 +39,7 @@ def host_noise(b: Any, c: Any) -> float | None:
     """The host's noise across a baseline record and a current record of one config: the
     larger calibration spread of the two, or the calibration's shift between them if larger.
     None when either lacks its calibration, or they timed different kernels."""
-    spreads = [_spread(r) for r in (b, c)]
+    spreads = [_fraction(r, "host_noise") for r in (b, c)]
     shift = host_shift(b, c)
     if shift is None or any(s is None for s in spreads):
         return None
@@ -49,7 +49,7 @@ def host_noise(b: Any, c: Any) -> float | None:
 def host_contention(b: Any, c: Any) -> float | None:
     """The larger `host_wait` of the two records (the share of its timed window the process's
     threads waited for a CPU); None when neither recorded it."""
-    waits = [w for w in (_spread(r, "host_wait") for r in (b, c)) if w is not None]
+    waits = [w for w in (_fraction(r, "host_wait") for r in (b, c)) if w is not None]
     return max(waits) if waits else None
 
 
@@ -81,7 +81,8 @@ def pct(x: float) -> str:
     return f"{p:.0f}%" if abs(p) >= 10 else f"{p:.1f}%"
 
 
-def _spread(r: Any, name: str = "host_noise") -> float | None:
+def _fraction(r: Any, name: str) -> float | None:
+    """`r.name` when it is a finite fraction >= 0 (a spread, a share of a window); else None."""
     v = getattr(r, name, None)
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
         return float(v)
