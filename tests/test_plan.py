@@ -155,7 +155,8 @@ def test_a_run_that_never_reached_the_limit_answers_for_the_limited_run(target):
     """Runner.known_fit: an unlimited fake run whose metric stayed within a limit is the limited
     run (the same ops, the same bytes, nothing refused), and one whose live bytes alone went
     past it cannot fit; between the two (target cuda: live bytes under, reserved over, where a
-    limited allocator frees its cache and retries) only a run can tell."""
+    limited allocator frees its cache and retries) the run's allocator program replayed under
+    the limit tells."""
     config = Config(model="mlp", width=128, depth=3, batch=8, combo="adamw", rules="rest=adamw", target=target)
     runner = planning.Runner(1 << 40)
     free = runner.run(config, None)
@@ -169,5 +170,9 @@ def test_a_run_that_never_reached_the_limit_answers_for_the_limited_run(target):
     assert runner.run(config, high) is free and runner.runs == 1  # reused, not run again
     assert measure(config, Protocol(probe="fake", steps=0, limit_bytes=low - 1)).status == "oom"
     if target == "cuda" and low < high:
-        assert runner.known_fit(config, low) is None
+        # between the two the allocator program answers, as the limited run does
+        # (tests/test_program.py); target cpu keeps no program: only a run can tell
+        for limit in (low, (low + high) // 2, high - 1):
+            limited = measure(config, Protocol(probe="fake", steps=0, limit_bytes=limit))
+            assert runner.known_fit(config, limit) is (limited.status == "ok")
     assert runner.known_fit(replace(config, batch=9), high) is None  # nothing run at batch 9

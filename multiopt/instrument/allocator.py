@@ -333,6 +333,18 @@ class CachingAllocator:
         blk.allocated = False
         self._file(blk)
 
+    def stage(self, buf: int, sem: int, source: Any = None) -> None:
+        """A CUDA reduction's scratch (probes/reduce.py): a staging buffer of `buf` bytes, then
+        semaphores of `sem`, both freed in reverse order before the kernel's op returns; no
+        allocation when `buf` is 0. `source`: what sized them (a LoggedAllocator logs it in
+        their place, so a program at another batch can size them again)."""
+        if buf:
+            # the base methods: a logged allocator logs the stage, not its parts
+            CachingAllocator.malloc(self, ("stage", "buffer"), buf)
+            CachingAllocator.malloc(self, ("stage", "semaphores"), sem)
+            CachingAllocator.free(self, ("stage", "semaphores"))
+            CachingAllocator.free(self, ("stage", "buffer"))
+
     def empty_cache(self) -> None:
         """``emptyCache`` -> ``release_cached_blocks``: cudaFree every cached segment that is one
         whole free block; with expandable segments, unmap every fully free page."""
@@ -640,6 +652,37 @@ class CachingAllocator:
                                   "requested": b.req if b.allocated else 0,
                                   "key": keys.get(id(b)) if b.allocated else None})
         return {"alloc_model": ALLOC_MODEL, "segments": segments, **self.stats()}
+
+
+class LoggedAllocator(CachingAllocator):
+    """A `CachingAllocator` that also keeps every request it is given, in order, in ``log``:
+    ``("malloc", key, nbytes)``, ``("free", key)``, ``("empty_cache",)`` (`replay`'s events),
+    ``("stage", source, buf, sem)`` (a reduction's scratch and what sized it); a request that
+    runs out of memory is logged too, as the one that failed.
+
+    The requests are the program's, not the allocator's decisions: the same program under
+    another limit makes the same requests up to its first out-of-memory error, so a log
+    answers for every limit without running the program again (instrument/program.py)."""
+
+    def __init__(self, log: list, config: AllocatorConfig = AllocatorConfig(), limit: int | None = None) -> None:
+        super().__init__(config, limit)
+        self.log = log
+
+    def malloc(self, key: Hashable, nbytes: int) -> int:
+        self.log.append(("malloc", key, nbytes))
+        return super().malloc(key, nbytes)
+
+    def free(self, key: Hashable) -> None:
+        self.log.append(("free", key))
+        super().free(key)
+
+    def empty_cache(self) -> None:
+        self.log.append(("empty_cache",))
+        super().empty_cache()
+
+    def stage(self, buf: int, sem: int, source: Any = None) -> None:
+        self.log.append(("stage", source, buf, sem))
+        super().stage(buf, sem, source)
 
 
 def replay(events: Iterable[Sequence[Any]], config: AllocatorConfig = AllocatorConfig(),

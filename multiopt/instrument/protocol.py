@@ -187,16 +187,19 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
 
 
 def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
-            **meta: Any) -> Record:
+            requests: list | None = None, **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
     `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
     factory when the caller already has one (a plan reuses one meta-built model for every
-    candidate: a copy per run); it must build what `model_factory(config)` builds."""
-    return measure_work(config, protocol, build=build, **meta)[0]
+    candidate: a copy per run); it must build what `model_factory(config)` builds.
+    `requests`: a list that receives the allocator model's requests (target cuda on the
+    tracked or fake probe, one process: see `instrument.program`); left empty elsewhere."""
+    return measure_work(config, protocol, build=build, requests=requests, **meta)[0]
 
 
 def measure_work(config: Config, protocol: Protocol = Protocol(), *,
-                 build: Callable[[], torch.nn.Module] | None = None, **meta: Any) -> tuple[Record, Work | None]:
+                 build: Callable[[], torch.nn.Module] | None = None, requests: list | None = None,
+                 **meta: Any) -> tuple[Record, Work | None]:
     """`measure`, and the op stream of its instrumented step (work.py; None where no work was
     counted: the cuda probe, a config that failed before its instrumented step)."""
     if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
@@ -214,6 +217,8 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), *,
             _fresh_cuda(config.device)
         sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
+        if requests is not None and sharding is None and hasattr(probe, "log_requests"):
+            probe.log_requests(requests)
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
         _run(config, protocol, probe, fields, build, sharding)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None

@@ -44,8 +44,10 @@ import torch
 from tabulate import tabulate
 
 from ..errors import UsageError
+from ..instrument.allocator import AllocatorConfig
 from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
+from ..instrument.program import Program, between
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
 from ..kinds import Probe, Status, Target
@@ -212,8 +214,12 @@ class Runner:
                                  gpu=gpu)
         self.runs = 0
         self.seconds = 0.0
+        self.replays = 0  # programs replayed instead of run (instrument/program.py)
         self._records: dict[tuple[Config, int | None], Record] = {}
+        self._programs: dict[Config, Program] = {}  # a config's allocator program, from any ok run of it
         self._meta: dict[tuple, torch.nn.Module] = {}
+        conf = self.protocol.alloc_conf
+        self.alloc_config = conf if isinstance(conf, AllocatorConfig) else AllocatorConfig.from_env()
 
     def model_key(self, config: Config) -> tuple:
         return tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(Config) if f.name not in _NOT_MODEL)
@@ -233,22 +239,43 @@ class Runner:
         if key not in self._records:
             meta = self.meta_model(config)
             start = time.perf_counter()
-            self._records[key] = measure(config, replace(self.protocol, limit_bytes=limit),
-                                         build=lambda: copy.deepcopy(meta))
+            log: list | None = [] if self.logs(config) else None
+            record = measure(config, replace(self.protocol, limit_bytes=limit), build=lambda: copy.deepcopy(meta),
+                             requests=log)
             self.seconds += time.perf_counter() - start
             self.runs += 1
+            self._records[key] = record
+            if log and record.status == Status.OK:  # an oom run's log stops at its failed request
+                self._programs.setdefault(config, Program.of(config.batch, log))
         return self._records[key]
+
+    def logs(self, config: Config) -> bool:
+        """Whether runs of `config` keep their allocator program: target cuda, one rank."""
+        return config.target == Target.CUDA and config.fsdp <= 1
+
+    def program(self, config: Config) -> Program | None:
+        """`config`'s allocator program (an unlimited run made for it when none is known yet);
+        None where runs keep none, or the run did not end ok."""
+        if config not in self._programs and self.logs(config):
+            self.run(config, None)
+        return self._programs.get(config)
 
     def known_fit(self, config: Config, limit: int) -> bool | None:
         """Whether `config` fits `limit`, when a run already made says so without another:
         one under that limit, or an unlimited one whose metric stayed within it (then the
-        limited run is the same run) or whose live bytes alone went past it (no allocator
-        can hold more live bytes than its limit). None: only a run can tell."""
+        limited run is the same run), or any ok run of it, whose allocator program replayed
+        under the limit ends as the limited run would (instrument/program.py), or whose live
+        bytes alone went past it (no allocator can hold more live bytes than its limit).
+        None: only a run can tell."""
         done = self._records.get((config, limit))
         if done is not None:
             return done.status == Status.OK if done.status in (Status.OK, Status.OOM) else None
         if self._within(config, limit) is not None:
             return True
+        known = self._programs.get(config)
+        if known is not None:  # the same requests under this limit: what its limited run would end as
+            self.replays += 1
+            return known.fits(self.alloc_config, limit)
         free = self._records.get((config, None))
         if free is not None and free.status == Status.OK and config.fsdp <= 1 and (free.peak_total or 0) > limit:
             return False
@@ -490,8 +517,9 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
                          "raise --budget or choose a smaller model or dtype")
     rows = [Row(shown, config, flags=flags) for shown, config, flags in cands]
     classes: dict[tuple, Slopes] = {}
+    pairs: dict[tuple, Pair] = {}
     for row in rows:
-        _predict(row, runner, classes, limit, cap)
+        _predict(row, runner, classes, pairs, limit, cap)
     # confirm: every row, or the frontier until it holds only confirmed rows
     bias: dict[tuple, int] = {}
     while True:
@@ -516,9 +544,30 @@ def _run_config(row: Row) -> Config:
     return row.config if row.formula is None else replace(row.config, rules=row.formula.twin_rules)
 
 
-def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int, cap: int) -> None:
-    """The row's predicted batch: one unlimited run at its class's anchor batch (near the
-    answer), the class's slopes from its first member's runs at batch 1 and at the anchor."""
+def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], pairs: dict[tuple, "Pair"], limit: int,
+             cap: int) -> None:
+    """The row's predicted batch. Target cuda: its class's allocator programs at two batches
+    replayed between them (`_predict_by_program`). Otherwise, or where the two batches make
+    different programs: one unlimited run at its class's anchor batch (near the answer), the
+    class's slopes from its first member's runs at batch 1 and at the anchor."""
+    if not _prepare(row, runner):
+        return
+    room = limit - (row.formula.state if row.formula else 0)
+    config = _run_config(row)
+    row.klass = key = klass(runner, row.config)
+    if runner.logs(config) and _predict_by_program(row, runner, config, room, key, pairs, cap):
+        return
+    _predict_by_peaks(row, runner, config, room, key, classes, cap)
+
+
+def klass(runner: Runner, config: Config) -> tuple:
+    """What candidates that differ only by their optimizers share: activations, gradients."""
+    return (runner.model_key(config), config.dtype, config.amp, config.step_in_backward, config.zero_grad_at,
+            config.target, config.fsdp, config.reshard_after_forward, config.fsdp_mp)
+
+
+def _prepare(row: Row, runner: Runner) -> bool:
+    """Check the row's rules and size its formula optimizers; False (and why) when it cannot run."""
     try:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
@@ -531,13 +580,14 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
             validate(_run_config(row), Protocol(probe=Probe.FAKE))
     except (UsageError, PlanFailed) as e:
         row.why = str(e)
-        return
-    room = limit - (row.formula.state if row.formula else 0)
-    config = _run_config(row)
-    key = (runner.model_key(row.config), row.config.dtype, row.config.amp, row.config.step_in_backward,
-           row.config.zero_grad_at, row.config.target, row.config.fsdp, row.config.reshard_after_forward,
-           row.config.fsdp_mp)
-    row.klass = key
+        return False
+    return True
+
+
+def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: tuple, classes: dict[tuple, Slopes],
+                      cap: int) -> None:
+    """Predict from each phase's peak, affine in the batch: the class's slopes from runs near
+    the answer, the allocator's slack at the anchor on top, other optimizers' state swapped in."""
     if key not in classes:
         r1 = runner.run(config, None)
         if r1.status != Status.OK:
@@ -573,6 +623,83 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], limit: int,
         row.why = f"batch {anchor.batch}: {anchor.status}: {anchor.error}"
         return
     row.predicted = predict(anchor, s, room, cap)
+
+
+#: the two batches a class's programs are taken at: batch 1 often makes another program
+#: (ops squeeze its size-1 dimension), 2 and 3 the same one as every larger batch
+PROGRAM_BATCHES = (2, 3)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A class's first member's allocator programs at two batches: the program at every batch
+    predicted between them (instrument/program.py), the other members' state swapped in by
+    formula (`state`: the first member's by formula, None: it has none)."""
+
+    a: Program
+    b: Program
+    rules: Rules
+    state: int | None
+    answer: int  # the first member's predicted batch: where the others' searches start
+
+
+def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key: tuple,
+                        pairs: dict[tuple, Pair], cap: int) -> bool:
+    """Predict the row's batch by replaying its class's programs between two batches under
+    the room (the allocator model's release-and-retry under a limit included). A member with
+    other optimizers holds its state's difference by formula aside (`shared`); one without a
+    formula gets programs of its own. False: the two batches made different programs (the
+    caller predicts from peaks instead)."""
+    state = formula_state(config, runner.meta_model(config))
+    pair = pairs.get(key)
+    if pair is not None and pair.rules != config.rules and (state is None or pair.state is None):
+        key = (*key, config.rules)  # no formula to swap: this member's own programs
+        pair = pairs.get(key)
+    if pair is None:
+        made = _pair_of(runner, config, state, room, cap)
+        if isinstance(made, Record):
+            row.why = f"batch {made.batch}: {made.status}: {made.error}"
+            return True
+        if made is None:
+            return False
+        pair = pairs[key] = made
+    shift = 0 if pair.rules == config.rules else state - pair.state  # type: ignore[operator]
+    row.shared = pair.rules != config.rules
+    row.predicted = _largest(runner, pair, room - shift, cap, pair.answer) if row.shared else pair.answer
+    return True
+
+
+def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: int) -> Pair | Record | None:
+    """`config`'s programs at PROGRAM_BATCHES, its answer under `room` searched between them;
+    the failed run's record where one did not end ok; None where they are two programs."""
+    progs = []
+    for n in PROGRAM_BATCHES:
+        prog = runner.program(replace(config, batch=n))
+        if prog is None:
+            return runner.run(replace(config, batch=n), None)
+        progs.append(prog)
+    a, b = progs
+    if not a.same_program(b):
+        return None
+    pair = Pair(a, b, config.rules, state, 0)
+    return replace(pair, answer=_largest(runner, pair, room, cap, b.batch))
+
+
+def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int:
+    """The largest batch whose program between the pair's fits `room`; below the pair's
+    smaller batch, one less than it (that program is not known: the confirmation runs it)."""
+    low = min(pair.a.batch, pair.b.batch)
+
+    def ok(n: int) -> bool:
+        if n < low:
+            return True
+        runner.replays += 1
+        prog = between(pair.a, pair.b, n)
+        return prog is not None and prog.fits(runner.alloc_config, room)
+
+    if room < 0 or not ok(low):
+        return low - 1
+    return boundary(ok, max(guess, low), cap)[0]
 
 
 def formula_state(config: Config, meta_model: torch.nn.Module) -> int | None:
@@ -611,7 +738,19 @@ def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predicto
         return r.status == Status.OK
 
     try:
-        row.batch, row.capped = boundary(ok, row.answer or 1, cap)
+        guess = row.answer or 1
+        if row.shared and runner.logs(config) and (not ok(guess) or ok(guess + 1)):
+            # the state swapped in by formula missed (the optimizers' step temporaries
+            # differ). By one: one more run says so. By more: two runs of this member's own
+            # programs make its prediction, where a search would double away from the miss
+            over = not ok(guess)
+            if over and guess > 1 and ok(guess - 1):
+                guess -= 1
+            elif not over and not ok(guess + 2):
+                guess += 1
+            elif isinstance(own := _pair_of(runner, config, None, room, cap), Pair):
+                guess = max(own.answer, 1)
+        row.batch, row.capped = boundary(ok, guess, cap)
     except PlanFailed as e:
         row.why = str(e)
         return

@@ -117,15 +117,29 @@ def _block_dims(cfg: _Config, dim0: int, dim1: int, mnt: int, warp: int) -> tupl
     return min(d0, max_threads // height), height
 
 
+#: what decides a reduction's scratch: (shape, strides, storage offset mod 4, reduced dims,
+#: dtype, accumulator bytes); the input's shape and strides are what a batch size changes
+Layout = tuple[tuple[int, ...], tuple[int, ...], int, frozenset, torch.dtype, int]
+
+
+def layout(t: torch.Tensor, dims: Sequence[int] | None, acc_size: int | None = None) -> Layout:
+    """The layout `staging` sizes: reducing `t` over `dims` (None or empty: all)."""
+    ndim = t.dim()
+    reduced = frozenset(range(ndim)) if not dims else frozenset(d % ndim for d in dims)
+    return (tuple(t.shape), tuple(t.stride()), t.storage_offset() % 4, reduced, t.dtype, acc_size or _acc_size(t.dtype))
+
+
 def staging_bytes(t: torch.Tensor, dims: Sequence[int] | None, acc_size: int | None = None,
                   gpu: GpuProps = GpuProps()) -> tuple[int, int]:
     """(staging buffer, semaphores) bytes `gpu_reduce_kernel` allocates to reduce `t` over
     `dims` (None or empty: all), or (0, 0) when it reduces without global memory."""
-    ndim = t.dim()
-    reduced = frozenset(range(ndim)) if not dims else frozenset(d % ndim for d in dims)
+    return staging(layout(t, dims, acc_size), gpu)
+
+
+def staging(key: Layout, gpu: GpuProps = GpuProps()) -> tuple[int, int]:
+    """`staging_bytes` for a `layout`."""
     # A training step reduces the same few layouts over and over: decide each once.
-    return _staging(tuple(t.shape), tuple(t.stride()), t.storage_offset() % 4, reduced, t.dtype,
-                    acc_size or _acc_size(t.dtype), gpu)
+    return _staging(*key, gpu)
 
 
 @lru_cache(maxsize=4096)

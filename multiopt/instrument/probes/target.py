@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..allocator import ALLOC_MODEL, AllocatorConfig, AllocatorOOM, CachingAllocator
-from .reduce import GpuProps, reduction_ops, staging_bytes
+from ..allocator import ALLOC_MODEL, AllocatorConfig, AllocatorOOM, CachingAllocator, LoggedAllocator
+from .reduce import GpuProps, layout, reduction_ops, staging
 
 _MiB = 1 << 20
 
@@ -104,6 +104,13 @@ class CudaTarget:
                         **{op: self._on_reduce(entry) for op, entry in reduction_ops().items()},
                         **{op: self._noting(_UNMODELLED[name]) for op, name in _overloads(_UNMODELLED)}}
 
+    def log_requests(self, log: list) -> None:
+        """Keep the allocator model's requests in `log` from now on (allocator.LoggedAllocator).
+        Before the first allocation only: the log is the whole program or nothing."""
+        if len(self.allocator) or self.allocator.reserved:
+            raise RuntimeError("log_requests after allocations: the log would miss the program's start")
+        self.allocator = LoggedAllocator(log, self.allocator.config, self.allocator.limit)
+
     def _noting(self, what: str) -> Callable[[tuple, dict, Any], None]:
         def note(args: tuple, kwargs: dict, out: Any) -> None:
             self.unmodelled.add(what)
@@ -116,13 +123,12 @@ class CudaTarget:
             # gpu_reduce_kernel: the output exists; buffer then semaphores are allocated,
             # the kernel runs, and they die in reverse order before the op returns.
             t = args[0]
-            buf, sem = staging_bytes(t, dims_of(args, kwargs), t.element_size() if own_type else None,
-                                     self.workspaces.gpu)
-            if buf:
-                self.on_alloc(("reduce", "buffer"), buf)  # type: ignore[arg-type]
-                self.on_alloc(("reduce", "semaphores"), sem)  # type: ignore[arg-type]
-                self.allocator.free(("reduce", "semaphores"))
-                self.allocator.free(("reduce", "buffer"))
+            key = layout(t, dims_of(args, kwargs), t.element_size() if own_type else None)
+            buf, sem = staging(key, self.workspaces.gpu)
+            try:
+                self.allocator.stage(buf, sem, (key, self.workspaces.gpu))
+            except AllocatorOOM as e:
+                raise torch.OutOfMemoryError(f"{self.label} probe (target cuda) out of memory: {e}") from None
         return on_reduce
 
     def on_alloc(self, key: int, nbytes: int) -> None:

@@ -339,6 +339,14 @@ class LedgerProbe(Probe):
     def limit_bytes(self) -> int | None:
         return self._ledger.limit if self._cuda is None else self._cuda.allocator.limit
 
+    def log_requests(self, log: list) -> bool:
+        """Target cuda: keep the allocator model's requests in `log` (before entering; see
+        allocator.LoggedAllocator). False, and nothing logged, for target cpu."""
+        if self._cuda is None:
+            return False
+        self._cuda.log_requests(log)
+        return True
+
     @property
     def alloc_model(self) -> str | None:
         """The allocator model behind the numbers (target cuda), else None."""
