@@ -138,6 +138,8 @@ def _plan_parser(sub: Any) -> None:
                     help="warm-up steps before the measured one (default: the fake probe's, 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
                     help="confirm at its boundary every frontier batch (default) or every candidate's")
+    pl.add_argument("--jobs", type=int, default=None, help="fake runs at once, each in a forked process "
+                    "(default: the CPUs this process may use)")
     pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
     pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/plan.md and DIR/plan.png (candidates "
                     "against the budget line)")
@@ -423,6 +425,14 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 1 if any(a.error for a in answers) else 0
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity, as taskset or a container's cpuset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     """0 when something fits, 1 when no candidate does, 2 bad input."""
     import json
@@ -458,7 +468,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     with _user_code(args.model):
         p = planning.plan(base, axes, budget, context=context, warmup=args.warmup, alloc_conf=alloc_conf,
-                          gpu=args.gpu, confirm=args.confirm)
+                          gpu=args.gpu, confirm=args.confirm, jobs=_cpus() if args.jobs is None else args.jobs)
     data = planning.as_dict(p)
     text = planning.render(p)
     if args.report:

@@ -122,6 +122,7 @@ def test_cli_json_and_report(tmp_path, capsys):
     (["--budget", "1GiB", "--model", "no_such_module_xyz:factory"], "cannot import"),
     (["--budget", "1GiB", "--model", "mlp", "--width", "0"], "width"),
     (["--budget", "1GiB", "--warmup", "0"], "at least 1 warm-up step"),
+    (["--budget", "1GiB", "--jobs", "0"], "--jobs 0: give 1 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     rc = cli.main(["plan", "--target", "cpu", *argv])

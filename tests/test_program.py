@@ -11,6 +11,7 @@ import pytest
 from multiopt.instrument.allocator import AllocatorConfig, LoggedAllocator
 from multiopt.instrument.program import EMPTY_CACHE, FREE, MALLOC, Program, between
 from multiopt.instrument.protocol import Config, Protocol, measure
+from multiopt.record import BYTE_COLUMNS, WORK_COLUMNS
 from multiopt.run import plan as planning
 from multiopt.units import parse_bytes
 
@@ -109,3 +110,16 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
     missed = [r for r in p.fitting if r.predicted != r.batch]
     assert missed and all(r.shared for r in missed)
     assert runner.runs < 20
+
+
+def test_runs_made_in_forked_workers_give_the_plan_one_process_gives():
+    base = Config(model="mlp", width=512, depth=3, batch=1, rules="rest=adamw", target="cuda")
+    axes = [planning.combo_axis(planning.preset_combos(["adamw", "sgd-momentum"])),
+            planning.field_axis("dtype", "--dtype", ("float32", "bfloat16"))]
+    budget = parse_bytes("100MiB")
+    plans = {jobs: planning.plan(base, axes, budget, confirm="all", jobs=jobs) for jobs in (1, 2)}
+    assert plans[1].runs == plans[2].runs
+    assert planning.as_dict(plans[1])["rows"] == planning.as_dict(plans[2])["rows"]
+    exact = (*BYTE_COLUMNS, *WORK_COLUMNS, "status", "batch", "combo", "dtype")  # not ids, dates, host times
+    assert [[getattr(r.record, c) for c in exact] for r in plans[1].rows] == \
+        [[getattr(r.record, c) for c in exact] for r in plans[2].rows]

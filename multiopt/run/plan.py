@@ -36,7 +36,9 @@ import copy
 import dataclasses
 import importlib.util
 import itertools
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
@@ -207,8 +209,11 @@ class Runner:
     once on meta per model-shaping fields and copied into every run."""
 
     def __init__(self, limit: int, *, warmup: int | None = None, alloc_conf: str | None = None,
-                 workspaces: Workspaces = Workspaces(), gpu: str | None = None) -> None:
+                 workspaces: Workspaces = Workspaces(), gpu: str | None = None, jobs: int = 1) -> None:
         self.limit = limit
+        # runs `prefetch` may make at once, each in a process forked from this one
+        self.jobs = jobs
+        self._pool: ProcessPoolExecutor | None = None
         # gpu: each record also predicts its step time there (instrument/gpu.py)
         self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces,
                                  gpu=gpu)
@@ -218,11 +223,26 @@ class Runner:
         self._records: dict[tuple[Config, int | None], Record] = {}
         self._programs: dict[Config, Program] = {}  # a config's allocator program, from any ok run of it
         self._meta: dict[tuple, torch.nn.Module] = {}
+        self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each a model copy)
         conf = self.protocol.alloc_conf
         self.alloc_config = conf if isinstance(conf, AllocatorConfig) else AllocatorConfig.from_env()
 
     def model_key(self, config: Config) -> tuple:
         return tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(Config) if f.name not in _NOT_MODEL)
+
+    def formula(self, config: Config) -> "Formula | None":
+        """`formula_for` the config, once per model and optimizers."""
+        key = ("formula", self.model_key(config), config.rules, config.impl, config.target)
+        if key not in self._sized:
+            self._sized[key] = formula_for(config, self.meta_model(config))
+        return self._sized[key]
+
+    def state(self, config: Config) -> int | None:
+        """`formula_state` of the config, once per model and optimizers."""
+        key = ("state", self.model_key(config), config.rules, config.impl, config.target)
+        if key not in self._sized:
+            self._sized[key] = formula_state(config, self.meta_model(config))
+        return self._sized[key]
 
     def meta_model(self, config: Config) -> torch.nn.Module:
         key = self.model_key(config)
@@ -237,17 +257,53 @@ class Runner:
         if same is not None:
             return same
         if key not in self._records:
-            meta = self.meta_model(config)
-            start = time.perf_counter()
-            log: list | None = [] if self.logs(config) else None
-            record = measure(config, replace(self.protocol, limit_bytes=limit), build=lambda: copy.deepcopy(meta),
-                             requests=log)
-            self.seconds += time.perf_counter() - start
-            self.runs += 1
-            self._records[key] = record
-            if log and record.status == Status.OK:  # an oom run's log stops at its failed request
-                self._programs.setdefault(config, Program.of(config.batch, log))
+            self._keep(config, limit, *self._measure(config, limit))
         return self._records[key]
+
+    def _measure(self, config: Config, limit: int | None) -> tuple[Record, Program | None, float]:
+        """One fake run: its record, its allocator program (None: not kept, or not ok), its seconds."""
+        meta = self.meta_model(config)
+        start = time.perf_counter()
+        log: list | None = [] if self.logs(config) else None
+        record = measure(config, replace(self.protocol, limit_bytes=limit), build=lambda: copy.deepcopy(meta),
+                         requests=log)
+        # an oom run's log stops at its failed request: no program
+        program = Program.of(config.batch, log) if log and record.status == Status.OK else None
+        return record, program, time.perf_counter() - start
+
+    def _keep(self, config: Config, limit: int | None, record: Record, program: Program | None, seconds: float) -> None:
+        self.seconds += seconds
+        self.runs += 1
+        self._records[(config, limit)] = record
+        if program is not None:
+            self._programs.setdefault(config, program)
+
+    def prefetch(self, wanted: Iterable[tuple[Config, int | None]]) -> None:
+        """Make these runs now, `jobs` at a time, each in a process forked from this one (the
+        meta models and imports shared, nothing pickled but configs and results); `run` then
+        finds their records. The same records as one at a time: a fake run is deterministic.
+        Nothing is done with jobs 1, where fork is not available, or under FSDP (its ranks
+        simulated on process groups of their own)."""
+        todo = list(dict.fromkeys(k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
+        if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
+            return
+        for config, _ in todo:
+            self.meta_model(config)  # before the fork, so every worker has it
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("fork"), initializer=_worker,
+                                             initargs=(self,))
+        for (config, limit), made in zip(todo, self._pool.map(_run_in_worker, todo)):
+            self._keep(config, limit, *made)
+
+    def needs_run(self, config: Config, limit: int | None) -> bool:
+        """Whether `run(config, limit)` would make a run (none made or standing for it yet)."""
+        return (config, limit) not in self._records and (limit is None or self._within(config, limit) is None)
+
+    def close(self) -> None:
+        """Stop the forked workers, if any (a later `prefetch` forks new ones)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def logs(self, config: Config) -> bool:
         """Whether runs of `config` keep their allocator program: target cuda, one rank."""
@@ -289,6 +345,19 @@ class Runner:
         if free is None or free.status != Status.OK or config.fsdp > 1 or metric(free) > limit:
             return None
         return free
+
+
+#: the Runner a forked worker runs for (set once in each worker by `_worker`)
+_WORKER: list[Runner] = []
+
+
+def _worker(runner: Runner) -> None:
+    _WORKER.append(runner)  # the parent's, as forked: its meta models, nothing pickled
+    torch.set_num_threads(1)  # fake ops compute nothing; jobs, not threads, use the cores
+
+
+def _run_in_worker(key: tuple[Config, int | None]) -> tuple[Record, Program | None, float]:
+    return _WORKER[0]._measure(*key)
 
 
 def metric(r: Record) -> int:
@@ -484,10 +553,11 @@ def candidates(base: Config, axes: Sequence[Axis]) -> list[tuple[dict[str, str],
 
 def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, warmup: int | None = None,
          alloc_conf: str | None = None, gpu: str | None = None, confirm: str = "frontier",
-         cap: int = BATCH_CAP, runner: Runner | None = None) -> Plan:
+         cap: int = BATCH_CAP, runner: Runner | None = None, jobs: int = 1) -> Plan:
     """Every candidate's largest batch under `budget` (target cuda: predicted peak reserved +
     `context`), confirmed at its boundary by the fake probe: every frontier row (`confirm=
-    "frontier"`; the others keep their prediction, labelled) or every row (`"all"`).
+    "frontier"`; the others keep their prediction, labelled) or every row (`"all"`). `jobs`:
+    fake runs made at once, each in a forked process (`Runner.prefetch`).
 
     UsageError: a budget below the weights, a model that cannot build."""
     if warmup is not None and warmup < 1:
@@ -497,7 +567,9 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     limit = budget - context
     if limit <= 0:
         raise UsageError(f"the budget {fmt_bytes(budget)} leaves nothing beside the CUDA context ({fmt_bytes(context)})")
-    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: give 1 or more")
+    runner = runner or Runner(limit, warmup=warmup, alloc_conf=alloc_conf, gpu=gpu, jobs=jobs)
     predictor, note = time_model(gpu)
     if predictor is not None:
         confirm = "all"  # a throughput needs a run at the batch it is claimed for
@@ -516,11 +588,34 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
                          f"{base.model}{'' if not context else f' + {fmt_bytes(context)} CUDA context'}); "
                          "raise --budget or choose a smaller model or dtype")
     rows = [Row(shown, config, flags=flags) for shown, config, flags in cands]
+    try:
+        _predict_all(rows, runner, limit, cap)
+        _confirm_all(rows, runner, limit, cap, predictor, confirm)
+    finally:
+        runner.close()
+    return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base)
+
+
+def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
+    """Every row's prediction; the runs each class's first member starts from made first,
+    `runner.jobs` at a time."""
+    ready = [row for row in rows if _prepare(row, runner)]
+    firsts: dict[tuple, Config] = {}
+    for row in ready:
+        firsts.setdefault(klass(runner, row.config), _run_config(row))
+    runner.prefetch((replace(c, batch=n), None) for c in firsts.values()
+                    for n in (PROGRAM_BATCHES if runner.logs(c) else (1,)))
     classes: dict[tuple, Slopes] = {}
     pairs: dict[tuple, Pair] = {}
-    for row in rows:
+    for row in ready:
         _predict(row, runner, classes, pairs, limit, cap)
-    # confirm: every row, or the frontier until it holds only confirmed rows
+
+
+def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predictor: Predictor | None,
+                 confirm: str) -> None:
+    """Confirm every row (`confirm="all"`), or the frontier until it holds only confirmed rows;
+    each round's first two runs per row (its answer, and one more) made first, `runner.jobs`
+    at a time."""
     bias: dict[tuple, int] = {}
     while True:
         for r in rows:
@@ -531,12 +626,17 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
         todo = [r for r in rows if r.why is None and not r.confirmed and (confirm == "all" or r.frontier or r.answer == 0)]
         if not todo:
             break
+        wanted = []
+        for r in todo:
+            room, config = limit - (r.formula.state if r.formula else 0), _run_config(r)
+            wanted += [(replace(config, batch=n), room) for n in (max(r.answer, 1), max(r.answer, 1) + 1)
+                       if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
+        runner.prefetch(wanted)
         for row in todo:
             row.bias = bias.get(row.klass, 0)
             _confirm(row, runner, limit, cap, predictor)
             if row.why is None and row.predicted:
                 bias[row.klass] = row.batch - row.predicted
-    return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base)
 
 
 def _run_config(row: Row) -> Config:
@@ -549,9 +649,8 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], pairs: dict
     """The row's predicted batch. Target cuda: its class's allocator programs at two batches
     replayed between them (`_predict_by_program`). Otherwise, or where the two batches make
     different programs: one unlimited run at its class's anchor batch (near the answer), the
-    class's slopes from its first member's runs at batch 1 and at the anchor."""
-    if not _prepare(row, runner):
-        return
+    class's slopes from its first member's runs at batch 1 and at the anchor. `row` has
+    passed `_prepare`."""
     room = limit - (row.formula.state if row.formula else 0)
     config = _run_config(row)
     row.klass = key = klass(runner, row.config)
@@ -572,7 +671,7 @@ def _prepare(row: Row, runner: Runner) -> bool:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
         validate(replace(row.config, fsdp=0), Protocol(probe=Probe.TRACKED))
-        row.formula = formula_for(row.config, runner.meta_model(row.config))
+        row.formula = runner.formula(row.config)
         if row.formula is not None and row.config.fsdp > 1:
             raise PlanFailed(f"{row.formula.why.split(':')[0]} sized by formula on the whole model only; its "
                              f"state per FSDP rank is not measured: plan it without --fsdp")
@@ -608,10 +707,10 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
         classes[key] = slopes(a, b) if a.batch < b.batch else slopes(b, a)
         classes[key] = replace(classes[key], points=(min(a.batch, b.batch), b.batch))
         anchor = runner.run(replace(config, batch=classes[key].points[1]), None)
-        classes[key] = replace(classes[key], anchor=anchor, state=formula_state(config, runner.meta_model(config)))
+        classes[key] = replace(classes[key], anchor=anchor, state=runner.state(config))
     s = classes[key]
     # FSDP shards the state: the whole model's formula is not its per-rank bytes, so it runs
-    state = formula_state(config, runner.meta_model(config)) if s.state is not None and config.fsdp <= 1 else None
+    state = runner.state(config) if s.state is not None and config.fsdp <= 1 else None
     if state is not None and s.anchor is not None and s.anchor.status == Status.OK:
         # same model, dtype, amp and placement: the same activations and gradients; only the
         # optimizers' state (and their step temporaries, left to the confirmation) differ
@@ -650,7 +749,7 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
     other optimizers holds its state's difference by formula aside (`shared`); one without a
     formula gets programs of its own. False: the two batches made different programs (the
     caller predicts from peaks instead)."""
-    state = formula_state(config, runner.meta_model(config))
+    state = runner.state(config)
     pair = pairs.get(key)
     if pair is not None and pair.rules != config.rules and (state is None or pair.state is None):
         key = (*key, config.rules)  # no formula to swap: this member's own programs
