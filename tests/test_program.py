@@ -109,6 +109,12 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
             assert row.predicted == row.batch, row.label
     missed = [r for r in p.fitting if r.predicted != r.batch]
     assert missed and all(r.shared for r in missed)
+    # the plan says how far its predictions were from their confirmations, by what they came from
+    said = planning.checks(p)
+    assert "from its allocator program between batches 2 and 3: 2 of 2 exact;" in said
+    worst = max(abs(r.batch - r.predicted) for r in missed)
+    assert f"{2 - len(missed)} of 2 exact; {len(missed)} off, by up to {worst:,}." in said
+    assert said in planning.render(p)
     assert runner.runs < 20
 
 

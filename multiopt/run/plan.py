@@ -502,6 +502,7 @@ class Row:
     frontier: bool = False
     flags: list[str] = field(default_factory=list)
     shared: bool = False  # predicted from its class's first member's run, its own state by formula
+    basis: str = ""  # what the prediction came from, in words
     klass: tuple = ()  # candidates that differ only by optimizers share activations, slopes, bias
     bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
     # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
@@ -715,12 +716,14 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
         # same model, dtype, amp and placement: the same activations and gradients; only the
         # optimizers' state (and their step temporaries, left to the confirmation) differ
         row.shared = True
+        row.basis = "its class's phase peaks, its own state by formula (step temporaries not counted)"
         row.predicted = predict(s.anchor, s, room - (state - s.state), cap)
         return
     anchor = runner.run(replace(config, batch=s.points[1]), None)
     if anchor.status != Status.OK:
         row.why = f"batch {anchor.batch}: {anchor.status}: {anchor.error}"
         return
+    row.basis = "phase peaks affine in the batch"
     row.predicted = predict(anchor, s, room, cap)
 
 
@@ -764,6 +767,8 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
         pair = pairs[key] = made
     shift = 0 if pair.rules == config.rules else state - pair.state  # type: ignore[operator]
     row.shared = pair.rules != config.rules
+    row.basis = ("its class's allocator program, its own state by formula (step temporaries not counted)"
+                 if row.shared else "its allocator program between batches 2 and 3")
     row.predicted = _largest(runner, pair, room - shift, cap, pair.answer) if row.shared else pair.answer
     return True
 
@@ -771,6 +776,7 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
 def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: int) -> Pair | Record | None:
     """`config`'s programs at PROGRAM_BATCHES, its answer under `room` searched between them;
     the failed run's record where one did not end ok; None where they are two programs."""
+    runner.prefetch((replace(config, batch=n), None) for n in PROGRAM_BATCHES)
     progs = []
     for n in PROGRAM_BATCHES:
         prog = runner.program(replace(config, batch=n))
@@ -942,7 +948,8 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
     """The plan as plain data (`--json`, the report's plot)."""
     def row(r: Row) -> dict[str, Any]:
         out: dict[str, Any] = {"candidate": r.values, "batch": r.answer, "confirmed": r.confirmed,
-                               "predicted": r.predicted, "shared": r.shared, "frontier": r.frontier, "capped": r.capped,
+                               "predicted": r.predicted, "shared": r.shared, "basis": r.basis, "frontier": r.frontier,
+                               "capped": r.capped,
                                "step_ms": r.step_ms, "throughput": r.throughput, "why": r.why,
                                "formula": r.formula.why if r.formula else None}
         if r.record is not None and r.why is None:
@@ -993,8 +1000,12 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
     predicted = [r for r in rest if r.record is None]
     if predicted:
         lines += ["", "## Also fit (predicted, not confirmed: off the frontier; `--confirm all` confirms them)", "",
-                  tabulate([[r.label, f"{r.answer:,}"] for r in sorted(predicted, key=lambda r: -r.answer)],
-                           headers=["candidate", "predicted batch"], tablefmt="github", disable_numparse=True)]
+                  tabulate([[r.label, f"{r.answer:,}", r.basis] for r in sorted(predicted, key=lambda r: -r.answer)],
+                           headers=["candidate", "predicted batch", "predicted from"], tablefmt="github",
+                           disable_numparse=True)]
+    checked = checks(p)
+    if checked:
+        lines += ["", checked]
     if p.refused:
         lines += ["", "## Fit nothing", "",
                   tabulate([[r.label, r.why or "batch 1 does not fit"] for r in p.refused], headers=["candidate", "why"],
@@ -1009,6 +1020,20 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
                       f"than it started with ({UNSTEADY_WHY}): its batch may not hold on later "
                       "steps; plan again with more --warmup steps."]
     return "\n".join(lines) + "\n"
+
+
+def checks(p: Plan) -> str:
+    """How far the predictions were from what confirming found, by what they came from."""
+    done = [r for r in p.rows if r.confirmed and r.predicted is not None and r.why is None]
+    if not done:
+        return ""
+    parts = []
+    for basis in dict.fromkeys(r.basis for r in done):
+        rows = [r for r in done if r.basis == basis]
+        off = [abs(r.batch - r.predicted) for r in rows if r.batch != r.predicted]  # type: ignore[operator]
+        miss = f"; {len(off)} off, by up to {max(off):,}" if off else ""
+        parts.append(f"from {basis}: {len(rows) - len(off)} of {len(rows)} exact{miss}")
+    return "Predictions checked by their confirmations (batch): " + "; ".join(parts) + "."
 
 
 def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) -> list[str]:
