@@ -92,10 +92,11 @@ def default_warmup(probe: str) -> int:
     return 1 if probe == ProbeName.FAKE else 3
 
 
-def validate(config: Config, protocol: Protocol = Protocol()) -> None:
+def validate(config: Config, protocol: Protocol = Protocol(), *, model: torch.nn.Module | None = None) -> None:
     """Raise UsageError for anything wrong with a config before any compute: unknown model,
     dtype, amp or impl, rules that do not parse, unknown optimizers, bad keywords, rules that
-    claim nothing or leave parameters unclaimed (checked on a meta-device model)."""
+    claim nothing or leave parameters unclaimed (checked on a meta-device model: `model`,
+    where the caller has the config's built already, read and not changed)."""
     _check_fields(config)
     if protocol.gpu is not None:
         check_gpu(protocol.gpu, config.target, protocol.probe)
@@ -107,8 +108,9 @@ def validate(config: Config, protocol: Protocol = Protocol()) -> None:
             if reads:
                 raise UsageError(f"the fake probe cannot run rule '{rule}': {reads}, and fake "
                                  "tensors have no values; use --probe tracked")
-    with torch.device("meta"):
-        model = models.for_config(config).build(config.width, config.depth)
+    if model is None:
+        with torch.device("meta"):
+            model = models.for_config(config).build(config.width, config.depth)
     plan(model, config.rules)
     fsdp.check(config, protocol.probe, model)
 

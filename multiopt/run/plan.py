@@ -214,9 +214,10 @@ class Runner:
         # runs `prefetch` may make at once, each in a process forked from this one
         self.jobs = jobs
         self._pool: ProcessPoolExecutor | None = None
-        # gpu: each record also predicts its step time there (instrument/gpu.py)
+        # gpu: each record also predicts its step time there (instrument/gpu.py), from the
+        # step's work; without one, no work is counted (a plan reads bytes only: ~10% a run)
         self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces,
-                                 gpu=gpu)
+                                 gpu=gpu, count_work=gpu is not None)
         self.runs = 0
         self.seconds = 0.0
         self.replays = 0  # programs replayed instead of run (instrument/program.py)
@@ -671,13 +672,13 @@ def _prepare(row: Row, runner: Runner) -> bool:
     try:
         # rules checked as rules (names, keywords, claims); the fake probe's refusal of optimizers
         # that read values does not apply: those are sized by formula
-        validate(replace(row.config, fsdp=0), Protocol(probe=Probe.TRACKED))
+        validate(replace(row.config, fsdp=0), Protocol(probe=Probe.TRACKED), model=runner.meta_model(row.config))
         row.formula = runner.formula(row.config)
         if row.formula is not None and row.config.fsdp > 1:
             raise PlanFailed(f"{row.formula.why.split(':')[0]} sized by formula on the whole model only; its "
                              f"state per FSDP rank is not measured: plan it without --fsdp")
         if row.formula is not None or row.config.fsdp > 1:  # FSDP: the degree against the parameters
-            validate(_run_config(row), Protocol(probe=Probe.FAKE))
+            validate(_run_config(row), Protocol(probe=Probe.FAKE), model=runner.meta_model(row.config))
     except (UsageError, PlanFailed) as e:
         row.why = str(e)
         return False
@@ -787,7 +788,29 @@ def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: 
     if not a.same_program(b):
         return None
     pair = Pair(a, b, config.rules, state, 0)
-    return replace(pair, answer=_largest(runner, pair, room, cap, b.batch))
+    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)))
+
+
+def _secant(runner: Runner, pair: Pair, room: int, cap: int) -> int:
+    """A first guess at the pair's answer, so its search takes a few replays, not a doubling
+    walk from batch 3: the batch where the unlimited peak reserved meets `room`, by the secant
+    through two unlimited replays, refined once. (A limited run frees cached blocks and
+    retries, so the answer is at or a little past it.)"""
+    def peak(n: int) -> int:
+        runner.replays += 1
+        return between(pair.a, pair.b, n).replay(runner.alloc_config).peak_reserved  # type: ignore[union-attr]
+
+    x0 = max(pair.a.batch, pair.b.batch)
+    x1 = min(max(4 * x0, 16), cap)
+    y0, y1 = peak(x0), peak(x1)
+    for _ in range(2):
+        if y1 <= y0 or x1 == x0:  # flat: nothing to aim at; the search doubles from the last point
+            return x1
+        x2 = int(min(max(x1 + (room - y1) * (x1 - x0) / (y1 - y0), x0), cap))
+        if x2 == x1:
+            break
+        x0, y0, x1, y1 = x1, y1, x2, peak(x2)
+    return max(x1, 1)
 
 
 def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int:
