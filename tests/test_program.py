@@ -129,3 +129,15 @@ def test_runs_made_in_forked_workers_give_the_plan_one_process_gives():
     exact = (*BYTE_COLUMNS, *WORK_COLUMNS, "status", "batch", "combo", "dtype")  # not ids, dates, host times
     assert [[getattr(r.record, c) for c in exact] for r in plans[1].rows] == \
         [[getattr(r.record, c) for c in exact] for r in plans[2].rows]
+
+
+def test_a_class_whose_batch_2_does_not_fit_is_predicted_to_fit_nothing_and_confirmed_at_batch_1():
+    """Batch 1's program is not batch 2's (it is often another): below the programs' smaller
+    batch nothing is predicted, and the plan confirms a row predicted to fit nothing with a run."""
+    base = Config(model=f"hf:{FIXTURES / 'hf' / 'llama'}", batch=1, rules="rest=adamw", target="cuda", seq=128)
+    one, two = (measure(replace(base, batch=n), Protocol(probe="fake", steps=0)) for n in (1, 2))
+    budget = (one.peak_reserved + two.peak_total) // 2  # batch 1 fits; batch 2's live bytes alone do not
+    assert one.peak_reserved < budget < two.peak_total
+    p = planning.plan(base, [planning.combo_axis(planning.preset_combos(["adamw"]))], budget)
+    row, = p.rows
+    assert row.predicted == 0 and row.confirmed and row.batch == 1 and row.record.status == "ok"

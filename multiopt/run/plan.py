@@ -814,8 +814,9 @@ def _secant(runner: Runner, pair: Pair, room: int, cap: int) -> int:
 
 
 def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int:
-    """The largest batch whose program between the pair's fits `room`; below the pair's
-    smaller batch, one less than it (that program is not known: the confirmation runs it)."""
+    """The largest batch whose program between the pair's fits `room`; 0 when the pair's
+    smaller batch does not fit (a smaller batch's program is not known, batch 1's is often
+    another: the plan confirms every row predicted to fit nothing, with a run at batch 1)."""
     low = min(pair.a.batch, pair.b.batch)
 
     def ok(n: int) -> bool:
@@ -826,7 +827,7 @@ def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int
         return prog is not None and prog.fits(runner.alloc_config, room)
 
     if room < 0 or not ok(low):
-        return low - 1
+        return 0
     return boundary(ok, max(guess, low), cap)[0]
 
 
