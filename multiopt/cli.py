@@ -111,7 +111,13 @@ def _fit_parser(sub: Any) -> None:
     _target_arguments(f, Target.CUDA)
     f.add_argument("--context", default=None, help="CUDA context bytes outside torch's counters, e.g. 512MiB, "
                    "or a GPU family (hopper, ampere, ...; default: hopper's) - target cuda only")
+    _jobs_argument(f)
     f.set_defaults(func=_cmd_fit)
+
+
+def _jobs_argument(p: Any) -> None:
+    p.add_argument("--jobs", type=int, default=None, help="fake runs at once, each in a forked process "
+                   "(default: the CPUs this process may use)")
 
 
 def _plan_parser(sub: Any) -> None:
@@ -138,8 +144,7 @@ def _plan_parser(sub: Any) -> None:
                     help="warm-up steps before the measured one (default: the fake probe's, 1)")
     pl.add_argument("--confirm", default="frontier", choices=["frontier", "all"],
                     help="confirm at its boundary every frontier batch (default) or every candidate's")
-    pl.add_argument("--jobs", type=int, default=None, help="fake runs at once, each in a forked process "
-                    "(default: the CPUs this process may use)")
+    _jobs_argument(pl)
     pl.add_argument("--json", action="store_true", help="the plan as one JSON object")
     pl.add_argument("--report", default=None, metavar="DIR", help="write DIR/plan.md and DIR/plan.png (candidates "
                     "against the budget line)")
@@ -420,13 +425,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     answers = fit(chosen, budget, width=args.width, batch=args.batch, model=args.model, depth=args.depth,
                   dtype=args.dtype, impl=args.impl, target=args.target, alloc_conf=_alloc_conf(args),
-                  context=context_bytes(args.context) if args.target == Target.CUDA else 0, gpu=_gpu(args, "fake"))
+                  context=context_bytes(args.context) if args.target == Target.CUDA else 0, gpu=_gpu(args, "fake"),
+                  jobs=_jobs(args))
     print(render(answers, budget, model=args.model, depth=args.depth, dtype=args.dtype), end="")
     return 1 if any(a.error for a in answers) else 0
 
 
-def _cpus() -> int:
-    """The CPUs this process may run on (its affinity, as taskset or a container's cpuset sets it)."""
+def _jobs(args: argparse.Namespace) -> int:
+    """--jobs, or the CPUs this process may run on (its affinity, as taskset or a container's
+    cpuset sets it)."""
+    if args.jobs is not None:
+        return args.jobs
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -468,7 +477,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     settle()  # this process ends with the command
     with _user_code(args.model):
         p = planning.plan(base, axes, budget, context=context, warmup=args.warmup, alloc_conf=alloc_conf,
-                          gpu=args.gpu, confirm=args.confirm, jobs=_cpus() if args.jobs is None else args.jobs)
+                          gpu=args.gpu, confirm=args.confirm, jobs=_jobs(args))
     data = planning.as_dict(p)
     text = planning.render(p)
     if args.report:

@@ -94,6 +94,7 @@ def test_cli_prints_one_table_per_combo(capsys):
     (["--budget", "1GiB", "--combos", "nope"], "unknown combo 'nope'"),
     (["--budget", "1GiB", "--rules", "rest=asgd"], "fake probe cannot run"),
     (["--width", "64"], "required: --budget"),
+    (["--budget", "1GiB", "--jobs", "0"], "--jobs 0: give 1 or more"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     try:

@@ -199,10 +199,13 @@ def _root(known: dict[int, int], budget: int, lo: int, hi: int | None) -> float 
 def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: int, model: str = "mlp",
         depth: int = 4, dtype: str = "float32", impl: str = "default", warmup: int | None = None,
         target: str = Target.CPU, alloc_conf: str | None = None, context: int = 0,
-        gpu: str | None = None) -> list[Answer]:
+        gpu: str | None = None, jobs: int = 1) -> list[Answer]:
     """For every combo: the largest batch (at `width`, where the model takes one), and the
     largest width at `batch` for a model whose factory takes a width. One Runner: every
-    measurement is made once. target "cuda": on predicted peak reserved plus `context` bytes."""
+    measurement is made once. target "cuda": on predicted peak reserved plus `context` bytes.
+    `jobs`: fake runs at once, in forked processes (`plan.Runner.prefetch`)."""
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: give 1 or more")
     if budget < 1:
         raise UsageError(f"the budget must be at least 1 byte, got {budget}")
     if width < 1 or batch < 1 or depth < 1:
@@ -217,7 +220,7 @@ def fit(combos: Sequence[tuple[str, str]], budget: int, *, width: int, batch: in
             validate(c, fake)
         except UsageError as e:
             raise UsageError(f"combo {c.combo!r} (fit estimates on the fake probe): {e}") from None
-    runner = Runner(max(budget - context, 0), warmup=warmup, alloc_conf=alloc_conf, gpu=gpu)
+    runner = Runner(max(budget - context, 0), warmup=warmup, alloc_conf=alloc_conf, gpu=gpu, jobs=jobs)
     axes = ("batch", "width") if "width" in spec.takes else ("batch",)
     return [largest(c, axis, budget, alloc_conf=alloc_conf, context=context, runner=runner)
             for c in configs for axis in axes]

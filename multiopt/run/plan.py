@@ -603,9 +603,13 @@ def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
     `runner.jobs` at a time."""
     ready = [row for row in rows if _prepare(row, runner)]
     firsts: dict[tuple, Config] = {}
+    own = []  # members that get programs of their own (`_shares`)
     for row in ready:
-        firsts.setdefault(klass(runner, row.config), _run_config(row))
-    runner.prefetch((replace(c, batch=n), None) for c in firsts.values()
+        config = _run_config(row)
+        first = firsts.setdefault(klass(runner, row.config), config)
+        if first != config and runner.logs(config) and not _shares(runner, runner.state(first), runner.state(config)):
+            own.append(config)
+    runner.prefetch((replace(c, batch=n), None) for c in [*firsts.values(), *own]
                     for n in (PROGRAM_BATCHES if runner.logs(c) else (1,)))
     classes: dict[tuple, Slopes] = {}
     pairs: dict[tuple, Pair] = {}
@@ -633,6 +637,8 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
             room, config = limit - (r.formula.state if r.formula else 0), _run_config(r)
             wanted += [(replace(config, batch=n), room) for n in (max(r.answer, 1), max(r.answer, 1) + 1)
                        if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
+            if r.answer == 0:  # what batch 1 needs, for the row that says it fits nothing
+                wanted.append((replace(config, batch=1), None))
         runner.prefetch(wanted)
         for row in todo:
             row.bias = bias.get(row.klass, 0)
@@ -750,13 +756,13 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
                         pairs: dict[tuple, Pair], cap: int) -> bool:
     """Predict the row's batch by replaying its class's programs between two batches under
     the room (the allocator model's release-and-retry under a limit included). A member with
-    other optimizers holds its state's difference by formula aside (`shared`); one without a
-    formula gets programs of its own. False: the two batches made different programs (the
-    caller predicts from peaks instead)."""
+    other optimizers holds its state's difference by formula aside (`shared`) where that
+    difference is small (`_shares`); otherwise, or without a formula, it gets programs of its
+    own. False: the two batches made different programs (the caller predicts from peaks)."""
     state = runner.state(config)
     pair = pairs.get(key)
-    if pair is not None and pair.rules != config.rules and (state is None or pair.state is None):
-        key = (*key, config.rules)  # no formula to swap: this member's own programs
+    if pair is not None and pair.rules != config.rules and not _shares(runner, pair.state, state):
+        key = (*key, config.rules)  # this member's own programs
         pair = pairs.get(key)
     if pair is None:
         made = _pair_of(runner, config, state, room, cap)
@@ -772,6 +778,19 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
                  if row.shared else "its allocator program between batches 2 and 3")
     row.predicted = _largest(runner, pair, room - shift, cap, pair.answer) if row.shared else pair.answer
     return True
+
+
+#: how far (a share of the plan's limit) a member's state by formula may be from its class's
+#: first member's and still be predicted from the first's programs with it swapped in. Its
+#: step's temporaries, not counted by the swap, scale with the same parameters: on the 7B
+#: without LoRA at 80 GiB (AdamW first), Adafactor was predicted 4 and confirmed at 92
+SHARE_FRACTION = 0.05
+
+
+def _shares(runner: Runner, first: int | None, state: int | None) -> bool:
+    """Whether a member with `state` is predicted from its class's first member's programs
+    (state `first`); if not, it gets programs of its own (two runs). No formula: its own."""
+    return first is not None and state is not None and abs(state - first) <= SHARE_FRACTION * runner.limit
 
 
 def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: int) -> Pair | Record | None:
