@@ -4,21 +4,27 @@ A *candidate* is a config with its batch left open; the candidates are the produ
 *axes* (`Axis`: a name, its values, and how a value sets a Config field). For each one the
 engine finds the largest batch that fits, and the frontier of those answers is the plan.
 
-Fast by construction. Parameters, gradients and optimizer state do not depend on the batch;
-activations and temporaries are affine in it (at a fixed sequence length). So:
+Fast by construction. Candidates that differ only by optimizers form a *class* (same model,
+dtype, AMP, checkpointing, LoRA, placement): their activations and gradients are the same.
 
-1. each candidate runs once on the fake probe, unlimited, at batch 1: every phase's peak;
-2. candidates that differ only in their optimizers share their activations: the first of
-   each such *class* runs once more, at a batch near its answer, which gives each phase's
-   slope in the batch;
-3. per phase, peak(b) = peak(1) + slope x (b - 1); with target cuda the allocator's slack
-   (reserved - allocated at batch 1) on top: the largest b under the budget is the prediction;
-4. the prediction is confirmed at its boundary with the budget as the probe's limit (as
+1. Target cuda: the class's first member runs unlimited on the fake probe at batches 2 and 3,
+   each run keeping its allocator program (instrument/program.py). Where the two are one
+   program, the program at any batch is known (sizes affine in the batch) and replayed under
+   the budget (release-and-retry included): the largest batch that fits is the prediction.
+   Another member is predicted from the same programs with its state by formula swapped in
+   when that state is within 5% of the budget of the first's (`_shares`); otherwise it gets
+   programs of its own. Target cpu, FSDP, or two programs: each phase's peak is taken affine
+   in the batch from runs near the answer, the allocator's slack at the anchor on top
+   (`_predict_by_peaks`).
+2. The prediction is confirmed at its boundary with the budget as the probe's limit (as
    `set_per_process_memory_fraction` would cap a GPU): batch b runs, b + 1 runs out of
    memory; where they disagree the boundary is searched from there (doubling steps, then
-   bisection), so a wrong prediction costs runs, never a wrong answer. A batch whose unlimited
-   run stayed within the limit needs no limited run (it is the same run), nor one whose live
-   bytes alone went past it (`Runner.known_fit`).
+   bisection), so a wrong prediction costs runs, never a wrong answer. A batch with a run
+   under any limit needs no other: its program replayed under this one ends as the limited
+   run would (`Runner.known_fit`). Each row says what its prediction came from (`basis`),
+   and the plan how far its predictions were from their confirmations (`checks`).
+3. Runs are made `jobs` at a time, in processes forked from the planner (`Runner.prefetch`):
+   every class's program runs first, then each confirming round's first two runs per row.
 
 The model is built once on meta and copied for every run (`measure(build=...)`). An optimizer
 that cannot run on the fake probe (it reads tensor values: Adafactor, 8-bit AdamW) is sized
@@ -26,8 +32,9 @@ by its state formula from the registry (`instrument.state.expected_state`): the 
 runs with SGD (no state) in its place and the formula's bytes held against the budget; the
 row says so, and that its step temporaries are not measured.
 
-Throughput needs a time model: `Predictor` (a record -> predicted step ms, or None). None
-exists on this build: a plan without one says "no time model" and ranks by batch alone.
+Throughput needs a time model: `Predictor` (a record -> predicted step ms, or None), the
+GPU model of instrument/gpu.py with `gpu`; a plan without one says "no time model" and ranks
+by batch alone.
 """
 
 from __future__ import annotations
@@ -529,6 +536,7 @@ class Plan:
     seconds: float
     weights: int
     base: Config
+    jobs: int = 1  # fake runs made at once (`seconds` is their sum)
 
     @property
     def fitting(self) -> list[Row]:
@@ -595,7 +603,8 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
         _confirm_all(rows, runner, limit, cap, predictor, confirm)
     finally:
         runner.close()
-    return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base)
+    return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base,
+                runner.jobs)
 
 
 def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
@@ -1004,7 +1013,7 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
 
     return {"budget": p.budget, "context": p.context if p.target == Target.CUDA else 0, "target": p.target,
             "context_source": CONTEXT_SOURCE if p.target == Target.CUDA else None, "time": p.time_note,
-            "weights": p.weights, "fake_runs": p.runs, "fake_seconds": round(p.seconds, 3),
+            "weights": p.weights, "fake_runs": p.runs, "fake_seconds": round(p.seconds, 3), "jobs": p.jobs,
             "rows": [row(r) for r in p.rows]}
 
 
@@ -1021,7 +1030,8 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
                  "allocator slack on top (use --target cuda)")
     lines = [f"# Plan: what fits in {fmt_bytes(p.budget)} ({p.budget:,} bytes)", "",
              f"{b.model}{f' ({sizes})' if sizes else ''}; {semantics}. Time: {p.time_note}.",
-             f"{len(p.rows)} candidates, {len(p.fitting)} fit; {p.runs} fake runs in {p.seconds:.1f} s."]
+             f"{len(p.rows)} candidates, {len(p.fitting)} fit; {p.runs} fake runs, {p.seconds:.1f} s of them"
+             f"{f' ({p.jobs} at a time)' if p.jobs > 1 else ''}."]
     front = [r for r in p.fitting if r.frontier]
     rest = [r for r in p.fitting if not r.frontier]
     head = ["candidate", "batch", "used", "headroom", "weights", "grads", "state", "activations", "temporaries",
