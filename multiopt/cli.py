@@ -332,7 +332,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     """One config, printed as a readable table (or one JSON line); exit 1 when not ok."""
     from .analyze.card import record_text
     from .instrument.probes import resolve_probe
-    from .instrument.protocol import Config, Protocol, measure, validate
+    from .instrument.protocol import Config, Protocol, measure, model_factory, validate
     from .run.launch import settle
     from .run.presets import combos
     from .rules import Rules
@@ -349,9 +349,17 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     protocol = Protocol(probe=probe, warmup=args.warmup, steps=args.steps, threads=args.threads,
                         limit_bytes=_bytes(args.limit, "--limit") if args.limit else None, alloc_conf=_alloc_conf(args),
                         gpu=_gpu(args, probe))
-    validate(config, protocol)
+    model = None
+    # fake probe: the model built once on meta, checked by validate and run by measure (under
+    # FSDP each simulated rank shards a model of its own: measure builds those)
+    if probe == Probe.FAKE and config.fsdp <= 1:
+        import torch
+
+        with torch.device("meta"):
+            model = model_factory(config)()
+    validate(config, protocol, model=model)
     settle()  # this process ends with the command
-    record = measure(config, protocol)
+    record = measure(config, protocol, build=None if model is None else (lambda: model))
     if record.status == Status.ERROR and (record.error or "").startswith(_USAGE):
         # the user's input (model, batch, rules, flags) refused at run time: one line, no card
         raise UsageError(record.error[len(_USAGE):])
