@@ -657,7 +657,7 @@ class CachingAllocator:
 class LoggedAllocator(CachingAllocator):
     """A `CachingAllocator` that also keeps every request it is given, in order, in ``log``:
     ``("malloc", key, nbytes)``, ``("free", key)``, ``("empty_cache",)`` (`replay`'s events),
-    ``("stage", source, buf, sem)`` (a reduction's scratch and what sized it); a request that
+    ``("stage", source)`` (a reduction's scratch, as what sizes it); a request that
     runs out of memory is logged too, as the one that failed.
 
     The requests are the program's, not the allocator's decisions: the same program under
@@ -681,7 +681,7 @@ class LoggedAllocator(CachingAllocator):
         super().empty_cache()
 
     def stage(self, buf: int, sem: int, source: Any = None) -> None:
-        self.log.append(("stage", source, buf, sem))
+        self.log.append(("stage", source))
         super().stage(buf, sem, source)
 
 

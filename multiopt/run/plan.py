@@ -240,16 +240,16 @@ class Runner:
 
     def formula(self, config: Config) -> "Formula | None":
         """`formula_for` the config, once per model and optimizers."""
-        key = ("formula", self.model_key(config), config.rules, config.impl, config.target)
-        if key not in self._sized:
-            self._sized[key] = formula_for(config, self.meta_model(config))
-        return self._sized[key]
+        return self._sized_once(formula_for, config)
 
     def state(self, config: Config) -> int | None:
         """`formula_state` of the config, once per model and optimizers."""
-        key = ("state", self.model_key(config), config.rules, config.impl, config.target)
+        return self._sized_once(formula_state, config)
+
+    def _sized_once(self, sizer: Callable[[Config, torch.nn.Module], Any], config: Config) -> Any:
+        key = (sizer.__name__, self.model_key(config), config.rules, config.impl, config.target)
         if key not in self._sized:
-            self._sized[key] = formula_state(config, self.meta_model(config))
+            self._sized[key] = sizer(config, self.meta_model(config))
         return self._sized[key]
 
     def meta_model(self, config: Config) -> torch.nn.Module:
@@ -643,7 +643,7 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
             break
         wanted = []
         for r in todo:
-            room, config = limit - (r.formula.state if r.formula else 0), _run_config(r)
+            room, config = _room(r, limit), _run_config(r)
             wanted += [(replace(config, batch=n), room) for n in (max(r.answer, 1), max(r.answer, 1) + 1)
                        if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
             if r.answer == 0:  # what batch 1 needs, for the row that says it fits nothing
@@ -654,6 +654,11 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
             _confirm(row, runner, limit, cap, predictor)
             if row.why is None and row.predicted:
                 bias[row.klass] = row.batch - row.predicted
+
+
+def _room(row: Row, limit: int) -> int:
+    """What the row's runs may use of `limit`: less the state its formula holds aside."""
+    return limit - (row.formula.state if row.formula else 0)
 
 
 def _run_config(row: Row) -> Config:
@@ -668,7 +673,7 @@ def _predict(row: Row, runner: Runner, classes: dict[tuple, Slopes], pairs: dict
     different programs: one unlimited run at its class's anchor batch (near the answer), the
     class's slopes from its first member's runs at batch 1 and at the anchor. `row` has
     passed `_prepare`."""
-    room = limit - (row.formula.state if row.formula else 0)
+    room = _room(row, limit)
     config = _run_config(row)
     row.klass = key = klass(runner, row.config)
     if runner.logs(config) and _predict_by_program(row, runner, config, room, key, pairs, cap):
@@ -882,7 +887,7 @@ def _second_batch(r1: Record, room: int, cap: int) -> int:
 
 
 def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predictor | None) -> None:
-    room = limit - (row.formula.state if row.formula else 0)
+    room = _room(row, limit)
     config = _run_config(row)
 
     def ok(n: int) -> bool:
@@ -896,16 +901,17 @@ def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predicto
 
     try:
         guess = row.answer or 1
-        if row.shared and runner.logs(config) and (not ok(guess) or ok(guess + 1)):
-            # the state swapped in by formula missed (the optimizers' step temporaries
-            # differ). By one: one more run says so. By more: two runs of this member's own
+        if row.shared and runner.logs(config):
+            # where the state swapped in by formula missed (the optimizers' step temporaries
+            # differ): by one, one more run says so; by more, two runs of this member's own
             # programs make its prediction, where a search would double away from the miss
             over = not ok(guess)
+            under = not over and ok(guess + 1)
             if over and guess > 1 and ok(guess - 1):
                 guess -= 1
-            elif not over and not ok(guess + 2):
+            elif under and not ok(guess + 2):
                 guess += 1
-            elif isinstance(own := _pair_of(runner, config, None, room, cap), Pair):
+            elif (over or under) and isinstance(own := _pair_of(runner, config, None, room, cap), Pair):
                 guess = max(own.answer, 1)
         row.batch, row.capped = boundary(ok, guess, cap)
     except PlanFailed as e:

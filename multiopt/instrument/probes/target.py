@@ -128,14 +128,18 @@ class CudaTarget:
             try:
                 self.allocator.stage(buf, sem, (key, self.workspaces.gpu))
             except AllocatorOOM as e:
-                raise torch.OutOfMemoryError(f"{self.label} probe (target cuda) out of memory: {e}") from None
+                raise self._out_of_memory(e) from None
         return on_reduce
+
+    def _out_of_memory(self, e: AllocatorOOM) -> torch.OutOfMemoryError:
+        """The allocator model's refusal as the error a CUDA device raises."""
+        return torch.OutOfMemoryError(f"{self.label} probe (target cuda) out of memory: {e}")
 
     def on_alloc(self, key: int, nbytes: int) -> None:
         try:
             self.allocator.malloc(key, nbytes)
         except AllocatorOOM as e:
-            raise torch.OutOfMemoryError(f"{self.label} probe (target cuda) out of memory: {e}") from None
+            raise self._out_of_memory(e) from None
 
     def on_free(self, key: int) -> None:
         if key in self._host:
