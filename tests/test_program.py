@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from multiopt.instrument.allocator import AllocatorConfig, LoggedAllocator
-from multiopt.instrument.program import EMPTY_CACHE, FREE, MALLOC, Program, between
+from multiopt.instrument.program import EMPTY_CACHE, FREE, MALLOC, Program, between, spans, spliced
 from multiopt.instrument.protocol import Config, Protocol, measure
 from multiopt.record import BYTE_COLUMNS, WORK_COLUMNS
 from multiopt.run import plan as planning
@@ -21,10 +21,16 @@ LLAMA = Config(model=f"hf:{FIXTURES / 'hf' / 'llama'}", batch=2, rules="rest=ada
 MLP = Config(model="mlp", width=256, depth=3, batch=8, rules="rest=adamw", target="cuda")
 
 
-def _run(config: Config, probe: str = "fake", limit: int | None = None) -> tuple[object, list]:
+def _run(config: Config, probe: str = "fake", limit: int | None = None, backward: bool = True) -> tuple[object, list]:
     log: list = []
-    record = measure(config, Protocol(probe=probe, steps=0, limit_bytes=limit), requests=log)
+    record = measure(config, Protocol(probe=probe, steps=0, limit_bytes=limit), requests=log, backward=backward)
     return record, log
+
+
+def _until_end(p: Program) -> tuple:
+    """A program up to its run's "end" mark (after it: the teardown's frees), with its marks."""
+    end = next(pos for pos, name in p.marks if name == "end")
+    return p.ops[:end], p.refs[:end], p.sizes[:end], p.stages, p.marks, p.grads
 
 
 def test_a_log_names_requests_by_position_not_by_storage():
@@ -92,10 +98,11 @@ def test_two_programs_are_not_interpolated():
 def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
     """Target cuda: each class's first member is predicted by replaying its programs at
     batches 2 and 3 under the budget, and confirming finds exactly that batch (it fits, one
-    more does not); so is a member whose state is far from the first's (its own programs). A
+    more does not); so is a member whose state is far from the first's (the first's programs
+    with its own optimizers' requests spliced in, from one run of their side alone). A
     member predicted with its state swapped by formula that misses (here SGD's step makes
-    fewer temporaries than AdamW's) gets two runs of its own programs, instead of a search
-    doubling away from the prediction (30 runs for this plan)."""
+    fewer temporaries than AdamW's) gets programs of its own, instead of a search doubling
+    away from the prediction (30 runs for this plan)."""
     base = Config(model="mlp", width=1024, depth=3, batch=1, rules="rest=adamw", target="cuda")
     axes = [planning.combo_axis(planning.preset_combos(["adamw", "sgd-momentum"])),
             planning.field_axis("dtype", "--dtype", ("float32", "bfloat16"))]
@@ -104,9 +111,10 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
     p = planning.plan(base, axes, budget, confirm="all", runner=runner)
     assert len(p.fitting) == 4 and runner.replays > 0
     # one class per dtype (AdamW first). SGD's state is AdamW's less one parameter-sized buffer:
-    # 12 MiB in float32, more than 5% of the budget (its own programs), 6 MiB in bfloat16 (shared)
+    # 12 MiB in float32, more than 5% of the budget (spliced programs), 6 MiB in bfloat16 (shared)
     assert [r.shared for r in p.rows] == [False, False, False, True]
-    assert [r.basis.startswith("its allocator program") for r in p.rows] == [True, True, True, False]
+    assert [r.basis.startswith("its allocator program") for r in p.rows] == [True, True, False, False]
+    assert "spliced in" in p.rows[2].basis and runner.step_runs >= 1
     for row in p.fitting:
         assert row.confirmed and row.batch > 3 and row.record.status == "ok"
         if not row.shared:
@@ -115,7 +123,8 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
     assert missed and all(r.shared for r in missed)
     # the plan says how far its predictions were from their confirmations, by what they came from
     said = planning.checks(p)
-    assert "from its allocator program between batches 2 and 3: 3 of 3 exact;" in said
+    assert "from its allocator program between batches 2 and 3: 2 of 2 exact;" in said
+    assert "from its class's allocator program, its own optimizers' requests spliced in: 1 of 1 exact;" in said
     worst = max(abs(r.batch - r.predicted) for r in missed)
     assert f"0 of 1 exact; 1 off, by up to {worst:,}." in said
     assert said in planning.render(p)
@@ -145,3 +154,50 @@ def test_a_class_whose_batch_2_does_not_fit_is_predicted_to_fit_nothing_and_conf
     p = planning.plan(base, [planning.combo_axis(planning.preset_combos(["adamw"]))], budget)
     row, = p.rows
     assert row.predicted == 0 and row.confirmed and row.batch == 1 and row.record.status == "ok"
+
+
+@pytest.mark.parametrize("probe,config", [("fake", LLAMA), ("tracked", replace(LLAMA, checkpointing=1)),
+                                          ("fake", MLP), ("tracked", MLP)],
+                         ids=["llama-fake", "llama-ckpt-tracked", "mlp-fake", "mlp-tracked"])
+def test_another_members_optimizers_spliced_in_make_the_program_its_own_run_makes(probe, config):
+    """A member of the class (same model, other optimizers): the first member's programs with
+    the member's optimizers' requests spliced in (from a run of their side alone: gradients
+    made by hand, no forward or backward) are the programs the member's own runs make, request
+    for request, at batch 2 and between batches 2 and 3 at 7. Muon's step makes the cuBLAS
+    workspaces' first matmul unless the model's forward has (the hand-made step does one)."""
+    first = {n: Program.of(n, _run(replace(config, batch=n), probe)[1]) for n in (2, 3)}
+    names = [s[0] for s in spans(first[2])]  # the warm-up steps (the probe's number), the instrumented one
+    assert names[0] == "optimizer" and names[1:] == ["step", "zero_grad"] * first[2].grads.__len__()
+    assert len(first[2].grads) >= 2  # the gradient table before each step
+    for rules in ("rest=sgd(lr=0.1)", "rest=sgd(lr=0.1,momentum=0.9)", "@2d=muon(lr=0.02); rest=adamw",
+                  "rest=adam(foreach=False)"):
+        member = replace(config, rules=rules)
+        record, log = _run(member, probe, backward=False)
+        assert record.status == "ok", record.error
+        steps = Program.of(2, log)
+        assert not any(name.startswith("forward") for _, name in steps.marks)  # the optimizers' side alone
+        for n in (2, 7):
+            own = Program.of(n, _run(replace(member, batch=n), probe)[1])
+            base = first[n] if n in first else between(first[2], first[3], n)
+            made = spliced(base, steps)
+            assert made is not None and _until_end(made) == _until_end(own), (rules, n)
+            assert made.replay(AllocatorConfig()).peak_reserved == own.replay(AllocatorConfig()).peak_reserved
+
+
+def test_a_splice_that_cannot_be_made_is_refused():
+    """Other trainable parameters (LoRA freezes the base: other gradient tables), or a model
+    request that frees what the base's optimizers made, give no program, never a wrong one."""
+    plain = Program.of(2, _run(LLAMA)[1])
+    lora = Program.of(2, _run(replace(LLAMA, lora="r=8"), backward=False)[1])
+    assert spliced(plain, lora) is None
+    # the same run with its gradient tables cut: its optimizers' frees of gradients name nothing
+    steps = Program.of(2, _run(replace(LLAMA, rules="rest=sgd(lr=0.1)"), backward=False)[1])
+    assert spliced(plain, steps) is not None
+    assert spliced(plain, replace(steps, grads=tuple((pos, (-1,) * len(t)) for pos, t in steps.grads))) is None
+
+
+def test_the_optimizers_side_alone_needs_a_log_and_a_backward_free_trainer():
+    record = measure(MLP, Protocol(probe="fake", steps=0), backward=False)  # no requests: nothing to keep
+    assert record.status == "error" and "give `requests`" in record.error
+    record, _ = _run(replace(MLP, step_in_backward=1), backward=False)
+    assert record.status == "error" and "step_in_backward" in record.error

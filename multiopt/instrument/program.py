@@ -28,7 +28,7 @@ Replay costs about 2 us a request (a 1B Llama step: 15,000 requests, ~30 ms).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .allocator import AllocatorConfig, AllocatorOOM, CachingAllocator
 from .probes.reduce import staging
@@ -49,36 +49,51 @@ class Program:
     refs: tuple[int, ...]
     sizes: tuple[int, ...]
     stages: tuple[tuple[Any, Any], ...] = ()
+    #: (position, name): where the run passed a named point ("step:before", ...; `mark`
+    #: events, which are not requests): the optimizers' spans are found by them (`spliced`)
+    marks: tuple[tuple[int, str], ...] = ()
+    #: (position, each trainable parameter's gradient as the index of its live malloc, -1:
+    #: none): what the gradients were when the optimizers were about to step (`grads` events)
+    grads: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     @classmethod
     def of(cls, batch: int, log: Sequence[tuple]) -> "Program":
-        """From a LoggedAllocator's log. A key malloc'ed again after its free is a new malloc."""
+        """From a LoggedAllocator's log (with the run's ``("mark", name)`` and ``("grads",
+        keys)`` events, if any). A key malloc'ed again after its free is a new malloc."""
         live: dict = {}
-        ops = bytearray(len(log))
-        refs = [0] * len(log)
-        sizes = [0] * len(log)
+        ops = bytearray()
+        refs: list[int] = []
+        sizes: list[int] = []
         stages = []
-        for i, ev in enumerate(log):
-            kind = ev[0]
+        marks = []
+        grads = []
+        for ev in log:
+            kind, i = ev[0], len(ops)
             if kind == "malloc":
                 live[ev[1]] = i
-                refs[i], sizes[i] = i, ev[2]
+                ops.append(MALLOC), refs.append(i), sizes.append(ev[2])
             elif kind == "free":
-                ops[i], refs[i] = FREE, live.pop(ev[1])
+                ops.append(FREE), refs.append(live.pop(ev[1])), sizes.append(0)
             elif kind == "stage":
-                ops[i], refs[i] = STAGE, len(stages)
+                ops.append(STAGE), refs.append(len(stages)), sizes.append(0)
                 stages.append(ev[1])
+            elif kind == "empty_cache":
+                ops.append(EMPTY_CACHE), refs.append(0), sizes.append(0)
+            elif kind == "mark":
+                marks.append((i, ev[1]))
+            elif kind == "grads":
+                grads.append((i, tuple(-1 if k is None else live.get(k, -1) for k in ev[1])))
             else:
-                ops[i] = EMPTY_CACHE
-        return cls(batch, bytes(ops), tuple(refs), tuple(sizes), tuple(stages))
+                raise ValueError(f"not an allocator request or a run's mark: {ev!r}")
+        return cls(batch, bytes(ops), tuple(refs), tuple(sizes), tuple(stages), tuple(marks), tuple(grads))
 
     def __len__(self) -> int:
         return len(self.ops)
 
     def same_program(self, other: "Program") -> bool:
         """The same requests in the same order, sizes aside (and reductions' shapes and strides)."""
-        return (self.ops == other.ops and self.refs == other.refs
-                and [_kind(s) for s in self.stages] == [_kind(s) for s in other.stages])
+        return (self.ops == other.ops and self.refs == other.refs and self.marks == other.marks
+                and self.grads == other.grads and [_kind(s) for s in self.stages] == [_kind(s) for s in other.stages])
 
     def replay(self, config: AllocatorConfig, limit: int | None = None) -> CachingAllocator:
         """The allocator model after these requests. Raises AllocatorOOM where `limit` is met."""
@@ -127,4 +142,132 @@ def between(a: Program, b: Program, batch: int) -> Program | None:
     sizes = tuple(at(x, y) for x, y in zip(a.sizes, b.sizes))
     stages = tuple(((tuple(map(at, sa[0][0], sb[0][0])), tuple(map(at, sa[0][1], sb[0][1])), *sa[0][2:]), sa[1])
                    for sa, sb in zip(a.stages, b.stages))
-    return Program(batch, a.ops, a.refs, sizes, stages)
+    return Program(batch, a.ops, a.refs, sizes, stages, a.marks, a.grads)
+
+
+#: the spans of a run that are its optimizers' (their construction, each step, each
+#: zero_grad), between marks "<name>:before" and "<name>:after"; the rest is the model's
+OPTIMIZER_SPANS = ("optimizer", "step", "zero_grad")
+
+
+def spans(p: Program) -> list[tuple[str, int, int]]:
+    """(name, start, end) of each optimizer span of `p`, in order (positions: requests)."""
+    out, open_ = [], {}
+    for pos, mark in p.marks:
+        name, _, when = mark.partition(":")
+        if name not in OPTIMIZER_SPANS:
+            continue
+        if when == "before":
+            open_[name] = pos
+        elif name in open_:
+            out.append((name, open_.pop(name), pos))
+    return sorted(out, key=lambda s: s[1])
+
+
+def spliced(base: Program, steps: Program) -> Program | None:
+    """`base` with its optimizers' requests replaced by those of `steps`: another run of the
+    same model (same trainable parameters, same steps) with other optimizers, which may have
+    made its gradients by hand instead of by backward (`measure(backward=False)`). The model's
+    requests (and their sizes: `base` may be a program `between` two batches) stay `base`'s;
+    every span in OPTIMIZER_SPANS is `steps`' (their sizes do not depend on the batch).
+
+    A free in an optimizer span of `steps` names its own span's mallocs or a gradient: a
+    gradient is found by its place in `steps`' gradient tables and named by the same place in
+    `base`'s. None where that cannot be done: other spans, other tables, a gradient `base`
+    does not have or shares between parameters, a free of what neither side made (the
+    batch, a parameter), or a model request of `base` that frees what its optimizers made."""
+    bs, ss = spans(base), spans(steps)
+    if [s[0] for s in bs] != [s[0] for s in ss]:
+        return None
+    grad = _same_gradients(steps.grads, base.grads)
+    if grad is None:
+        return None
+    end = next((pos for pos, name in base.marks if name == "end"), len(base))
+
+    def base_name(ref: int) -> tuple | None:
+        return None if _inside(bs, ref) else ("b", ref)
+
+    def steps_name(ref: int) -> tuple | None:
+        if _inside(ss, ref):
+            return ("s", ref)
+        return ("b", grad[ref]) if grad.get(ref, -1) >= 0 else None
+
+    out = _Events(base, "b")
+    span_at: dict[int, list[tuple[int, int, int]]] = {}  # an empty span and the next may start together
+    for (_, b0, b1), (_, s0, s1) in zip(bs, ss):
+        span_at.setdefault(b0, []).append((b1, s0, s1))
+    i = 0
+    while True:
+        out.marks(i)
+        skip_to = i
+        for b1, s0, s1 in span_at.pop(i, []):  # an optimizer span: steps' requests in place of base's
+            if not all(out.request(steps, "s", j, steps_name) for j in range(s0, s1)):
+                return None
+            skip_to = max(skip_to, b1)
+        if skip_to > i:
+            i = skip_to
+            continue
+        if i == len(base):
+            return out.program()
+        teardown = i >= end and base.ops[i] == FREE and base_name(base.refs[i]) is None
+        if not teardown and not out.request(base, "b", i, base_name):  # base's optimizers' state freed: not steps'
+            return None
+        i += 1
+
+
+def _inside(sp: list[tuple[str, int, int]], i: int) -> bool:
+    return any(a <= i < b for _, a, b in sp)
+
+
+def _same_gradients(ours: tuple, theirs: tuple) -> dict[int, int] | None:
+    """Each gradient malloc of our gradient tables -> the same parameter's in theirs (-1:
+    none there); None when the tables do not match (another count, other parameters) or
+    theirs hold one storage for two parameters' gradients (one free, where ours make two)."""
+    if len(ours) != len(theirs):
+        return None
+    out: dict[int, int] = {}
+    for (_, a), (_, b) in zip(ours, theirs):
+        kept = [g for g in b if g >= 0]
+        if len(a) != len(b) or len(set(kept)) != len(kept):
+            return None
+        for x, y in zip(a, b):
+            if x >= 0:
+                out.setdefault(x, y)
+    return out
+
+
+class _Events:
+    """A log being written from other programs' requests (`Program.of` makes the result):
+    each malloc keyed by (side, position), a free by the key `name` gives its malloc; the
+    marks and gradient tables of `owner` (keys on `side`) written at their positions."""
+
+    def __init__(self, owner: Program, side: str) -> None:
+        self.owner = owner
+        self.log: list[tuple] = []
+        self._at: dict[int, list[tuple]] = {}
+        for pos, name in owner.marks:
+            self._at.setdefault(pos, []).append(("mark", name))
+        for pos, table in owner.grads:
+            self._at.setdefault(pos, []).append(("grads", tuple((side, x) if x >= 0 else None for x in table)))
+
+    def marks(self, pos: int) -> None:
+        self.log += self._at.pop(pos, [])
+
+    def request(self, p: Program, side: str, i: int, name: Callable[[int], tuple | None]) -> bool:
+        """Write p's request i; False (nothing written) where a free's malloc has no name."""
+        op, ref = p.ops[i], p.refs[i]
+        if op == MALLOC:
+            self.log.append(("malloc", (side, i), p.sizes[i]))
+        elif op == FREE:
+            key = name(ref)
+            if key is None:
+                return False
+            self.log.append(("free", key))
+        elif op == STAGE:
+            self.log.append(("stage", p.stages[ref]))
+        else:
+            self.log.append(("empty_cache",))
+        return True
+
+    def program(self) -> Program:
+        return Program.of(self.owner.batch, self.log)

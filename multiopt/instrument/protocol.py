@@ -189,19 +189,23 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
 
 
 def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
-            requests: list | None = None, **meta: Any) -> Record:
+            requests: list | None = None, backward: bool = True, **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
     `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
     factory when the caller already has one (a plan reuses one meta-built model for every
     candidate: a copy per run); it must build what `model_factory(config)` builds.
     `requests`: a list that receives the allocator model's requests (target cuda on the
-    tracked or fake probe, one process: see `instrument.program`); left empty elsewhere."""
-    return measure_work(config, protocol, build=build, requests=requests, **meta)[0]
+    tracked or fake probe, one process: see `instrument.program`), with marks where the run
+    passes a phase or builds its optimizers and each step's gradient table; left empty
+    elsewhere. `backward=False` (with `requests`): every step's gradients made by hand, no
+    forward or backward, for the optimizers' requests alone (`program.spliced`); the record
+    then holds the run's identity, status and sizes only."""
+    return measure_work(config, protocol, build=build, requests=requests, backward=backward, **meta)[0]
 
 
 def measure_work(config: Config, protocol: Protocol = Protocol(), *,
                  build: Callable[[], torch.nn.Module] | None = None, requests: list | None = None,
-                 **meta: Any) -> tuple[Record, Work | None]:
+                 backward: bool = True, **meta: Any) -> tuple[Record, Work | None]:
     """`measure`, and the op stream of its instrumented step (work.py; None where no work was
     counted: the cuda probe, a config that failed before its instrumented step)."""
     if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
@@ -219,10 +223,14 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), *,
             _fresh_cuda(config.device)
         sharding = fsdp.Sharding(config) if config.fsdp > 1 else None  # its mesh before the probe's modes
         probe = _probe(config, protocol)
-        if requests is not None and sharding is None and hasattr(probe, "log_requests"):
-            probe.log_requests(requests)
+        log_requests = getattr(probe, "log_requests", None)  # False: a probe whose target keeps no allocator
+        logged = (requests is not None and sharding is None and log_requests is not None
+                  and log_requests(requests) is not False)
+        if not backward and not logged:
+            raise UsageError("measure(backward=False) keeps only the allocator model's requests: give `requests` "
+                             "and a tracked or fake probe with target cuda, one rank")
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields, build, sharding)
+        _run(config, protocol, probe, fields, build, sharding, requests if logged else None, backward)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -290,13 +298,16 @@ def model_factory(config: Config) -> Callable[[], torch.nn.Module]:
 
 
 def training(config: Config, model: torch.nn.Module, device: torch.device | str,
-             computes: bool = True) -> tuple[Any, Trainer, Any]:
+             computes: bool = True, built: Callable[[], None] | None = None) -> tuple[Any, Trainer, Any]:
     """Optimizers (one per rule; each in ZeroRedundancyOptimizer when config.zero), the
     Trainer and the synthetic batch for `model`, as every measurement of the config builds them.
-    `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks."""
+    `computes=False` (fake tensors): fp16's scaler steps without reading its inf checks.
+    `built`: called once the optimizers are built, before anything else is."""
     spec = models.for_config(config)
     optimizer = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, zero=bool(config.zero),
                                          target=config.target)
+    if built is not None:
+        built()
     trainer = Trainer(model, spec.loss_fn, optimizer, amp=None if config.amp == "none" else config.amp,
                       zero_grad_at=config.zero_grad_at, assume_finite=not computes,
                       step_in_backward=bool(config.step_in_backward))
@@ -326,6 +337,33 @@ def _plain(tensors: Iterable[torch.Tensor | None]) -> Iterator[torch.Tensor]:
             yield t
 
 
+def _setup(config: Config, probe: Probe, out: dict[str, Any], build: Callable[[], torch.nn.Module] | None,
+           sharding: fsdp.Sharding | None, mark: Callable[[str], None]) -> tuple[torch.nn.Module, MultiOptimizer,
+                                                                                 Trainer, Any, Watch]:
+    """The run's model (its sizes into `out`), optimizers, trainer and batch, built on the
+    probe, and what building the optimizers allocated (`Watch`); `mark` names the span where
+    the optimizers are built (the allocator's request log, program.spliced)."""
+    gc.collect()
+    probe.sync()
+    out["mem_base"] = probe.allocated()
+    model = probe.build_model(build or model_factory(config))
+    if sharding is not None:  # FSDP2: param_bytes are this rank's shards
+        sharding.attach(probe)
+        model = sharding.shard(model)
+        gc.collect()
+    probe.sync()
+    out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
+    out["n_params"] = sum(p.numel() for p in model.parameters())
+    # births while optimizers are built belong to the one being built (shared maps)
+    with probe.watching(Watch(constructing_optimizer)) as built:
+        mark("optimizer:before")
+        optimizer, trainer, batch = training(config, model, probe.device, probe.computes,
+                                             built=lambda: mark("optimizer:after"))
+    if sharding is not None:
+        trainer.register_phase_hook(sharding.buffers.on_phase)
+    return model, optimizer, trainer, batch, built
+
+
 def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(parameter bytes, buffer bytes) of `model`, storages counted as the probes count them;
     a buffer that shares a parameter's storage is counted with the parameters."""
@@ -335,27 +373,19 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
-         build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None) -> None:
+         build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None,
+         log: list | None = None, backward: bool = True) -> None:
     torch.manual_seed(config.seed)
+    mark = (lambda name: log.append(("mark", name))) if log is not None else (lambda name: None)
     with probe, (sharding or nullcontext()):
-        gc.collect()
-        probe.sync()
-        out["mem_base"] = probe.allocated()
-        model = probe.build_model(build or model_factory(config))
-        if sharding is not None:  # FSDP2: param_bytes are this rank's shards
-            sharding.attach(probe)
-            model = sharding.shard(model)
-            gc.collect()
-        probe.sync()
-        out["param_bytes"], out["buffer_bytes"] = model_bytes(model)
-        out["n_params"] = sum(p.numel() for p in model.parameters())
-        # births while optimizers are built belong to the one being built (shared maps)
-        with probe.watching(Watch(constructing_optimizer)) as built:
-            optimizer, trainer, batch = training(config, model, probe.device, probe.computes)
-        if sharding is not None:
-            trainer.register_phase_hook(sharding.buffers.on_phase)
+        model, optimizer, trainer, batch, built = _setup(config, probe, out, build, sharding, mark)
+        if log is not None:
+            trainer.register_phase_hook(_marking(log, model))
 
         def step(where: str) -> None:
+            if not backward:
+                trainer.step_with(lambda: _grads_by_hand(model))
+                return
             loss = trainer.train_step(batch)
             if probe.computes and not math.isfinite(loss.item()):
                 raise _Diverged(f"loss became {loss.item()} at {where}; lower the learning rate")
@@ -369,6 +399,9 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
                 step(f"warm-up step {i + 1}")
         for h in hooks:
             h.remove()
+        if not backward:  # the optimizers' requests alone: nothing else to record
+            step("the instrumented step")
+            return
         # ZeRO: the state lives in each wrapper's local optimizer, over this rank's partition
         local = {k: local_optimizer(o) for k, o in optimizer.optimizers.items()}
         rules = optimizer.rules or (None,) * len(local)
@@ -388,10 +421,38 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         if probe.computes or protocol.reserved_after_check:  # fake: the ops alone, for the reserved read after
             _check_finite(model, read=probe.computes)
         extra = extra or probe.extra()
+        mark("end")  # what the log holds after this is the run's teardown (program.spliced)
         out["reserved_after_step"] = extra.get("reserved")
         out["peak_reserved"] = extra.get("peak_reserved")
         if probe.computes and protocol.steps > 0:  # steps=0: memory only
             _time(config, protocol, probe, step, out)
+
+
+def _marking(log: list, model: torch.nn.Module) -> Callable[[str, str], None]:
+    """A phase hook that marks each phase's start and end in the allocator's request log, and
+    before each step the trainable parameters' gradients (their storages, as the probe keys
+    them; None: no gradient): what `program.spliced` finds the optimizers' requests by."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def hook(phase: str, when: str) -> None:
+        if phase == "step" and when == "before":
+            log.append(("grads", tuple(None if p.grad is None else id(p.grad.untyped_storage()) for p in trainable)))
+        log.append(("mark", f"{phase}:{when}"))
+    return hook
+
+
+def _grads_by_hand(model: torch.nn.Module) -> None:
+    """Every trainable parameter's gradient, as backward would leave it (zeros: a tracked
+    probe's optimizers read them; AccumulateGrad gives a gradient its parameter's strides),
+    for `measure(backward=False)`. Also one matmul first: in a real step the forward makes the
+    thread's first one, which allocates its cuBLAS workspaces (probes/target.py); without it
+    an optimizer's first matmul (Muon's) would, inside its step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        one = torch.ones(1, 1, device=trainable[0].device)
+        torch.mm(one, one)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
 
 
 def probe_target(probe: Probe) -> str:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import importlib.util
 import itertools
 import multiprocessing as mp
@@ -56,7 +57,7 @@ from ..errors import UsageError
 from ..instrument.allocator import AllocatorConfig
 from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
-from ..instrument.program import Program, between
+from ..instrument.program import Program, between, spliced
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
 from ..kinds import Probe, Status, Target
@@ -226,10 +227,12 @@ class Runner:
         self.protocol = Protocol(probe=Probe.FAKE, warmup=warmup, steps=0, alloc_conf=alloc_conf, workspaces=workspaces,
                                  gpu=gpu, count_work=gpu is not None)
         self.runs = 0
+        self.step_runs = 0  # of the runs, those of the optimizers' side alone (`step_program`)
         self.seconds = 0.0
         self.replays = 0  # programs replayed instead of run (instrument/program.py)
         self._records: dict[tuple[Config, int | None], Record] = {}
         self._programs: dict[Config, Program] = {}  # a config's allocator program, from any ok run of it
+        self._steps: dict[Config, Program | None] = {}  # a config's optimizers' requests alone
         self._meta: dict[tuple, torch.nn.Module] = {}
         self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each a model copy)
         conf = self.protocol.alloc_conf
@@ -268,31 +271,57 @@ class Runner:
             self._keep(config, limit, *self._measure(config, limit))
         return self._records[key]
 
-    def _measure(self, config: Config, limit: int | None) -> tuple[Record, Program | None, float]:
-        """One fake run: its record, its allocator program (None: not kept, or not ok), its seconds."""
+    def _measure(self, config: Config, limit: int | None | str) -> tuple[Record, Program | None, float]:
+        """One fake run: its record, its allocator program (None: not kept, or not ok), its
+        seconds. `limit` STEPS: the optimizers' side alone (`step_program`; the record is not kept)."""
         meta = self.meta_model(config)
         start = time.perf_counter()
         log: list | None = [] if self.logs(config) else None
-        record = measure(config, replace(self.protocol, limit_bytes=limit), build=lambda: copy.deepcopy(meta),
-                         requests=log)
+        steps = limit == STEPS
+        record = measure(config, replace(self.protocol, limit_bytes=None if steps else limit),
+                         build=lambda: copy.deepcopy(meta), requests=log, backward=not steps)
         # an oom run's log stops at its failed request: no program
         program = Program.of(config.batch, log) if log and record.status == Status.OK else None
         return record, program, time.perf_counter() - start
 
-    def _keep(self, config: Config, limit: int | None, record: Record, program: Program | None, seconds: float) -> None:
+    def _keep(self, config: Config, limit: int | None | str, record: Record, program: Program | None,
+              seconds: float) -> None:
         self.seconds += seconds
         self.runs += 1
+        if limit == STEPS:
+            self.step_runs += 1
+            self._steps[config] = program
+            return
         self._records[(config, limit)] = record
         if program is not None:
             self._programs.setdefault(config, program)
 
-    def prefetch(self, wanted: Iterable[tuple[Config, int | None]]) -> None:
-        """Make these runs now, `jobs` at a time, each in a process forked from this one (the
-        meta models and imports shared, nothing pickled but configs and results); `run` then
-        finds their records. The same records as one at a time: a fake run is deterministic.
-        Nothing is done with jobs 1, where fork is not available, or under FSDP (its ranks
-        simulated on process groups of their own)."""
-        todo = list(dict.fromkeys(k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
+    def step_program(self, config: Config) -> Program | None:
+        """The requests `config`'s optimizers make (their construction, steps and zero_grads),
+        from a run that makes its gradients by hand, with no forward or backward (a fraction of
+        a run: `program.spliced` puts them into another member's programs). None where runs
+        keep no program, the config steps inside backward, or the run did not end ok."""
+        config = replace(config, batch=PROGRAM_BATCHES[0])  # the optimizers' requests do not depend on it
+        if not self.splices(config):
+            return None
+        if config not in self._steps:
+            self._keep(config, STEPS, *self._measure(config, STEPS))
+        return self._steps[config]
+
+    def splices(self, config: Config) -> bool:
+        """Whether `config`'s optimizers' requests can be taken alone (`step_program`)."""
+        return self.logs(config) and not config.step_in_backward
+
+    def prefetch(self, wanted: Iterable[tuple[Config, int | None]], steps: Iterable[Config] = ()) -> None:
+        """Make these runs (and these configs' `step_program` runs) now, `jobs` at a time, each
+        in a process forked from this one (the meta models and imports shared, nothing pickled
+        but configs and results); `run` then finds their records. The same records as one at a
+        time: a fake run is deterministic. Nothing is done with jobs 1, where fork is not
+        available, or under FSDP (its ranks simulated on process groups of their own)."""
+        todo: list[tuple[Config, int | None | str]] = list(dict.fromkeys(
+            k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
+        todo += dict.fromkeys((c, STEPS) for c in (replace(c, batch=PROGRAM_BATCHES[0]) for c in steps)
+                              if self.splices(c) and c not in self._steps)
         if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
             return
         for config, _ in todo:
@@ -362,9 +391,12 @@ _WORKER: list[Runner] = []
 def _worker(runner: Runner) -> None:
     _WORKER.append(runner)  # the parent's, as forked: its meta models, nothing pickled
     torch.set_num_threads(1)  # fake ops compute nothing; jobs, not threads, use the cores
+    # every run starts with gc.collect(): the parent's objects (meta models, imports) are
+    # never garbage, so out of the collector's way (~0.1 s a run on a 1B model)
+    gc.freeze()
 
 
-def _run_in_worker(key: tuple[Config, int | None]) -> tuple[Record, Program | None, float]:
+def _run_in_worker(key: tuple[Config, int | None | str]) -> tuple[Record, Program | None, float]:
     return _WORKER[0]._measure(*key)
 
 
@@ -618,8 +650,10 @@ def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
         first = firsts.setdefault(klass(runner, row.config), config)
         if first != config and runner.logs(config) and not _shares(runner, runner.state(first), runner.state(config)):
             own.append(config)
-    runner.prefetch((replace(c, batch=n), None) for c in [*firsts.values(), *own]
-                    for n in (PROGRAM_BATCHES if runner.logs(c) else (1,)))
+    # a member with programs of its own: its optimizers' side alone, spliced into its class's
+    # first member's programs (`_spliced_pair`); two runs of its own where that cannot be done
+    runner.prefetch(((replace(c, batch=n), None) for c in [*firsts.values(), *(c for c in own if not runner.splices(c))]
+                     for n in (PROGRAM_BATCHES if runner.logs(c) else (1,))), steps=own)
     classes: dict[tuple, Slopes] = {}
     pairs: dict[tuple, Pair] = {}
     for row in ready:
@@ -644,10 +678,13 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
         wanted = []
         for r in todo:
             room, config = _room(r, limit), _run_config(r)
-            wanted += [(replace(config, batch=n), room) for n in (max(r.answer, 1), max(r.answer, 1) + 1)
-                       if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
-            if r.answer == 0:  # what batch 1 needs, for the row that says it fits nothing
+            if r.answer == 0:
+                # what batch 1 needs, for the row that says it fits nothing: one unlimited run,
+                # whose program (or peak) also answers whether batch 1 fits the room
                 wanted.append((replace(config, batch=1), None))
+                continue
+            wanted += [(replace(config, batch=n), room) for n in (r.answer, r.answer + 1)
+                       if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
         runner.prefetch(wanted)
         for row in todo:
             row.bias = bias.get(row.klass, 0)
@@ -748,6 +785,9 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
     row.predicted = predict(anchor, s, room, cap)
 
 
+#: `Runner._measure`'s limit for a run of the optimizers' side alone (`Runner.step_program`)
+STEPS = "steps"
+
 #: the two batches a class's programs are taken at: batch 1 often makes another program
 #: (ops squeeze its size-1 dimension), 2 and 3 the same one as every larger batch
 PROGRAM_BATCHES = (2, 3)
@@ -764,6 +804,7 @@ class Pair:
     rules: Rules
     state: int | None
     answer: int  # the first member's predicted batch: where the others' searches start
+    spliced: bool = False  # another member's programs with these rules' optimizers' requests in theirs
 
 
 def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key: tuple,
@@ -776,8 +817,10 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
     state = runner.state(config)
     pair = pairs.get(key)
     if pair is not None and pair.rules != config.rules and not _shares(runner, pair.state, state):
-        key = (*key, config.rules)  # this member's own programs
+        first, key = pair, (*key, config.rules)  # this member's own programs
         pair = pairs.get(key)
+        if pair is None and (made := _spliced_pair(runner, first, config, state, room, cap)) is not None:
+            pair = pairs[key] = made
     if pair is None:
         made = _pair_of(runner, config, state, room, cap)
         if isinstance(made, Record):
@@ -789,7 +832,8 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
     shift = 0 if pair.rules == config.rules else state - pair.state  # type: ignore[operator]
     row.shared = pair.rules != config.rules
     row.basis = ("its class's allocator program, its own state by formula (step temporaries not counted)"
-                 if row.shared else "its allocator program between batches 2 and 3")
+                 if row.shared else "its class's allocator program, its own optimizers' requests spliced in"
+                 if pair.spliced else "its allocator program between batches 2 and 3")
     row.predicted = _largest(runner, pair, room - shift, cap, pair.answer) if row.shared else pair.answer
     return True
 
@@ -821,6 +865,23 @@ def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: 
     if not a.same_program(b):
         return None
     pair = Pair(a, b, config.rules, state, 0)
+    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)))
+
+
+def _spliced_pair(runner: Runner, first: Pair, config: Config, state: int | None, room: int,
+                  cap: int) -> Pair | None:
+    """`config`'s programs without a run of its model: its class's first member's programs
+    with the requests of `config`'s optimizers (one run of their side alone) in place of the
+    first member's (instrument/program.py `spliced`: exact where the optimizers' requests do
+    not depend on the batch); its answer under `room` searched between them. None where that
+    cannot be done (the caller runs the member's own programs)."""
+    steps = runner.step_program(config)
+    if steps is None:
+        return None
+    a, b = spliced(first.a, steps), spliced(first.b, steps)
+    if a is None or b is None or not a.same_program(b):
+        return None
+    pair = Pair(a, b, config.rules, state, 0, spliced=True)
     return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)))
 
 

@@ -138,6 +138,24 @@ class Trainer:
             with self._stepping_in_backward():
                 scaled.backward()
             del scaled
+        self._after_backward()
+        return loss.detach()
+
+    def step_with(self, make_grads: Callable[[], None]) -> None:
+        """`train_step` with `make_grads` (which sets every trainable parameter's `.grad`) in
+        place of forward and backward: the optimizers' side of a step alone, phases and all.
+        A planner takes the model's side from another run (instrument/program.py `spliced`)."""
+        if self.step_in_backward:
+            raise UsageError("step_with cannot step inside backward (step_in_backward): there is no backward")
+        if self.zero_grad_at == "start" and self._micro == 0:
+            with self._phase("zero_grad"):
+                self.optimizer.zero_grad(set_to_none=True)
+        with self._phase("backward"):
+            make_grads()
+        self._after_backward()
+
+    def _after_backward(self) -> None:
+        """The end of a micro-batch: every `grad_accum`-th, the step and (at end) zero_grad."""
         self._micro += 1
         if self._micro == self.grad_accum:
             self._micro = 0
@@ -147,7 +165,6 @@ class Trainer:
             if self.zero_grad_at == "end":
                 with self._phase("zero_grad"):
                     self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
 
     def _loss(self, batch: Any) -> torch.Tensor:
         return forward_loss(self.model, self.loss_fn, batch)
