@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from multiopt.instrument.allocator import AllocatorConfig, LoggedAllocator
-from multiopt.instrument.program import EMPTY_CACHE, FREE, MALLOC, Program, between, spans, spliced
+from multiopt.instrument.program import EMPTY_CACHE, FREE, MALLOC, Program, between, repeated, spans, spliced
 from multiopt.instrument.protocol import Config, Protocol, measure
 from multiopt.record import BYTE_COLUMNS, WORK_COLUMNS
 from multiopt.run import plan as planning
@@ -21,9 +21,9 @@ LLAMA = Config(model=f"hf:{FIXTURES / 'hf' / 'llama'}", batch=2, rules="rest=ada
 MLP = Config(model="mlp", width=256, depth=3, batch=8, rules="rest=adamw", target="cuda")
 
 
-def _run(config: Config, probe: str = "fake", limit: int | None = None, backward: bool = True) -> tuple[object, list]:
+def _run(config: Config, probe: str = "fake", limit: int | None = None, grads: str = "backward") -> tuple[object, list]:
     log: list = []
-    record = measure(config, Protocol(probe=probe, steps=0, limit_bytes=limit), requests=log, backward=backward)
+    record = measure(config, Protocol(probe=probe, steps=0, limit_bytes=limit), requests=log, grads=grads)
     return record, log
 
 
@@ -172,7 +172,7 @@ def test_another_members_optimizers_spliced_in_make_the_program_its_own_run_make
     for rules in ("rest=sgd(lr=0.1)", "rest=sgd(lr=0.1,momentum=0.9)", "@2d=muon(lr=0.02); rest=adamw",
                   "rest=adam(foreach=False)"):
         member = replace(config, rules=rules)
-        record, log = _run(member, probe, backward=False)
+        record, log = _run(member, probe, grads="by-hand")
         assert record.status == "ok", record.error
         steps = Program.of(2, log)
         assert not any(name.startswith("forward") for _, name in steps.marks)  # the optimizers' side alone
@@ -188,16 +188,57 @@ def test_a_splice_that_cannot_be_made_is_refused():
     """Other trainable parameters (LoRA freezes the base: other gradient tables), or a model
     request that frees what the base's optimizers made, give no program, never a wrong one."""
     plain = Program.of(2, _run(LLAMA)[1])
-    lora = Program.of(2, _run(replace(LLAMA, lora="r=8"), backward=False)[1])
+    lora = Program.of(2, _run(replace(LLAMA, lora="r=8"), grads="by-hand")[1])
     assert spliced(plain, lora) is None
     # the same run with its gradient tables cut: its optimizers' frees of gradients name nothing
-    steps = Program.of(2, _run(replace(LLAMA, rules="rest=sgd(lr=0.1)"), backward=False)[1])
+    steps = Program.of(2, _run(replace(LLAMA, rules="rest=sgd(lr=0.1)"), grads="by-hand")[1])
     assert spliced(plain, steps) is not None
     assert spliced(plain, replace(steps, grads=tuple((pos, (-1,) * len(t)) for pos, t in steps.grads))) is None
 
 
 def test_the_optimizers_side_alone_needs_a_log_and_a_backward_free_trainer():
-    record = measure(MLP, Protocol(probe="fake", steps=0), backward=False)  # no requests: nothing to keep
+    record = measure(MLP, Protocol(probe="fake", steps=0), grads="by-hand")  # no requests: nothing to keep
     assert record.status == "error" and "give `requests`" in record.error
-    record, _ = _run(replace(MLP, step_in_backward=1), backward=False)
+    record = measure(MLP, Protocol(probe="fake", steps=0), requests=[], grads="by hand")
+    assert record.status == "error" and "give one of backward, by-hand, last-by-hand" in record.error
+    record, _ = _run(replace(MLP, step_in_backward=1), grads="by-hand")
     assert record.status == "error" and "step_in_backward" in record.error
+
+
+def _until_last_step(p: Program) -> tuple:
+    """A program up to its last step's end (a tracked run checks its parameters after), the
+    stages its requests there name, its marks and gradient tables there."""
+    end = [pos for pos, name in p.marks if name == "train_step:after"][-1]
+    named = sorted({p.refs[i] for i in range(end) if p.ops[i] == 3})
+    return (p.ops[:end], p.refs[:end], p.sizes[:end], [p.stages[i] for i in named],
+            [m for m in p.marks if m[0] <= end and m[1] != "end"], p.grads)
+
+
+@pytest.mark.parametrize("probe,config", [
+    ("fake", LLAMA), ("fake", replace(LLAMA, checkpointing=1, lora="r=8", rules="rest=adamw")),
+    ("fake", replace(LLAMA, rules="@2d=muon(lr=0.02); rest=adamw", amp="bf16")),
+    ("tracked", replace(MLP, zero_grad_at="start")), ("tracked", replace(LLAMA, checkpointing=1))],
+    ids=["llama", "llama-ckpt-lora", "llama-muon-bf16", "mlp-zero-grad-at-start-tracked", "llama-ckpt-tracked"])
+def test_a_step_made_again_from_the_one_before_is_the_step_a_run_makes(probe, config):
+    """A run whose last step makes its gradients by hand, with that step's model side made
+    again from the step before's (`repeated`), is the run's program, request for request: the
+    first step makes what persists (cuBLAS workspaces), later steps the same requests."""
+    full = Program.of(config.batch, _run(config, probe)[1])
+    record, log = _run(config, probe, grads="last-by-hand")
+    assert record.status == "ok", record.error
+    half = Program.of(config.batch, log)
+    assert len(half) < len(full) * 0.8  # one forward and backward fewer
+    made = repeated(half)
+    assert made is not None and _until_last_step(made) == _until_last_step(full)
+
+
+def test_a_step_is_not_made_again_without_two_steps():
+    log: list = []
+    a = LoggedAllocator(log)
+    a.malloc(1, 512)
+    log.append(("mark", "end"))
+    assert repeated(Program.of(2, log)) is None
+    # the same run with its gradient tables cut: the last step's frees of gradients name nothing
+    half = Program.of(2, _run(MLP, grads="last-by-hand")[1])
+    assert repeated(half) is not None
+    assert repeated(replace(half, grads=tuple((pos, (-1,) * len(t)) for pos, t in half.grads))) is None

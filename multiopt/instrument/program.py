@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .allocator import AllocatorConfig, AllocatorOOM, CachingAllocator
 from .probes.reduce import staging
 
@@ -139,7 +141,10 @@ def between(a: Program, b: Program, batch: int) -> Program | None:
     def at(x: int, y: int) -> int:
         return max(x + (y - x) * (batch - p) // (q - p), 0)
 
-    sizes = tuple(at(x, y) for x, y in zip(a.sizes, b.sizes))
+    # every size at once (a 1B step: 15,000 requests; a plan asks for ~100 batches): exact in
+    # int64, floor division as Python's
+    xa, xb = torch.tensor(a.sizes, dtype=torch.int64), torch.tensor(b.sizes, dtype=torch.int64)
+    sizes = tuple(torch.clamp(xa + torch.div((xb - xa) * (batch - p), q - p, rounding_mode="floor"), min=0).tolist())
     stages = tuple(((tuple(map(at, sa[0][0], sb[0][0])), tuple(map(at, sa[0][1], sb[0][1])), *sa[0][2:]), sa[1])
                    for sa, sb in zip(a.stages, b.stages))
     return Program(batch, a.ops, a.refs, sizes, stages, a.marks, a.grads)
@@ -167,7 +172,7 @@ def spans(p: Program) -> list[tuple[str, int, int]]:
 def spliced(base: Program, steps: Program) -> Program | None:
     """`base` with its optimizers' requests replaced by those of `steps`: another run of the
     same model (same trainable parameters, same steps) with other optimizers, which may have
-    made its gradients by hand instead of by backward (`measure(backward=False)`). The model's
+    made its gradients by hand instead of by backward (`measure(grads="by-hand")`). The model's
     requests (and their sizes: `base` may be a program `between` two batches) stay `base`'s;
     every span in OPTIMIZER_SPANS is `steps`' (their sizes do not depend on the batch).
 
@@ -271,3 +276,112 @@ class _Events:
 
     def program(self) -> Program:
         return Program.of(self.owner.batch, self.log)
+
+
+
+def repeated(p: Program) -> Program | None:
+    """The program of a run whose last step made its gradients by hand (`measure(grads=
+    "last-by-hand")`: no forward, no backward) with that step's model side made again: every
+    request of the step before outside its optimizers' spans (forward, backward, its loss
+    freed), the last step's optimizers' requests in their places, its gradients the copies of
+    the step before's. A run's steps make the same requests once the first has made what
+    persists: the step before's mallocs still live at the run's end, other than gradients
+    (each thread's cuBLAS workspaces, lazily built buffers), are not made again.
+
+    Up to the run's "end" mark (its teardown left out). None where that cannot be done: fewer
+    than two steps, other optimizer spans or gradient tables in the two, a model request of
+    the step before that frees what came before it, or a free of what the copy does not make."""
+    stream = _stream(p)
+    at = [k for k, ev in enumerate(stream) if ev[0] == "mark" and ev[1].startswith("train_step:")]
+    if len(at) < 4 or not any(name == "end" for _, name in p.marks):
+        return None
+    real, hand = stream[at[-4]:at[-3] + 1], stream[at[-2]:at[-1] + 1]
+    real_tables, hand_tables = ([ev[1] for ev in part if ev[0] == "grads"] for part in (real, hand))
+    if len(real_tables) != 1 or len(hand_tables) != 1 or _span_names(real) != _span_names(hand):
+        return None
+    grad = _same_gradients(((0, hand_tables[0]),), ((0, real_tables[0]),))
+    if grad is None:
+        return None
+    u0 = next((ev[1] for ev in stream[at[-2]:] if ev[0] == "req"), len(p))  # the last step's first request
+    end = next(pos for pos, name in p.marks if name == "end")
+    freed = {r for o, r in zip(p.ops[:end], p.refs[:end]) if o == FREE}
+    made = {ev[1] for ev in real if ev[0] == "req"}
+    persists = {i for i in made if p.ops[i] == MALLOC and i not in freed} - set(real_tables[0])
+    hand_made = {ev[1] for ev in _optimizer_parts(hand) if ev[0] == "req"}
+
+    def copy_name(ref: int) -> tuple | None:  # the step before's model side, made again
+        return ("c", ref) if ref in made and ref not in persists else None
+
+    def hand_name(ref: int) -> tuple | None:  # the last step's optimizers: theirs, or the copies' gradients
+        if ref in hand_made or ref < u0:
+            return ("h", ref)
+        return ("c", grad[ref]) if grad.get(ref, -1) >= 0 else None
+
+    out = _Events(p, "h")
+    copy = iter(_optimizer_parts(hand, spans_only=True))
+    for ev in stream[:at[-2] + 1]:
+        if not _write(out, p, ev, "h", lambda r: ("h", r)):
+            return None
+    inside = False
+    for ev in real[1:-1]:
+        if ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS and ev[1].endswith(":before"):
+            inside = True
+            for hev in next(copy):
+                if not _write(out, p, hev, "h", hand_name):
+                    return None
+        elif inside:
+            inside = not (ev[0] == "mark" and ev[1].endswith(":after") and ev[1].split(":")[0] in OPTIMIZER_SPANS)
+        elif ev[0] == "req" and p.ops[ev[1]] == MALLOC and ev[1] in persists:
+            continue
+        elif not _write(out, p, ev, "c", copy_name):
+            return None
+    out.log += [("mark", "train_step:after"), ("mark", "end")]
+    return out.program()
+
+
+def _stream(p: Program) -> list[tuple]:
+    """`p` in its log's order: ("req", i), ("mark", name), ("grads", table) (a table's
+    entries are malloc positions, -1 none)."""
+    at: dict[int, list[tuple]] = {}
+    for pos, table in p.grads:
+        at.setdefault(pos, []).append(("grads", table))
+    for pos, name in p.marks:
+        at.setdefault(pos, []).append(("mark", name))
+    out: list[tuple] = []
+    for i in range(len(p) + 1):
+        out += at.get(i, [])
+        if i < len(p):
+            out.append(("req", i))
+    return out
+
+
+def _span_names(part: list[tuple]) -> list[str]:
+    return [ev[1] for ev in part if ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS]
+
+
+def _optimizer_parts(part: list[tuple], spans_only: bool = False) -> list:
+    """The events of `part` inside its optimizer spans (marks included): one flat list, or
+    (`spans_only`) one list per span."""
+    out: list[list[tuple]] = []
+    current: list[tuple] | None = None
+    for ev in part:
+        is_mark = ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS
+        if is_mark and ev[1].endswith(":before"):
+            current = [ev]
+        elif current is not None:
+            current.append(ev)
+            if is_mark and ev[1].endswith(":after"):
+                out.append(current)
+                current = None
+    return out if spans_only else [ev for span in out for ev in span]
+
+
+def _write(out: "_Events", p: Program, ev: tuple, side: str, name: Callable[[int], tuple | None]) -> bool:
+    """One event of `_stream(p)` into `out`, its requests keyed on `side`."""
+    if ev[0] == "req":
+        return out.request(p, side, ev[1], name)
+    if ev[0] == "grads":
+        out.log.append(("grads", tuple((side, x) if x >= 0 else None for x in ev[1])))
+    else:
+        out.log.append(ev)
+    return True

@@ -188,8 +188,12 @@ def failed_record(config: Config, protocol: Protocol, status: str, error: str, *
     return Record.from_dict({**_identity(config, protocol, meta), "status": status, "error": error})
 
 
+#: how a run's steps make their gradients (`measure(grads=...)`)
+GRADS = ("backward", "by-hand", "last-by-hand")
+
+
 def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[[], torch.nn.Module] | None = None,
-            requests: list | None = None, backward: bool = True, **meta: Any) -> Record:
+            requests: list | None = None, grads: str = "backward", **meta: Any) -> Record:
     """Run the protocol on `config`; never raises for a failing config (see `status`).
     `meta` fills identity fields (run_id, preset, git_sha, ...). `build`: the config's model
     factory when the caller already has one (a plan reuses one meta-built model for every
@@ -197,15 +201,16 @@ def measure(config: Config, protocol: Protocol = Protocol(), *, build: Callable[
     `requests`: a list that receives the allocator model's requests (target cuda on the
     tracked or fake probe, one process: see `instrument.program`), with marks where the run
     passes a phase or builds its optimizers and each step's gradient table; left empty
-    elsewhere. `backward=False` (with `requests`): every step's gradients made by hand, no
-    forward or backward, for the optimizers' requests alone (`program.spliced`); the record
-    then holds the run's identity, status and sizes only."""
-    return measure_work(config, protocol, build=build, requests=requests, backward=backward, **meta)[0]
+    elsewhere. `grads` (with `requests`; GRADS): "by-hand", every step's gradients made by hand
+    with no forward or backward (the optimizers' requests alone, for `program.spliced`);
+    "last-by-hand", the instrumented step's (its model side is the warm-up's again, for
+    `program.repeated`). Either way the record holds the run's identity, status and sizes only."""
+    return measure_work(config, protocol, build=build, requests=requests, grads=grads, **meta)[0]
 
 
 def measure_work(config: Config, protocol: Protocol = Protocol(), *,
                  build: Callable[[], torch.nn.Module] | None = None, requests: list | None = None,
-                 backward: bool = True, **meta: Any) -> tuple[Record, Work | None]:
+                 grads: str = "backward", **meta: Any) -> tuple[Record, Work | None]:
     """`measure`, and the op stream of its instrumented step (work.py; None where no work was
     counted: the cuda probe, a config that failed before its instrumented step)."""
     if config.fsdp > 1 and protocol.probe == ProbeName.FAKE and not fsdp.in_group():
@@ -226,11 +231,13 @@ def measure_work(config: Config, protocol: Protocol = Protocol(), *,
         log_requests = getattr(probe, "log_requests", None)  # False: a probe whose target keeps no allocator
         logged = (requests is not None and sharding is None and log_requests is not None
                   and log_requests(requests) is not False)
-        if not backward and not logged:
-            raise UsageError("measure(backward=False) keeps only the allocator model's requests: give `requests` "
+        if grads not in GRADS:
+            raise UsageError(f"grads={grads!r}: give one of {', '.join(GRADS)}")
+        if grads != "backward" and not logged:
+            raise UsageError(f"measure(grads={grads!r}) keeps only the allocator model's requests: give `requests` "
                              "and a tracked or fake probe with target cuda, one rank")
         fields["alloc_model"] = getattr(probe, "alloc_model", None)
-        _run(config, protocol, probe, fields, build, sharding, requests if logged else None, backward)
+        _run(config, protocol, probe, fields, build, sharding, requests if logged else None, grads)
         fields["unmodelled"] = ", ".join(getattr(probe, "unmodelled", ())) or None
         fields["status"] = Status.OK
     except torch.OutOfMemoryError as e:
@@ -374,7 +381,7 @@ def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
          build: Callable[[], torch.nn.Module] | None = None, sharding: fsdp.Sharding | None = None,
-         log: list | None = None, backward: bool = True) -> None:
+         log: list | None = None, grads: str = "backward") -> None:
     torch.manual_seed(config.seed)
     mark = (lambda name: log.append(("mark", name))) if log is not None else (lambda name: None)
     with probe, (sharding or nullcontext()):
@@ -382,13 +389,16 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         if log is not None:
             trainer.register_phase_hook(_marking(log, model))
 
-        def step(where: str) -> None:
-            if not backward:
+        def step(where: str, by_hand: bool = grads == "by-hand") -> None:
+            mark("train_step:before")
+            if by_hand:
                 trainer.step_with(lambda: _grads_by_hand(model))
-                return
-            loss = trainer.train_step(batch)
-            if probe.computes and not math.isfinite(loss.item()):
-                raise _Diverged(f"loss became {loss.item()} at {where}; lower the learning rate")
+            else:
+                loss = trainer.train_step(batch)
+                if probe.computes and not math.isfinite(loss.item()):
+                    raise _Diverged(f"loss became {loss.item()} at {where}; lower the learning rate")
+                del loss  # the step's last request: its loss freed (program.repeated)
+            mark("train_step:after")
 
         # Target cuda: state torch keeps on the host (non-fused `step` counters) leaves the
         # device's allocator as soon as each optimizer's step made it.
@@ -399,8 +409,9 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
                 step(f"warm-up step {i + 1}")
         for h in hooks:
             h.remove()
-        if not backward:  # the optimizers' requests alone: nothing else to record
-            step("the instrumented step")
+        if grads != "backward":  # the allocator's requests alone: nothing else to record
+            step("the instrumented step", by_hand=True)
+            mark("end")
             return
         # ZeRO: the state lives in each wrapper's local optimizer, over this rank's partition
         local = {k: local_optimizer(o) for k, o in optimizer.optimizers.items()}
@@ -444,7 +455,7 @@ def _marking(log: list, model: torch.nn.Module) -> Callable[[str, str], None]:
 def _grads_by_hand(model: torch.nn.Module) -> None:
     """Every trainable parameter's gradient, as backward would leave it (zeros: a tracked
     probe's optimizers read them; AccumulateGrad gives a gradient its parameter's strides),
-    for `measure(backward=False)`. Also one matmul first: in a real step the forward makes the
+    for `measure(grads="by-hand")`. Also one matmul first: in a real step the forward makes the
     thread's first one, which allocates its cuBLAS workspaces (probes/target.py); without it
     an optimizer's first matmul (Muon's) would, inside its step."""
     trainable = [p for p in model.parameters() if p.requires_grad]

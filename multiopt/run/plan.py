@@ -48,7 +48,7 @@ import multiprocessing as mp
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tabulate import tabulate
@@ -57,7 +57,7 @@ from ..errors import UsageError
 from ..instrument.allocator import AllocatorConfig
 from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
-from ..instrument.program import Program, between, spliced
+from ..instrument.program import Program, between, repeated, spliced
 from ..instrument.protocol import AMPS, DTYPES, Config, Protocol, measure, model_bytes, model_factory, validate
 from ..instrument.state import expected_state, host_state
 from ..kinds import Probe, Status, Target
@@ -233,6 +233,9 @@ class Runner:
         self._records: dict[tuple[Config, int | None], Record] = {}
         self._programs: dict[Config, Program] = {}  # a config's allocator program, from any ok run of it
         self._steps: dict[Config, Program | None] = {}  # a config's optimizers' requests alone
+        # a config's program from a run whose last step's model side is its warm-up's again
+        # (`program.repeated`): for predictions; `known_fit` answers only from programs run
+        self._derived: dict[Config, Program | None] = {}
         self._meta: dict[tuple, torch.nn.Module] = {}
         self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each a model copy)
         conf = self.protocol.alloc_conf
@@ -273,15 +276,18 @@ class Runner:
 
     def _measure(self, config: Config, limit: int | None | str) -> tuple[Record, Program | None, float]:
         """One fake run: its record, its allocator program (None: not kept, or not ok), its
-        seconds. `limit` STEPS: the optimizers' side alone (`step_program`; the record is not kept)."""
+        seconds. `limit` STEPS: the optimizers' side alone (`step_program`); ONCE: one step's
+        model side, made again (`program.repeated`); the record of either is not kept."""
         meta = self.meta_model(config)
         start = time.perf_counter()
         log: list | None = [] if self.logs(config) else None
-        steps = limit == STEPS
-        record = measure(config, replace(self.protocol, limit_bytes=None if steps else limit),
-                         build=lambda: copy.deepcopy(meta), requests=log, backward=not steps)
+        grads = {STEPS: "by-hand", ONCE: "last-by-hand"}.get(limit, "backward")  # type: ignore[call-overload]
+        record = measure(config, replace(self.protocol, limit_bytes=limit if isinstance(limit, int) else None),
+                         build=lambda: copy.deepcopy(meta), requests=log, grads=grads)
         # an oom run's log stops at its failed request: no program
         program = Program.of(config.batch, log) if log and record.status == Status.OK else None
+        if program is not None and limit == ONCE:
+            program = repeated(program)
         return record, program, time.perf_counter() - start
 
     def _keep(self, config: Config, limit: int | None | str, record: Record, program: Program | None,
@@ -291,6 +297,9 @@ class Runner:
         if limit == STEPS:
             self.step_runs += 1
             self._steps[config] = program
+            return
+        if limit == ONCE:
+            self._derived[config] = program
             return
         self._records[(config, limit)] = record
         if program is not None:
@@ -312,16 +321,22 @@ class Runner:
         """Whether `config`'s optimizers' requests can be taken alone (`step_program`)."""
         return self.logs(config) and not config.step_in_backward
 
-    def prefetch(self, wanted: Iterable[tuple[Config, int | None]], steps: Iterable[Config] = ()) -> None:
-        """Make these runs (and these configs' `step_program` runs) now, `jobs` at a time, each
-        in a process forked from this one (the meta models and imports shared, nothing pickled
-        but configs and results); `run` then finds their records. The same records as one at a
-        time: a fake run is deterministic. Nothing is done with jobs 1, where fork is not
-        available, or under FSDP (its ranks simulated on process groups of their own)."""
+    def prefetch(self, wanted: Iterable[tuple[Config, int | None]] = (), steps: Iterable[Config] = (),
+                 programs: Iterable[Config] = ()) -> None:
+        """Make these runs (and the runs these configs' `step_program` and `program` need) now,
+        `jobs` at a time, each in a process forked from this one (the meta models and imports
+        shared, nothing pickled but configs and results); `run` then finds their records. The
+        same records as one at a time: a fake run is deterministic. Nothing is done with jobs
+        1, where fork is not available, or under FSDP (its ranks simulated on process groups
+        of their own)."""
+        programs = list(programs)
+        wanted = [*wanted, *((c, None) for c in programs if not self.splices(c))]
         todo: list[tuple[Config, int | None | str]] = list(dict.fromkeys(
             k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
         todo += dict.fromkeys((c, STEPS) for c in (replace(c, batch=PROGRAM_BATCHES[0]) for c in steps)
                               if self.splices(c) and c not in self._steps)
+        todo += dict.fromkeys((c, ONCE) for c in programs
+                              if self.splices(c) and c not in self._derived and c not in self._programs)
         if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
             return
         for config, _ in todo:
@@ -347,10 +362,19 @@ class Runner:
         return config.target == Target.CUDA and config.fsdp <= 1
 
     def program(self, config: Config) -> Program | None:
-        """`config`'s allocator program (an unlimited run made for it when none is known yet);
-        None where runs keep none, or the run did not end ok."""
-        if config not in self._programs and self.logs(config):
-            self.run(config, None)
+        """`config`'s allocator program, for predictions: an ok run's, or one made from a run
+        whose last step makes its gradients by hand, that step's model side the warm-up's again
+        (`program.repeated`: a little over half a run; where the optimizers' side can be taken
+        alone); a run made for it when none is known yet. None where runs keep none, or the
+        run did not end ok."""
+        if config in self._programs or not self.logs(config):
+            return self._programs.get(config)
+        if self.splices(config):  # one step's model side, made again: a run at little more than half the cost
+            if config not in self._derived:
+                self._keep(config, ONCE, *self._measure(config, ONCE))
+            if self._derived[config] is not None:
+                return self._derived[config]
+        self.run(config, None)
         return self._programs.get(config)
 
     def known_fit(self, config: Config, limit: int) -> bool | None:
@@ -495,8 +519,7 @@ def formula_for(config: Config, meta_model: torch.nn.Module) -> Formula | None:
     reads = [r for r in rules if _reads_values(r.optimizer)]
     if not reads:
         return None
-    model = copy.deepcopy(meta_model)
-    opt = MultiOptimizer.from_spec(model, config.rules, impl=config.impl, target=config.target)
+    opt = MultiOptimizer.from_spec(_Parameters(meta_model), config.rules, impl=config.impl, target=config.target)
     state = 0
     for rule, child in zip(opt.rules or (), opt.optimizers.values()):
         if rule not in reads:
@@ -511,6 +534,26 @@ def formula_for(config: Config, meta_model: torch.nn.Module) -> Formula | None:
     names = ", ".join(sorted({r.optimizer for r in reads}))
     return Formula(format_rules(twin), state, f"{names}: state by formula ({fmt_bytes(state)}), step temporaries "
                                                "not measured (it reads tensor values: not run on the fake probe)")
+
+
+class _Parameters(torch.nn.Module):
+    """A model's parameters alone, fresh meta copies under their names: all that building its
+    optimizers reads of it (`MultiOptimizer.from_spec`: `named_parameters`), for sizing their
+    state by formula. The shared meta model stays untouched without a deep copy of its
+    module tree (~50 ms a 1B model, once per candidate)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._named = [(n, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+                       for n, p in model.named_parameters()]
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,  # type: ignore[override]
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        yield from self._named
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:  # type: ignore[override]
+        for _, p in self._named:
+            yield p
 
 
 def _reads_values(optimizer: str) -> bool:
@@ -652,8 +695,9 @@ def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
             own.append(config)
     # a member with programs of its own: its optimizers' side alone, spliced into its class's
     # first member's programs (`_spliced_pair`); two runs of its own where that cannot be done
-    runner.prefetch(((replace(c, batch=n), None) for c in [*firsts.values(), *(c for c in own if not runner.splices(c))]
-                     for n in (PROGRAM_BATCHES if runner.logs(c) else (1,))), steps=own)
+    classes = [*firsts.values(), *(c for c in own if not runner.splices(c))]
+    runner.prefetch(((replace(c, batch=1), None) for c in classes if not runner.logs(c)), steps=own,
+                    programs=(replace(c, batch=n) for c in classes if runner.logs(c) for n in PROGRAM_BATCHES))
     classes: dict[tuple, Slopes] = {}
     pairs: dict[tuple, Pair] = {}
     for row in ready:
@@ -788,6 +832,9 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
 #: `Runner._measure`'s limit for a run of the optimizers' side alone (`Runner.step_program`)
 STEPS = "steps"
 
+#: `Runner._measure`'s limit for a run whose last step's model side is its warm-up's again
+ONCE = "once"
+
 #: the two batches a class's programs are taken at: batch 1 often makes another program
 #: (ops squeeze its size-1 dimension), 2 and 3 the same one as every larger batch
 PROGRAM_BATCHES = (2, 3)
@@ -854,7 +901,7 @@ def _shares(runner: Runner, first: int | None, state: int | None) -> bool:
 def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: int) -> Pair | Record | None:
     """`config`'s programs at PROGRAM_BATCHES, its answer under `room` searched between them;
     the failed run's record where one did not end ok; None where they are two programs."""
-    runner.prefetch((replace(config, batch=n), None) for n in PROGRAM_BATCHES)
+    runner.prefetch(programs=(replace(config, batch=n) for n in PROGRAM_BATCHES))
     progs = []
     for n in PROGRAM_BATCHES:
         prog = runner.program(replace(config, batch=n))
@@ -928,7 +975,7 @@ def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int
 def formula_state(config: Config, meta_model: torch.nn.Module) -> int | None:
     """The bytes the registry's formulas give the config's optimizers (what counts on the
     target: a cuda step's host scalars left out); None when one of them has no formula."""
-    opt = MultiOptimizer.from_spec(copy.deepcopy(meta_model), config.rules, impl=config.impl, target=config.target)
+    opt = MultiOptimizer.from_spec(_Parameters(meta_model), config.rules, impl=config.impl, target=config.target)
     total = 0
     for child in opt.optimizers.values():
         expected = expected_state(child)
