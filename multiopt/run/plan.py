@@ -236,6 +236,7 @@ class Runner:
         # a config's program from a run whose last step's model side is its warm-up's again
         # (`program.repeated`): for predictions; `known_fit` answers only from programs run
         self._derived: dict[Config, Program | None] = {}
+        self._peaks: dict[tuple[int, int, int], tuple[int, int]] = {}  # `peaks`, by (programs' ids, batch)
         self._meta: dict[tuple, torch.nn.Module] = {}
         self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each a model copy)
         conf = self.protocol.alloc_conf
@@ -310,12 +311,23 @@ class Runner:
         from a run that makes its gradients by hand, with no forward or backward (a fraction of
         a run: `program.spliced` puts them into another member's programs). None where runs
         keep no program, the config steps inside backward, or the run did not end ok."""
-        config = replace(config, batch=PROGRAM_BATCHES[0])  # the optimizers' requests do not depend on it
+        config = _step_key(config)
         if not self.splices(config):
             return None
         if config not in self._steps:
             self._keep(config, STEPS, *self._measure(config, STEPS))
         return self._steps[config]
+
+    def peaks(self, pair: "Pair", batch: int) -> tuple[int, int]:
+        """(peak requested, peak reserved) of the pair's program at `batch`, replayed without
+        a limit, once: under a limit at or above its peak reserved the program fits; under one
+        below its peak requested (live bytes) no allocator holds it."""
+        key = (id(pair.a), id(pair.b), batch)
+        if key not in self._peaks:
+            self.replays += 1
+            a = between(pair.a, pair.b, batch).replay(self.alloc_config)  # type: ignore[union-attr]
+            self._peaks[key] = (a.peak_requested, a.peak_reserved)
+        return self._peaks[key]
 
     def splices(self, config: Config) -> bool:
         """Whether `config`'s optimizers' requests can be taken alone (`step_program`)."""
@@ -333,8 +345,7 @@ class Runner:
         wanted = [*wanted, *((c, None) for c in programs if not self.splices(c))]
         todo: list[tuple[Config, int | None | str]] = list(dict.fromkeys(
             k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
-        todo += dict.fromkeys((c, STEPS) for c in (replace(c, batch=PROGRAM_BATCHES[0]) for c in steps)
-                              if self.splices(c) and c not in self._steps)
+        todo += dict.fromkeys((c, STEPS) for c in map(_step_key, steps) if self.splices(c) and c not in self._steps)
         todo += dict.fromkeys((c, ONCE) for c in programs
                               if self.splices(c) and c not in self._derived and c not in self._programs)
         if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
@@ -406,6 +417,12 @@ class Runner:
         if free is None or free.status != Status.OK or config.fsdp > 1 or metric(free) > limit:
             return None
         return free
+
+
+def _step_key(config: Config) -> Config:
+    """The config whose `step_program` stands for `config`'s: the optimizers' requests depend
+    on neither the batch nor activation checkpointing (the same parameters, the same gradients)."""
+    return replace(config, batch=PROGRAM_BATCHES[0], checkpointing=0)
 
 
 #: the Runner a forked worker runs for (set once in each worker by `_worker`)
@@ -938,8 +955,7 @@ def _secant(runner: Runner, pair: Pair, room: int, cap: int) -> int:
     through two unlimited replays, refined once. (A limited run frees cached blocks and
     retries, so the answer is at or a little past it.)"""
     def peak(n: int) -> int:
-        runner.replays += 1
-        return between(pair.a, pair.b, n).replay(runner.alloc_config).peak_reserved  # type: ignore[union-attr]
+        return runner.peaks(pair, n)[1]
 
     x0 = max(pair.a.batch, pair.b.batch)
     x1 = min(max(4 * x0, 16), cap)
@@ -963,9 +979,11 @@ def _largest(runner: Runner, pair: Pair, room: int, cap: int, guess: int) -> int
     def ok(n: int) -> bool:
         if n < low:
             return True
+        live, reserved = runner.peaks(pair, n)
+        if reserved <= room or live > room:  # never reaches the limit / more live bytes than it holds
+            return reserved <= room
         runner.replays += 1
-        prog = between(pair.a, pair.b, n)
-        return prog is not None and prog.fits(runner.alloc_config, room)
+        return between(pair.a, pair.b, n).fits(runner.alloc_config, room)  # type: ignore[union-attr]
 
     if room < 0 or not ok(low):
         return 0
