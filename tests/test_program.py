@@ -242,3 +242,16 @@ def test_a_step_is_not_made_again_without_two_steps():
     half = Program.of(2, _run(MLP, grads="last-by-hand")[1])
     assert repeated(half) is not None
     assert repeated(replace(half, grads=tuple((pos, (-1,) * len(t)) for pos, t in half.grads))) is None
+
+
+def test_the_optimizers_requests_do_not_depend_on_checkpointing():
+    """What lets a plan take one step-only run for both checkpointing values (`_step_key`):
+    the requests of a plain model's optimizers, spliced into a checkpointed class's programs,
+    are the checkpointed member's own."""
+    member = replace(LLAMA, checkpointing=1, rules="rest=sgd(lr=0.1,momentum=0.9)")
+    first = Program.of(2, _run(replace(member, rules="rest=adamw"))[1])
+    plain_steps = Program.of(2, _run(replace(member, checkpointing=0), grads="by-hand")[1])
+    own = Program.of(2, _run(member)[1])
+    made = spliced(first, plain_steps)
+    assert made is not None and _until_end(made) == _until_end(own)
+    assert planning._step_key(member) == planning._step_key(replace(member, checkpointing=0, batch=9))
