@@ -129,6 +129,10 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
     assert f"0 of 1 exact; 1 off, by up to {worst:,}." in said
     assert said in planning.render(p)
     assert runner.runs < 20
+    # the class programs' runs and the spliced member's are partial, and the plan says how many
+    assert p.partial == runner.step_runs + runner.once_runs >= 3
+    assert f"{p.runs} fake runs ({p.partial} of them partial" in planning.render(p)
+    assert planning.as_dict(p)["fake_runs_partial"] == p.partial
 
 
 def test_runs_made_in_forked_workers_give_the_plan_one_process_gives():

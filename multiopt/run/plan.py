@@ -7,24 +7,30 @@ engine finds the largest batch that fits, and the frontier of those answers is t
 Fast by construction. Candidates that differ only by optimizers form a *class* (same model,
 dtype, AMP, checkpointing, LoRA, placement): their activations and gradients are the same.
 
-1. Target cuda: the class's first member runs unlimited on the fake probe at batches 2 and 3,
-   each run keeping its allocator program (instrument/program.py). Where the two are one
-   program, the program at any batch is known (sizes affine in the batch) and replayed under
-   the budget (release-and-retry included): the largest batch that fits is the prediction.
-   Another member is predicted from the same programs with its state by formula swapped in
-   when that state is within 5% of the budget of the first's (`_shares`); otherwise it gets
-   programs of its own. Target cpu, FSDP, or two programs: each phase's peak is taken affine
-   in the batch from runs near the answer, the allocator's slack at the anchor on top
-   (`_predict_by_peaks`).
+1. Target cuda: the class's first member has allocator programs (instrument/program.py) at
+   batches 2 and 3. Where the two are one program, the program at any batch is known (sizes
+   affine in the batch) and replayed under the budget (release-and-retry included): the
+   largest batch that fits is the prediction. Each program comes from a run whose last step
+   makes its gradients by hand, that step's forward and backward made again from the step
+   before's (`program.repeated`, `Runner.program`: a little over half a run). Another member
+   whose state by formula is within 5% of the budget of the first's is predicted from the
+   same programs with it swapped in (`_shares`); otherwise from the first's programs with its
+   own optimizers' requests spliced in (`program.spliced`, `_spliced_pair`), taken from one
+   run of its optimizers' side alone (`Runner.step_program`: no forward, no backward; one for
+   both checkpointing values), or, where that cannot be done, programs of its own. Target
+   cpu, FSDP, or two programs: each phase's peak is taken affine in the batch from runs near
+   the answer, the allocator's slack at the anchor on top (`_predict_by_peaks`).
 2. The prediction is confirmed at its boundary with the budget as the probe's limit (as
    `set_per_process_memory_fraction` would cap a GPU): batch b runs, b + 1 runs out of
    memory; where they disagree the boundary is searched from there (doubling steps, then
    bisection), so a wrong prediction costs runs, never a wrong answer. A batch with a run
    under any limit needs no other: its program replayed under this one ends as the limited
-   run would (`Runner.known_fit`). Each row says what its prediction came from (`basis`),
+   run would (`Runner.known_fit`; programs made by splicing or repeating a step predict, and
+   never stand for a run here). Each row says what its prediction came from (`basis`),
    and the plan how far its predictions were from their confirmations (`checks`).
 3. Runs are made `jobs` at a time, in processes forked from the planner (`Runner.prefetch`):
-   every class's program runs first, then each confirming round's first two runs per row.
+   every class's program runs and step-only runs first, then each confirming round's first
+   two runs per row.
 
 The model is built once on meta and copied for every run (`measure(build=...)`). An optimizer
 that cannot run on the fake probe (it reads tensor values: Adafactor, 8-bit AdamW) is sized
@@ -228,6 +234,7 @@ class Runner:
                                  gpu=gpu, count_work=gpu is not None)
         self.runs = 0
         self.step_runs = 0  # of the runs, those of the optimizers' side alone (`step_program`)
+        self.once_runs = 0  # of the runs, those with one step's model side, made again (`program`)
         self.seconds = 0.0
         self.replays = 0  # programs replayed instead of run (instrument/program.py)
         self._records: dict[tuple[Config, int | None], Record] = {}
@@ -300,6 +307,7 @@ class Runner:
             self._steps[config] = program
             return
         if limit == ONCE:
+            self.once_runs += 1
             self._derived[config] = program
             return
         self._records[(config, limit)] = record
@@ -629,6 +637,7 @@ class Plan:
     weights: int
     base: Config
     jobs: int = 1  # fake runs made at once (`seconds` is their sum)
+    partial: int = 0  # of the runs, those with one step's model side or the optimizers' side alone
 
     @property
     def fitting(self) -> list[Row]:
@@ -696,7 +705,7 @@ def plan(base: Config, axes: Sequence[Axis], budget: int, *, context: int = 0, w
     finally:
         runner.close()
     return Plan(budget, context, limit, base.target, rows, note, runner.runs, runner.seconds, weights, base,
-                runner.jobs)
+                runner.jobs, runner.step_runs + runner.once_runs)
 
 
 def _predict_all(rows: list[Row], runner: Runner, limit: int, cap: int) -> None:
@@ -1145,7 +1154,8 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
 
     return {"budget": p.budget, "context": p.context if p.target == Target.CUDA else 0, "target": p.target,
             "context_source": CONTEXT_SOURCE if p.target == Target.CUDA else None, "time": p.time_note,
-            "weights": p.weights, "fake_runs": p.runs, "fake_seconds": round(p.seconds, 3), "jobs": p.jobs,
+            "weights": p.weights, "fake_runs": p.runs, "fake_runs_partial": p.partial,
+            "fake_seconds": round(p.seconds, 3), "jobs": p.jobs,
             "rows": [row(r) for r in p.rows]}
 
 
@@ -1162,8 +1172,9 @@ def render(p: Plan, workspaces: Workspaces = Workspaces()) -> str:
                  "allocator slack on top (use --target cuda)")
     lines = [f"# Plan: what fits in {fmt_bytes(p.budget)} ({p.budget:,} bytes)", "",
              f"{b.model}{f' ({sizes})' if sizes else ''}; {semantics}. Time: {p.time_note}.",
-             f"{len(p.rows)} candidates, {len(p.fitting)} fit; {p.runs} fake runs, {p.seconds:.1f} s of them"
-             f"{f' ({p.jobs} at a time)' if p.jobs > 1 else ''}."]
+             f"{len(p.rows)} candidates, {len(p.fitting)} fit; {p.runs} fake runs"
+             f"{f' ({p.partial} of them partial: one step of the model, or the optimizers alone)' if p.partial else ''}, "
+             f"{p.seconds:.1f} s of them{f' ({p.jobs} at a time)' if p.jobs > 1 else ''}."]
     front = [r for r in p.fitting if r.frontier]
     rest = [r for r in p.fitting if not r.frontier]
     head = ["candidate", "batch", "used", "headroom", "weights", "grads", "state", "activations", "temporaries",
