@@ -140,6 +140,8 @@ def test_fit_on_a_model_without_a_width_searches_only_the_batch(capsys):
                      "--target", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| largest batch " in out and "width" not in out.split("## adamw")[1] and "search cap" not in out
+    # nor a depth it does not take (its config's is its own)
+    assert "tests.hfmodels:gpt2, float32;" in out and "depth" not in out.split("## adamw")[0]
 
 
 def test_a_runner_reuses_every_measurement():

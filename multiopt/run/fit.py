@@ -233,7 +233,8 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                  f"cuBLAS workspaces) + CUDA context {fmt_bytes(cuda[0].context)}" if cuda else
                  "fake probe (`memory_allocated` semantics: live tensor bytes, 512-byte blocks). A GPU needs more "
                  "on top: the CUDA context, library workspaces and fragmentation (use --target cuda)")
-    lines = [f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)", "", f"{model}, depth {depth}, {dtype}; {semantics}."]
+    shape = f", depth {depth}" if "depth" in models.resolve(model).takes else ""  # an hf: model's is its config's
+    lines = [f"# What fits in {fmt_bytes(budget)} ({budget:,} bytes)", "", f"{model}{shape}, {dtype}; {semantics}."]
     by_combo: dict[str, list[Answer]] = {}
     for a in answers:
         by_combo.setdefault(a.combo, []).append(a)
