@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 

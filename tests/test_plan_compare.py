@@ -8,9 +8,7 @@ from __future__ import annotations
 import pytest
 
 from multiopt.instrument.protocol import Config
-from multiopt.rules import Rules
 from multiopt.run import plan as planning
-from multiopt.units import parse_bytes
 
 from .support import FIXTURES, load_bench
 
