@@ -197,7 +197,7 @@ def spliced(base: Program, steps: Program) -> Program | None:
             return ("s", ref)
         return ("b", grad[ref]) if grad.get(ref, -1) >= 0 else None
 
-    out = _Events(base, "b")
+    out = _Events(base.batch, base, "b")
     span_at: dict[int, list[tuple[int, int, int]]] = {}  # an empty span and the next may start together
     for (_, b0, b1), (_, s0, s1) in zip(bs, ss):
         span_at.setdefault(b0, []).append((b1, s0, s1))
@@ -242,17 +242,17 @@ def _same_gradients(ours: tuple, theirs: tuple) -> dict[int, int] | None:
 
 
 class _Events:
-    """A log being written from other programs' requests (`Program.of` makes the result):
-    each malloc keyed by (side, position), a free by the key `name` gives its malloc; the
-    marks and gradient tables of `owner` (keys on `side`) written at their positions."""
+    """A log being written from other programs' requests (`Program.of` makes the result, at
+    `batch`): each malloc keyed by (side, position), a free by the key `name` gives its
+    malloc. `marks(pos)` writes `owner`'s marks and gradient tables (keys on `side`) at pos."""
 
-    def __init__(self, owner: Program, side: str) -> None:
-        self.owner = owner
+    def __init__(self, batch: int, owner: Program | None = None, side: str = "") -> None:
+        self.batch = batch
         self.log: list[tuple] = []
         self._at: dict[int, list[tuple]] = {}
-        for pos, name in owner.marks:
+        for pos, name in owner.marks if owner is not None else ():
             self._at.setdefault(pos, []).append(("mark", name))
-        for pos, table in owner.grads:
+        for pos, table in owner.grads if owner is not None else ():
             self._at.setdefault(pos, []).append(("grads", tuple((side, x) if x >= 0 else None for x in table)))
 
     def marks(self, pos: int) -> None:
@@ -275,8 +275,7 @@ class _Events:
         return True
 
     def program(self) -> Program:
-        return Program.of(self.owner.batch, self.log)
-
+        return Program.of(self.batch, self.log)
 
 
 def repeated(p: Program) -> Program | None:
@@ -317,7 +316,7 @@ def repeated(p: Program) -> Program | None:
             return ("h", ref)
         return ("c", grad[ref]) if grad.get(ref, -1) >= 0 else None
 
-    out = _Events(p, "h")
+    out = _Events(p.batch)
     copy = iter(_optimizer_parts(hand, spans_only=True))
     for ev in stream[:at[-2] + 1]:
         if not _write(out, p, ev, "h", lambda r: ("h", r)):
