@@ -121,6 +121,9 @@ def test_a_plan_predicts_by_program_and_its_confirmation_agrees():
             assert row.predicted == row.batch, row.label
     missed = [r for r in p.fitting if r.predicted != r.batch]
     assert missed and all(r.shared for r in missed)
+    # a program's replay models the limited allocator: a row's miss is its own and moves no
+    # other row of its class (the phase-peak predictions' `bias` does)
+    assert all(r.bias == 0 and not r.by_peaks for r in p.rows)
     # the plan says how far its predictions were from their confirmations, by what they came from
     said = planning.checks(p)
     assert "from its allocator program between batches 2 and 3: 2 of 2 exact;" in said
@@ -259,3 +262,19 @@ def test_the_optimizers_requests_do_not_depend_on_checkpointing():
     made = spliced(first, plain_steps)
     assert made is not None and _until_end(made) == _until_end(own)
     assert planning._step_key(member) == planning._step_key(replace(member, checkpointing=0, batch=9))
+
+
+def test_two_formula_candidates_with_one_twin_are_each_predicted_for_their_own_room():
+    """Adafactor and ASGD read tensor values: each runs as the same SGD twin with its own state
+    by formula held aside, so they share the twin's programs but not the room they are searched
+    under. Each is predicted for its own room, and its confirmation agrees (the second used to
+    be given the first's answer)."""
+    base = Config(model="mlp", width=1024, depth=3, batch=1, rules="rest=adamw", target="cuda")
+    axes = [planning.combo_axis([("adamw", "rest=adamw"), ("adafactor", "rest=adafactor"), ("asgd", "rest=asgd")])]
+    budget = parse_bytes("160MiB")
+    p = planning.plan(base, axes, budget, confirm="all")
+    adafactor, asgd = p.rows[1], p.rows[2]
+    assert adafactor.formula and asgd.formula and adafactor.formula.twin_rules == asgd.formula.twin_rules
+    assert asgd.formula.state > adafactor.formula.state
+    assert adafactor.confirmed and asgd.confirmed and asgd.batch < adafactor.batch
+    assert (adafactor.predicted, asgd.predicted) == (adafactor.batch, asgd.batch)

@@ -614,6 +614,8 @@ class Row:
     klass: tuple = ()  # candidates that differ only by optimizers share activations, slopes, bias
     bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
     # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
+    by_peaks: bool = False  # predicted from phase peaks (`_predict_by_peaks`): its misses move its class's
+    # other rows (`bias`); a program's replay models the limited allocator, and its misses are its own
 
     @property
     def label(self) -> str:
@@ -738,7 +740,7 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
     bias: dict[tuple, int] = {}
     while True:
         for r in rows:
-            r.bias = bias.get(r.klass, 0)
+            r.bias = bias.get(r.klass, 0) if r.by_peaks else 0
         _frontier(rows, predictor is not None)
         # a row predicted to fit nothing is confirmed too: "fits nothing" is a claim, and a
         # phase whose slope is near zero extrapolates far from its anchor
@@ -757,9 +759,9 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
                        if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
         runner.prefetch(wanted)
         for row in todo:
-            row.bias = bias.get(row.klass, 0)
+            row.bias = bias.get(row.klass, 0) if row.by_peaks else 0
             _confirm(row, runner, limit, cap, predictor)
-            if row.why is None and row.predicted:
+            if row.why is None and row.predicted and row.by_peaks:
                 bias[row.klass] = row.batch - row.predicted
 
 
@@ -843,7 +845,7 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
     if state is not None and s.anchor is not None and s.anchor.status == Status.OK:
         # same model, dtype, amp and placement: the same activations and gradients; only the
         # optimizers' state (and their step temporaries, left to the confirmation) differ
-        row.shared = True
+        row.shared = row.by_peaks = True
         row.basis = "its class's phase peaks, its own state by formula (step temporaries not counted)"
         row.predicted = predict(s.anchor, s, room - (state - s.state), cap)
         return
@@ -851,7 +853,7 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
     if anchor.status != Status.OK:
         row.why = f"batch {anchor.batch}: {anchor.status}: {anchor.error}"
         return
-    row.basis = "phase peaks affine in the batch"
+    row.basis, row.by_peaks = "phase peaks affine in the batch", True
     row.predicted = predict(anchor, s, room, cap)
 
 
@@ -878,6 +880,7 @@ class Pair:
     state: int | None
     answer: int  # the first member's predicted batch: where the others' searches start
     spliced: bool = False  # another member's programs with these rules' optimizers' requests in theirs
+    room: int = 0  # what `answer` was searched under
 
 
 def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key: tuple,
@@ -907,7 +910,10 @@ def _predict_by_program(row: Row, runner: Runner, config: Config, room: int, key
     row.basis = ("its class's allocator program, its own state by formula (step temporaries not counted)"
                  if row.shared else "its class's allocator program, its own optimizers' requests spliced in"
                  if pair.spliced else "its allocator program between batches 2 and 3")
-    row.predicted = _largest(runner, pair, room - shift, cap, pair.answer) if row.shared else pair.answer
+    # the pair's answer is for the room it was searched under: another row with the same run
+    # rules (formula optimizers' SGD twin) holds another state aside
+    same = not row.shared and room == pair.room
+    row.predicted = pair.answer if same else _largest(runner, pair, room - shift, cap, pair.answer)
     return True
 
 
@@ -938,7 +944,7 @@ def _pair_of(runner: Runner, config: Config, state: int | None, room: int, cap: 
     if not a.same_program(b):
         return None
     pair = Pair(a, b, config.rules, state, 0)
-    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)))
+    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)), room=room)
 
 
 def _spliced_pair(runner: Runner, first: Pair, config: Config, state: int | None, room: int,
@@ -955,7 +961,7 @@ def _spliced_pair(runner: Runner, first: Pair, config: Config, state: int | None
     if a is None or b is None or not a.same_program(b):
         return None
     pair = Pair(a, b, config.rules, state, 0, spliced=True)
-    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)))
+    return replace(pair, answer=_largest(runner, pair, room, cap, _secant(runner, pair, room, cap)), room=room)
 
 
 def _secant(runner: Runner, pair: Pair, room: int, cap: int) -> int:
