@@ -37,6 +37,9 @@ SHAPES: dict[str, tuple[list[str], str, list[str]]] = {
     "llama-1b": (["--model", f"{_HF}/llama-1b"], "24GiB", HF_AXES),
     "llama-2-7b": (["--model", f"{_HF}/llama-2-7b"], "80GiB", HF_AXES),
     "llama-2-7b-24": (["--model", f"{_HF}/llama-2-7b"], "24GiB", HF_AXES),
+    # the default axes (combos, step_in_backward 0,1) with checkpointing 0,1: 16 candidates,
+    # 20 where torchao's 8-bit AdamW is installed; step_in_backward 1 runs whole programs of its own
+    "llama-1b-default": (["--model", f"{_HF}/llama-1b"], "24GiB", ["--checkpointing", "0,1"]),
 }
 
 

@@ -87,6 +87,7 @@ class Program:
                 grads.append((i, tuple(-1 if k is None else live.get(k, -1) for k in ev[1])))
             else:
                 raise ValueError(f"not an allocator request or a run's mark: {ev!r}")
+        _sort_frees(ops, refs, {pos for pos, _ in marks} | {pos for pos, _ in grads})
         return cls(batch, bytes(ops), tuple(refs), tuple(sizes), tuple(stages), tuple(marks), tuple(grads))
 
     def __len__(self) -> int:
@@ -124,6 +125,25 @@ class Program:
         return True
 
 
+def _sort_frees(ops: bytearray, refs: list[int], cuts: set[int]) -> None:
+    """Each run of consecutive frees (not across a mark) in the order of their mallocs. Which
+    of them Python or autocast frees first may follow storage addresses (autocast's cast
+    cache, cleared at its exit under checkpointing), so two runs of one config free one burst
+    in different orders; the allocator's state after the burst is the same either way (free
+    blocks are filed and merged by address), so one order makes one program."""
+    i, n = 0, len(ops)
+    while i < n:
+        if ops[i] != FREE:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and ops[j] == FREE and j not in cuts:
+            j += 1
+        if j - i > 1:
+            refs[i:j] = sorted(refs[i:j])
+        i = j
+
+
 def _kind(stage: tuple[Any, Any]) -> tuple:
     """A stage's layout with its shape and strides' values left out: what must not change."""
     (shape, strides, offset, reduced, dtype, acc), gpu = stage
@@ -151,8 +171,9 @@ def between(a: Program, b: Program, batch: int) -> Program | None:
 
 
 #: the spans of a run that are its optimizers' (their construction, each step, each
-#: zero_grad), between marks "<name>:before" and "<name>:after"; the rest is the model's
-OPTIMIZER_SPANS = ("optimizer", "step", "zero_grad")
+#: zero_grad, each parameter's step inside backward with step_in_backward), between marks
+#: "<name>:before" and "<name>:after"; the rest is the model's
+OPTIMIZER_SPANS = ("optimizer", "step", "zero_grad", "param_step")
 
 
 def spans(p: Program) -> list[tuple[str, int, int]]:

@@ -392,7 +392,7 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         def step(where: str, by_hand: bool = grads == "by-hand") -> None:
             mark("train_step:before")
             if by_hand:
-                trainer.step_with(lambda: _grads_by_hand(model))
+                trainer.step_with(_grad_by_hand())
             else:
                 loss = trainer.train_step(batch)
                 if probe.computes and not math.isfinite(loss.item()):
@@ -404,6 +404,8 @@ def _run(config: Config, protocol: Protocol, probe: Probe, out: dict[str, Any],
         # device's allocator as soon as each optimizer's step made it.
         hooks = [o.register_step_post_hook(lambda o_, a, k: probe.host(*host_state(local_optimizer(o_))))
                  for o in optimizer.optimizers.values()] if getattr(probe, "target", Target.CPU) == Target.CUDA else []
+        if log is not None and config.step_in_backward:  # after the host hooks: their frees inside the span
+            _mark_steps(optimizer, mark)
         with _watching_steps(probe, optimizer.optimizers) as stepped:
             for i in range(protocol.warmup):
                 step(f"warm-up step {i + 1}")
@@ -452,18 +454,29 @@ def _marking(log: list, model: torch.nn.Module) -> Callable[[str, str], None]:
     return hook
 
 
-def _grads_by_hand(model: torch.nn.Module) -> None:
-    """Every trainable parameter's gradient, as backward would leave it (zeros: a tracked
-    probe's optimizers read them; AccumulateGrad gives a gradient its parameter's strides),
-    for `measure(grads="by-hand")`. Also one matmul first: in a real step the forward makes the
-    thread's first one, which allocates its cuBLAS workspaces (probes/target.py); without it
-    an optimizer's first matmul (Muon's) would, inside its step."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if trainable:
-        one = torch.ones(1, 1, device=trainable[0].device)
-        torch.mm(one, one)
-    for p in trainable:
-        p.grad = torch.zeros_like(p)
+def _mark_steps(optimizer: MultiOptimizer, mark: Callable[[str], None]) -> None:
+    """step_in_backward: mark each parameter's step inside backward, a span of its own in the
+    allocator's request log (program.OPTIMIZER_SPANS "param_step")."""
+    for o in optimizer.optimizers.values():
+        o.register_step_pre_hook(lambda o_, a, k: mark("param_step:before"))
+        o.register_step_post_hook(lambda o_, a, k: mark("param_step:after"))
+
+
+def _grad_by_hand() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A parameter's gradient as backward would leave it (zeros: a tracked probe's optimizers
+    read them; AccumulateGrad gives a gradient its parameter's strides), for `measure(grads=
+    "by-hand")`, one step's worth. Its first call makes one matmul first: in a real step the
+    forward makes the thread's first one, which allocates its cuBLAS workspaces
+    (probes/target.py); without it an optimizer's first matmul (Muon's) would, inside its step."""
+    first = [True]
+
+    def make(p: torch.Tensor) -> torch.Tensor:
+        if first[0]:
+            first[0] = False
+            one = torch.ones(1, 1, device=p.device)
+            torch.mm(one, one)
+        return torch.zeros_like(p)
+    return make
 
 
 def probe_target(probe: Probe) -> str:

@@ -245,7 +245,7 @@ class Runner:
         self._derived: dict[Config, Program | None] = {}
         self._peaks: dict[tuple[int, int, int], tuple[int, int]] = {}  # `peaks`, by (programs' ids, batch)
         self._meta: dict[tuple, torch.nn.Module] = {}
-        self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each a model copy)
+        self._sized: dict[tuple, Any] = {}  # formula_for / formula_state answers (each builds optimizers)
         conf = self.protocol.alloc_conf
         self.alloc_config = conf if isinstance(conf, AllocatorConfig) else AllocatorConfig.from_env()
 
@@ -350,12 +350,12 @@ class Runner:
         1, where fork is not available, or under FSDP (its ranks simulated on process groups
         of their own)."""
         programs = list(programs)
-        wanted = [*wanted, *((c, None) for c in programs if not self.splices(c))]
+        wanted = [*wanted, *((c, None) for c in programs if not self.logs(c))]
         todo: list[tuple[Config, int | None | str]] = list(dict.fromkeys(
             k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
         todo += dict.fromkeys((c, STEPS) for c in map(_step_key, steps) if self.splices(c) and c not in self._steps)
         todo += dict.fromkeys((c, ONCE) for c in programs
-                              if self.splices(c) and c not in self._derived and c not in self._programs)
+                              if self.logs(c) and c not in self._derived and c not in self._programs)
         if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
             return
         for config, _ in todo:
@@ -383,16 +383,14 @@ class Runner:
     def program(self, config: Config) -> Program | None:
         """`config`'s allocator program, for predictions: an ok run's, or one made from a run
         whose last step makes its gradients by hand, that step's model side the warm-up's again
-        (`program.repeated`: a little over half a run; where the optimizers' side can be taken
-        alone); a run made for it when none is known yet. None where runs keep none, or the
-        run did not end ok."""
+        (`program.repeated`: a little over half a run); a whole run where that cannot be made.
+        None where runs keep none, or the run did not end ok."""
         if config in self._programs or not self.logs(config):
             return self._programs.get(config)
-        if self.splices(config):  # one step's model side, made again: a run at little more than half the cost
-            if config not in self._derived:
-                self._keep(config, ONCE, *self._measure(config, ONCE))
-            if self._derived[config] is not None:
-                return self._derived[config]
+        if config not in self._derived:
+            self._keep(config, ONCE, *self._measure(config, ONCE))
+        if self._derived[config] is not None:
+            return self._derived[config]
         self.run(config, None)
         return self._programs.get(config)
 

@@ -88,6 +88,8 @@ class Trainer:
         self.scaler = scaler(self.device_type) if amp == "fp16" else None
         self._hooks: OrderedDict[int, PhaseHook] = OrderedDict()
         self._micro = 0
+        # step_in_backward: the parameters in the order the last backward stepped them (`step_with`)
+        self._stepped: list[torch.Tensor] = []
         self.steps = 0
         # only the optimizers: the model's mode (dropout on or off) stays the caller's choice
         _set_mode(self.children, "train")
@@ -141,17 +143,28 @@ class Trainer:
         self._after_backward()
         return loss.detach()
 
-    def step_with(self, make_grads: Callable[[], None]) -> None:
-        """`train_step` with `make_grads` (which sets every trainable parameter's `.grad`) in
-        place of forward and backward: the optimizers' side of a step alone, phases and all.
-        A planner takes the model's side from another run (instrument/program.py `spliced`)."""
-        if self.step_in_backward:
-            raise UsageError("step_with cannot step inside backward (step_in_backward): there is no backward")
+    def step_with(self, make_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """`train_step` with `make_grad(p)` (a gradient for parameter p) in place of forward and
+        backward: the optimizers' side of a step alone, phases and all. A planner takes the
+        model's side from another run (instrument/program.py `spliced`, `repeated`). Every
+        trainable parameter gets its gradient first; with step_in_backward, one at a time, each
+        stepped and freed as a backward's hook would, in the order the last backward did."""
+        if self.step_in_backward and not self._stepped:
+            raise UsageError("step_with with step_in_backward steps the parameters in the order a backward did: "
+                             "run a train_step first")
         if self.zero_grad_at == "start" and self._micro == 0:
             with self._phase("zero_grad"):
                 self.optimizer.zero_grad(set_to_none=True)
         with self._phase("backward"):
-            make_grads()
+            if self.step_in_backward:
+                owner = self._owners()
+                for p in self._stepped:
+                    p.grad = make_grad(p)
+                    self._step_one(p, owner)
+            else:
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.grad = make_grad(p)
         self._after_backward()
 
     def _after_backward(self) -> None:
@@ -181,14 +194,12 @@ class Trainer:
         if not self.step_in_backward:
             yield
             return
-        owner = {id(p): opt for opt in self.children for g in opt.param_groups for p in g["params"]}
+        owner = self._owners()
+        stepped: list[torch.Tensor] = []
 
         def hook(p: torch.Tensor) -> None:
-            opt = owner.get(id(p))
-            if opt is None:
-                return  # a parameter no optimizer holds keeps its gradient, as without the option
-            opt.step()  # every other parameter's gradient is None now: this one alone steps
-            p.grad = None
+            if self._step_one(p, owner):
+                stepped.append(p)
 
         handles = [p.register_post_accumulate_grad_hook(hook) for p in self.model.parameters() if p.requires_grad]
         try:
@@ -196,6 +207,20 @@ class Trainer:
         finally:
             for h in handles:
                 h.remove()
+            self._stepped = stepped
+
+    def _owners(self) -> dict[int, Any]:
+        return {id(p): opt for opt in self.children for g in opt.param_groups for p in g["params"]}
+
+    @staticmethod
+    def _step_one(p: torch.Tensor, owner: dict[int, Any]) -> bool:
+        """step_in_backward: `p`'s owner steps it, then its gradient is freed. False: no owner."""
+        opt = owner.get(id(p))
+        if opt is None:
+            return False  # a parameter no optimizer holds keeps its gradient, as without the option
+        opt.step()  # every other parameter's gradient is None now: this one alone steps
+        p.grad = None
+        return True
 
     def _step(self) -> None:
         if self.step_in_backward:  # every parameter already stepped inside backward
