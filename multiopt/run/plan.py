@@ -612,8 +612,16 @@ class Row:
     klass: tuple = ()  # candidates that differ only by optimizers share activations, slopes, bias
     bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
     # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
-    by_peaks: bool = False  # predicted from phase peaks (`_predict_by_peaks`): its misses move its class's
-    # other rows (`bias`); a program's replay models the limited allocator, and its misses are its own
+    by_peaks: bool = False  # predicted from phase peaks (`_predict_by_peaks`)
+
+    @property
+    def approximate(self) -> bool:
+        """Predicted by an approximation a class shares: phase peaks, or another member's
+        programs with this one's state swapped in by formula. Such a row's miss moves its
+        class's other such rows (`bias`: what limits one likely limits the others, e.g. a
+        block's rounding the state does not move); a row predicted by its own (or spliced)
+        programs is the limited allocator's answer, and its misses are its own."""
+        return self.by_peaks or self.shared
 
     @property
     def label(self) -> str:
@@ -738,7 +746,7 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
     bias: dict[tuple, int] = {}
     while True:
         for r in rows:
-            r.bias = bias.get(r.klass, 0) if r.by_peaks else 0
+            r.bias = bias.get(r.klass, 0) if r.approximate else 0
         _frontier(rows, predictor is not None)
         # a row predicted to fit nothing is confirmed too: "fits nothing" is a claim, and a
         # phase whose slope is near zero extrapolates far from its anchor
@@ -757,9 +765,9 @@ def _confirm_all(rows: list[Row], runner: Runner, limit: int, cap: int, predicto
                        if runner.known_fit(replace(config, batch=n), room) is None or n == r.answer]
         runner.prefetch(wanted)
         for row in todo:
-            row.bias = bias.get(row.klass, 0) if row.by_peaks else 0
+            row.bias = bias.get(row.klass, 0) if row.approximate else 0
             _confirm(row, runner, limit, cap, predictor)
-            if row.why is None and row.predicted and row.by_peaks:
+            if row.why is None and row.predicted and row.approximate:
                 bias[row.klass] = row.batch - row.predicted
 
 
