@@ -279,34 +279,35 @@ class Runner:
         if same is not None:
             return same
         if key not in self._records:
-            self._keep(config, limit, *self._measure(config, limit))
+            self._keep(config, limit, "backward", *self._measure(config, limit))
         return self._records[key]
 
-    def _measure(self, config: Config, limit: int | None | str) -> tuple[Record, Program | None, float]:
+    def _measure(self, config: Config, limit: int | None, grads: str = "backward") -> tuple[Record, Program | None,
+                                                                                          float]:
         """One fake run: its record, its allocator program (None: not kept, or not ok), its
-        seconds. `limit` STEPS: the optimizers' side alone (`step_program`); ONCE: one step's
-        model side, made again (`program.repeated`); the record of either is not kept."""
+        seconds. `grads` (`measure`'s): "by-hand", the optimizers' side alone (`step_program`);
+        "last-by-hand", one step's model side made again (`program.repeated`); the record of
+        either is not kept."""
         meta = self.meta_model(config)
         start = time.perf_counter()
         log: list | None = [] if self.logs(config) else None
-        grads = {STEPS: "by-hand", ONCE: "last-by-hand"}.get(limit, "backward")  # type: ignore[call-overload]
-        record = measure(config, replace(self.protocol, limit_bytes=limit if isinstance(limit, int) else None),
-                         build=lambda: copy.deepcopy(meta), requests=log, grads=grads)
+        record = measure(config, replace(self.protocol, limit_bytes=limit), build=lambda: copy.deepcopy(meta),
+                         requests=log, grads=grads)
         # an oom run's log stops at its failed request: no program
         program = Program.of(config.batch, log) if log and record.status == Status.OK else None
-        if program is not None and limit == ONCE:
+        if program is not None and grads == "last-by-hand":
             program = repeated(program)
         return record, program, time.perf_counter() - start
 
-    def _keep(self, config: Config, limit: int | None | str, record: Record, program: Program | None,
+    def _keep(self, config: Config, limit: int | None, grads: str, record: Record, program: Program | None,
               seconds: float) -> None:
         self.seconds += seconds
         self.runs += 1
-        if limit == STEPS:
+        if grads == "by-hand":
             self.step_runs += 1
             self._steps[config] = program
             return
-        if limit == ONCE:
+        if grads == "last-by-hand":
             self.once_runs += 1
             self._derived[config] = program
             return
@@ -323,7 +324,7 @@ class Runner:
         if not self.splices(config):
             return None
         if config not in self._steps:
-            self._keep(config, STEPS, *self._measure(config, STEPS))
+            self._keep(config, None, "by-hand", *self._measure(config, None, "by-hand"))
         return self._steps[config]
 
     def peaks(self, pair: "Pair", batch: int) -> tuple[int, int]:
@@ -351,20 +352,20 @@ class Runner:
         of their own)."""
         programs = list(programs)
         wanted = [*wanted, *((c, None) for c in programs if not self.logs(c))]
-        todo: list[tuple[Config, int | None | str]] = list(dict.fromkeys(
-            k for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
-        todo += dict.fromkeys((c, STEPS) for c in map(_step_key, steps) if self.splices(c) and c not in self._steps)
-        todo += dict.fromkeys((c, ONCE) for c in programs
+        todo: list[tuple[Config, int | None, str]] = list(dict.fromkeys(
+            (*k, "backward") for k in wanted if self.needs_run(*k) and k[0].fsdp <= 1))
+        todo += dict.fromkeys((c, None, "by-hand") for c in map(_step_key, steps) if self.splices(c) and c not in self._steps)
+        todo += dict.fromkeys((c, None, "last-by-hand") for c in programs
                               if self.logs(c) and c not in self._derived and c not in self._programs)
         if self.jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
             return
-        for config, _ in todo:
+        for config, _, _ in todo:
             self.meta_model(config)  # before the fork, so every worker has it
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("fork"), initializer=_worker,
                                              initargs=(self,))
-        for (config, limit), made in zip(todo, self._pool.map(_run_in_worker, todo)):
-            self._keep(config, limit, *made)
+        for key, made in zip(todo, self._pool.map(_run_in_worker, todo)):
+            self._keep(*key, *made)
 
     def needs_run(self, config: Config, limit: int | None) -> bool:
         """Whether `run(config, limit)` would make a run (none made or standing for it yet)."""
@@ -388,7 +389,7 @@ class Runner:
         if config in self._programs or not self.logs(config):
             return self._programs.get(config)
         if config not in self._derived:
-            self._keep(config, ONCE, *self._measure(config, ONCE))
+            self._keep(config, None, "last-by-hand", *self._measure(config, None, "last-by-hand"))
         if self._derived[config] is not None:
             return self._derived[config]
         self.run(config, None)
@@ -443,7 +444,7 @@ def _worker(runner: Runner) -> None:
     gc.freeze()
 
 
-def _run_in_worker(key: tuple[Config, int | None | str]) -> tuple[Record, Program | None, float]:
+def _run_in_worker(key: tuple[Config, int | None, str]) -> tuple[Record, Program | None, float]:
     return _WORKER[0]._measure(*key)
 
 
@@ -862,12 +863,6 @@ def _predict_by_peaks(row: Row, runner: Runner, config: Config, room: int, key: 
     row.basis, row.by_peaks = "phase peaks affine in the batch", True
     row.predicted = predict(anchor, s, room, cap)
 
-
-#: `Runner._measure`'s limit for a run of the optimizers' side alone (`Runner.step_program`)
-STEPS = "steps"
-
-#: `Runner._measure`'s limit for a run whose last step's model side is its warm-up's again
-ONCE = "once"
 
 #: the two batches a class's programs are taken at: batch 1 often makes another program
 #: (ops squeeze its size-1 dimension), 2 and 3 the same one as every larger batch
