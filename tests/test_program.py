@@ -286,3 +286,21 @@ def test_two_formula_candidates_with_one_twin_are_each_predicted_for_their_own_r
     assert asgd.formula.state > adafactor.formula.state
     assert adafactor.confirmed and asgd.confirmed and asgd.batch < adafactor.batch
     assert (adafactor.predicted, asgd.predicted) == (adafactor.batch, asgd.batch)
+
+
+def test_what_a_confirmed_row_uses_is_its_runs_peak_reserved_not_its_last_phases():
+    """At its boundary a run under the budget fills it: the allocator releases cached blocks and
+    retries, so reserved memory drops, and a record's peak reserved (since its last phase began,
+    as CUDA's max_memory_reserved after the probe's per-phase resets) can be below an earlier
+    phase's allocated peak. What the row uses is the whole run's peak reserved, from its program
+    replayed under the limit: never past the budget, never below the allocated peak."""
+    base = Config(model="mlp", width=512, depth=3, batch=1, rules="rest=adamw", target="cuda")
+    axes = [planning.combo_axis(planning.preset_combos(["adamw", "sgd-momentum"]))]
+    budget = parse_bytes("512MiB")
+    p = planning.plan(base, axes, budget, confirm="all")
+    assert len(p.fitting) == 2
+    for row in p.fitting:
+        parts = planning.split(row.record, 0, formula_state=0, reserved=row.reserved)
+        assert parts["allocator slack"] >= 0 and planning.used(row) <= budget
+        assert row.reserved >= max(planning.metric(row.record), row.record.peak_total)
+    assert any(row.reserved > planning.metric(row.record) for row in p.fitting)  # what the record alone missed

@@ -66,6 +66,7 @@ class Answer:
     runs: int  # fake runs the search took
     error: str | None = None
     context: int = 0  # CUDA context bytes counted against the budget (target cuda)
+    reserved: int | None = None  # the run's peak reserved over the whole run, under the budget (`Runner.reserved`)
 
 
 def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None,
@@ -90,9 +91,10 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
     before = runner.runs
     try:
         if axis == "batch":
-            value, capped, record = _largest_batch(config, budget, context, cap, runner)
+            value, capped, record, base["reserved"] = _largest_batch(config, budget, context, cap, runner)
         else:
             value, capped, record = _largest_width(config, limit, cap, runner)
+            base["reserved"] = runner.reserved(replace(config, width=value), limit) if value else None
     except FitFailed as e:
         return Answer(**base, value=0, capped=False, record=None, over=None, over_peak=None,
                       runs=runner.runs - before, error=str(e))
@@ -105,13 +107,14 @@ def largest(config: Config, axis: str, budget: int, *, warmup: int | None = None
                   runs=runner.runs - before)
 
 
-def _largest_batch(config: Config, budget: int, context: int, cap: int, runner: Runner) -> tuple[int, bool, Record | None]:
+def _largest_batch(config: Config, budget: int, context: int, cap: int,
+                   runner: Runner) -> tuple[int, bool, Record | None, int | None]:
     p = plan(config, [combo_axis([(config.combo, config.rules)])], budget, context=context, confirm="all",
              cap=cap, runner=runner)
     row = p.rows[0]
     if row.why is not None and not (row.confirmed and row.batch == 0):
         raise FitFailed(row.why)
-    return row.batch, row.capped, row.record
+    return row.batch, row.capped, row.record, row.reserved
 
 
 def _largest_width(config: Config, limit: int, cap: int, runner: Runner) -> tuple[int, bool, Record | None]:
@@ -252,12 +255,12 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
                 rows.append((question, f"none ({a.axis} 1 {need})", "-", "-", "-", "-", "-", "-"))
                 continue
             answer = f"{a.axis} {a.value:,}" + (" (search cap; more may fit)" if a.capped else "")
-            used = _used(r, a.context)
+            used = _used(r, a.context, a.reserved)
             nxt = "-" if a.over is None else f"{a.axis} {a.over:,}: {fmt_bytes(a.over_peak + a.context - budget)} over"
             if r.predicted_step_ms is not None:
                 answer += f" ({r.predicted_step_ms:.2f} ms/step on {r.gpu})"
             if r.target == Target.CUDA:
-                splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context).items()))
+                splits.append(f"- {combo}, {answer}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in split(r, a.context, reserved=a.reserved).items()))
             rows.append((question, answer, fmt_bytes(used), fmt_bytes(budget - used),
                          fmt_bytes(r.param_bytes), fmt_bytes(r.grad_bytes), fmt_bytes(r.opt_state_alloc_bytes), nxt))
         lines.append(tabulate(rows, headers=["question", "fits", "peak", "headroom", "weights", "grads",
@@ -280,8 +283,11 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
     return "\n".join(lines) + "\n"
 
 
-def _used(r: Record, context: int) -> int:
-    """What counts against the budget: peak reserved + context (target cuda), else peak allocated."""
+def _used(r: Record, context: int, reserved: int | None = None) -> int:
+    """What counts against the budget: peak reserved (the whole run's, where known) + context
+    (target cuda), else peak allocated."""
+    if r.target == Target.CUDA and reserved is not None:
+        return reserved + context
     if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved + context
     return r.peak_total or 0

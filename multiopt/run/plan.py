@@ -416,6 +416,18 @@ class Runner:
             return False
         return None
 
+    def reserved(self, config: Config, limit: int | None) -> int | None:
+        """The peak reserved of `config`'s run under `limit` over the whole run: its program
+        replayed under the limit. A record's `peak_reserved` is CUDA's `max_memory_reserved`
+        since the last phase began; without a limit reserved memory only grows, so that is the
+        run's, but under one the allocator releases cached blocks and retries, and an earlier
+        phase may have held more. None where no program of `config` was run (target cpu)."""
+        program = self._programs.get(config)
+        if program is None or (limit is not None and not program.fits(self.alloc_config, limit)):
+            return None
+        self.replays += 1
+        return program.replay(self.alloc_config, limit).peak_reserved
+
     def _within(self, config: Config, limit: int) -> Record | None:
         """`config`'s unlimited run when it never reached `limit`: under that limit, the same
         ops and bytes, so the limited run's record. None under FSDP (the record is rank 0's
@@ -614,6 +626,7 @@ class Row:
     bias: int = 0  # what confirming a row of the class moved its prediction by (target cuda: the
     # limited run releases cached blocks and retries, as CUDA does, so more fits than unlimited peaks say)
     by_peaks: bool = False  # predicted from phase peaks (`_predict_by_peaks`)
+    reserved: int | None = None  # the confirmed run's peak reserved over the whole run (`Runner.reserved`)
 
     @property
     def approximate(self) -> bool:
@@ -1064,6 +1077,7 @@ def _confirm(row: Row, runner: Runner, limit: int, cap: int, predictor: Predicto
         row.why = f"batch 1 does not fit ({_need(runner.run(config, None), row, limit)})"
         return
     row.record = runner.run(replace(config, batch=row.batch), room)
+    row.reserved = runner.reserved(replace(config, batch=row.batch), room)
     row.config = replace(row.config, batch=row.batch)
     if predictor is not None:
         row.step_ms = predictor(row.record)
@@ -1100,14 +1114,17 @@ def used(row: Row, context: int = 0) -> int:
     """What the row's confirmed run counts against the budget (formula state included)."""
     if row.record is None:
         return 0
-    return metric(row.record) + (row.formula.state if row.formula else 0) + context
+    return (metric(row.record) if row.reserved is None else row.reserved) + (row.formula.state if row.formula else 0) + context
 
 
-def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formula_state: int = 0) -> dict[str, int]:
+def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formula_state: int = 0,
+          reserved: int | None = None) -> dict[str, int]:
     """The budget a record uses, by kind: weights, grads (held after backward: none with
     step_in_backward), optimizer state (walked, or by formula), activations (held from forward
     into backward), temporaries (the rest of the allocated peak), workspaces, allocator slack
-    (peak reserved - peak allocated) and the CUDA context. Sums to what counts against the budget."""
+    (peak reserved - peak allocated) and the CUDA context. Sums to what counts against the budget.
+    `reserved`: the run's peak reserved where the record's (since its last phase began) is not
+    (a run under a limit releases cached blocks and retries: `Runner.reserved`)."""
     peak = r.peak_total or 0
     cuda = r.target == Target.CUDA
     ws = workspaces.total if cuda else 0
@@ -1117,7 +1134,8 @@ def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formul
     activations = min(max((r.mem_after_forward or 0) - (r.mem_step_start or 0), 0), room)
     fixed["optimizer state"] += formula_state
     return {**fixed, "activations": activations, "temporaries": room - activations, "workspaces": ws,
-            "allocator slack": (metric(r) - peak) if cuda else 0, "CUDA context": context if cuda else 0}
+            "allocator slack": ((metric(r) if reserved is None else reserved) - peak) if cuda else 0,
+            "CUDA context": context if cuda else 0}
 
 
 def reproduce(plan_: Plan, row: Row) -> str:
@@ -1154,7 +1172,7 @@ def as_dict(p: Plan, workspaces: Workspaces = Workspaces()) -> dict[str, Any]:
                                "formula": r.formula.why if r.formula else None}
         if r.record is not None and r.why is None:
             out["used"] = used(r, p.context if p.target == Target.CUDA else 0)
-            out["breakdown"] = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
+            out["breakdown"] = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0, r.reserved)
         if r.why is None and r.answer:
             out["reproduce"] = reproduce(p, r)
         return out
@@ -1248,7 +1266,7 @@ def _table(p: Plan, rows: list[Row], head: list[str], workspaces: Workspaces) ->
         if r.record is None:
             body.append([r.label, f"{r.answer:,} (predicted)"] + ["-"] * (len(head) - 2))
             continue
-        s = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0)
+        s = split(r.record, p.context, workspaces, r.formula.state if r.formula else 0, r.reserved)
         u = used(r, ctx)
         cells = [r.label, f"{r.batch:,}" + (" (search cap)" if r.capped else ""), fmt_bytes(u), fmt_bytes(p.budget - u),
                  *(fmt_bytes(v) for v in s.values())]
