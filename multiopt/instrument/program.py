@@ -21,6 +21,18 @@ of the malloc it frees, so two runs compare event by event whatever their storag
   kernel, or its allocations, by size. So a program between two batches is a *prediction*,
   and the plan confirms it with a run (run/plan.py); batch 1 often makes another program
   (ops squeeze a size-1 dimension), which `same_program` refuses.
+- **Another member's optimizers, no run of its model.** A run marks its phases, its
+  optimizers' construction, each train step and its end, and before each step which malloc
+  holds each parameter's gradient. `spliced(base, steps)` puts another run's optimizer spans
+  (over the same parameters; it may have made its gradients by hand) in place of `base`'s.
+- **A step's model side, made once.** `repeated(p)`: a run whose last step made its
+  gradients by hand, that step's forward and backward made again from the step before's
+  (what persists, like cuBLAS workspaces, made once). Both walk a program as one stream of
+  requests, marks and gradient tables (`_stream`, `_substitute`); both are exact against
+  full runs in tests/test_program.py, and both serve the plan's predictions only.
+- **One burst of frees, one order.** `Program.of` keeps each run of consecutive frees in
+  its mallocs' order (`_sort_frees`): the allocator's state after the burst does not depend
+  on it, and some frees' order follows storage addresses.
 
 Replay costs about 2 us a request (a 1B Llama step: 15,000 requests, ~30 ms).
 """
@@ -28,7 +40,7 @@ Replay costs about 2 us a request (a 1B Llama step: 15,000 requests, ~30 ms).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -218,27 +230,14 @@ def spliced(base: Program, steps: Program) -> Program | None:
             return ("s", ref)
         return ("b", grad[ref]) if grad.get(ref, -1) >= 0 else None
 
-    out = _Events(base.batch, base, "b")
-    span_at: dict[int, list[tuple[int, int, int]]] = {}  # an empty span and the next may start together
-    for (_, b0, b1), (_, s0, s1) in zip(bs, ss):
-        span_at.setdefault(b0, []).append((b1, s0, s1))
-    i = 0
-    while True:
-        out.marks(i)
-        skip_to = i
-        for b1, s0, s1 in span_at.pop(i, []):  # an optimizer span: steps' requests in place of base's
-            if not all(out.request(steps, "s", j, steps_name) for j in range(s0, s1)):
-                return None
-            skip_to = max(skip_to, b1)
-        if skip_to > i:
-            i = skip_to
-            continue
-        if i == len(base):
-            return out.program()
-        teardown = i >= end and base.ops[i] == FREE and base_name(base.refs[i]) is None
-        if not teardown and not out.request(base, "b", i, base_name):  # base's optimizers' state freed: not steps'
-            return None
-        i += 1
+    def teardown(ev: tuple) -> bool:  # base's optimizers' state freed after the run: theirs, not steps'
+        return ev[0] == "req" and ev[1] >= end and base.ops[ev[1]] == FREE and base_name(base.refs[ev[1]]) is None
+
+    out = _Events(base.batch)
+    parts = iter(_optimizer_parts(_stream(steps), spans_only=True))
+    if not _substitute(out, base, _stream(base), "b", base_name, parts, steps, "s", steps_name, teardown):
+        return None
+    return out.program()
 
 
 def _inside(sp: list[tuple[str, int, int]], i: int) -> bool:
@@ -264,20 +263,11 @@ def _same_gradients(ours: tuple, theirs: tuple) -> dict[int, int] | None:
 
 class _Events:
     """A log being written from other programs' requests (`Program.of` makes the result, at
-    `batch`): each malloc keyed by (side, position), a free by the key `name` gives its
-    malloc. `marks(pos)` writes `owner`'s marks and gradient tables (keys on `side`) at pos."""
+    `batch`): each malloc keyed by (side, position), a free by the key `name` gives its malloc."""
 
-    def __init__(self, batch: int, owner: Program | None = None, side: str = "") -> None:
+    def __init__(self, batch: int) -> None:
         self.batch = batch
         self.log: list[tuple] = []
-        self._at: dict[int, list[tuple]] = {}
-        for pos, name in owner.marks if owner is not None else ():
-            self._at.setdefault(pos, []).append(("mark", name))
-        for pos, table in owner.grads if owner is not None else ():
-            self._at.setdefault(pos, []).append(("grads", tuple((side, x) if x >= 0 else None for x in table)))
-
-    def marks(self, pos: int) -> None:
-        self.log += self._at.pop(pos, [])
 
     def request(self, p: Program, side: str, i: int, name: Callable[[int], tuple | None]) -> bool:
         """Write p's request i; False (nothing written) where a free's malloc has no name."""
@@ -337,24 +327,16 @@ def repeated(p: Program) -> Program | None:
             return ("h", ref)
         return ("c", grad[ref]) if grad.get(ref, -1) >= 0 else None
 
+    def persisting(ev: tuple) -> bool:  # made once, by the first step
+        return ev[0] == "req" and p.ops[ev[1]] == MALLOC and ev[1] in persists
+
     out = _Events(p.batch)
-    copy = iter(_optimizer_parts(hand, spans_only=True))
     for ev in stream[:at[-2] + 1]:
         if not _write(out, p, ev, "h", lambda r: ("h", r)):
             return None
-    inside = False
-    for ev in real[1:-1]:
-        if ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS and ev[1].endswith(":before"):
-            inside = True
-            for hev in next(copy):
-                if not _write(out, p, hev, "h", hand_name):
-                    return None
-        elif inside:
-            inside = not (ev[0] == "mark" and ev[1].endswith(":after") and ev[1].split(":")[0] in OPTIMIZER_SPANS)
-        elif ev[0] == "req" and p.ops[ev[1]] == MALLOC and ev[1] in persists:
-            continue
-        elif not _write(out, p, ev, "c", copy_name):
-            return None
+    parts = iter(_optimizer_parts(hand, spans_only=True))
+    if not _substitute(out, p, real[1:-1], "c", copy_name, parts, p, "h", hand_name, persisting):
+        return None
     out.log += [("mark", "train_step:after"), ("mark", "end")]
     return out.program()
 
@@ -376,7 +358,7 @@ def _stream(p: Program) -> list[tuple]:
 
 
 def _span_names(part: list[tuple]) -> list[str]:
-    return [ev[1] for ev in part if ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS]
+    return [ev[1] for ev in part if _is_span_mark(ev, "")]
 
 
 def _optimizer_parts(part: list[tuple], spans_only: bool = False) -> list:
@@ -385,15 +367,37 @@ def _optimizer_parts(part: list[tuple], spans_only: bool = False) -> list:
     out: list[list[tuple]] = []
     current: list[tuple] | None = None
     for ev in part:
-        is_mark = ev[0] == "mark" and ev[1].split(":")[0] in OPTIMIZER_SPANS
-        if is_mark and ev[1].endswith(":before"):
+        if _is_span_mark(ev, ":before"):
             current = [ev]
         elif current is not None:
             current.append(ev)
-            if is_mark and ev[1].endswith(":after"):
+            if _is_span_mark(ev, ":after"):
                 out.append(current)
                 current = None
     return out if spans_only else [ev for span in out for ev in span]
+
+
+def _is_span_mark(ev: tuple, when: str) -> bool:
+    return ev[0] == "mark" and ev[1].endswith(when) and ev[1].split(":")[0] in OPTIMIZER_SPANS
+
+
+def _substitute(out: "_Events", p: Program, part: list[tuple], side: str, name: Callable[[int], tuple | None],
+                spans_in: Iterator[list[tuple]], q: Program, q_side: str, q_name: Callable[[int], tuple | None],
+                skip: Callable[[tuple], bool]) -> bool:
+    """Write `part` (events of `_stream(p)`) into `out`, each of its optimizer spans replaced
+    by the next of `spans_in` (events of `_stream(q)`, marks included), events `skip` says
+    so left out. False where a free's malloc has no name on its side."""
+    inside = False
+    for ev in part:
+        if _is_span_mark(ev, ":before"):
+            inside = True
+            if not all(_write(out, q, qev, q_side, q_name) for qev in next(spans_in)):
+                return False
+        elif inside:
+            inside = not _is_span_mark(ev, ":after")
+        elif not skip(ev) and not _write(out, p, ev, side, name):
+            return False
+    return True
 
 
 def _write(out: "_Events", p: Program, ev: tuple, side: str, name: Callable[[int], tuple | None]) -> bool:
