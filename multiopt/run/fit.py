@@ -286,8 +286,6 @@ def render(answers: Sequence[Answer], budget: int, *, model: str, depth: int, dt
 def _used(r: Record, context: int, reserved: int | None = None) -> int:
     """What counts against the budget: peak reserved (the whole run's, where known) + context
     (target cuda), else peak allocated."""
-    if r.target == Target.CUDA and reserved is not None:
-        return reserved + context
-    if r.target == Target.CUDA and r.peak_reserved is not None:
-        return r.peak_reserved + context
+    if r.target == Target.CUDA and (reserved is not None or r.peak_reserved is not None):
+        return metric(r, reserved) + context
     return r.peak_total or 0

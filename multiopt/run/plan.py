@@ -60,7 +60,7 @@ import torch
 from tabulate import tabulate
 
 from ..errors import UsageError
-from ..instrument.allocator import AllocatorConfig
+from ..instrument.allocator import AllocatorConfig, AllocatorOOM
 from ..instrument.gpu import check_text
 from ..instrument.probes import Workspaces
 from ..instrument.program import Program, between, repeated, spliced
@@ -423,10 +423,13 @@ class Runner:
         run's, but under one the allocator releases cached blocks and retries, and an earlier
         phase may have held more. None where no program of `config` was run (target cpu)."""
         program = self._programs.get(config)
-        if program is None or (limit is not None and not program.fits(self.alloc_config, limit)):
+        if program is None:
             return None
         self.replays += 1
-        return program.replay(self.alloc_config, limit).peak_reserved
+        try:
+            return program.replay(self.alloc_config, limit).peak_reserved
+        except AllocatorOOM:  # the run did not hold the limit: it has no peak under it
+            return None
 
     def _within(self, config: Config, limit: int) -> Record | None:
         """`config`'s unlimited run when it never reached `limit`: under that limit, the same
@@ -460,10 +463,14 @@ def _run_in_worker(key: tuple[Config, int | None, str]) -> tuple[Record, Program
     return _WORKER[0]._measure(*key)
 
 
-def metric(r: Record) -> int:
+def metric(r: Record, reserved: int | None = None) -> int:
     """What counts against the budget, context aside: peak reserved (target cuda), else peak allocated.
-    Under FSDP the record's numbers are rank 0's, whose shards are the largest (torch.chunk gives
-    it ceil(rows / N) of every parameter); a confirming run holds every simulated rank to the limit."""
+    `reserved`: the run's peak reserved where known (`Runner.reserved`), in place of the record's
+    (since its last phase began). Under FSDP the record's numbers are rank 0's, whose shards are
+    the largest (torch.chunk gives it ceil(rows / N) of every parameter); a confirming run holds
+    every simulated rank to the limit."""
+    if r.target == Target.CUDA and reserved is not None:
+        return reserved
     if r.target == Target.CUDA and r.peak_reserved is not None:
         return r.peak_reserved
     return r.peak_total or 0
@@ -1114,7 +1121,7 @@ def used(row: Row, context: int = 0) -> int:
     """What the row's confirmed run counts against the budget (formula state included)."""
     if row.record is None:
         return 0
-    return (metric(row.record) if row.reserved is None else row.reserved) + (row.formula.state if row.formula else 0) + context
+    return metric(row.record, row.reserved) + (row.formula.state if row.formula else 0) + context
 
 
 def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formula_state: int = 0,
@@ -1134,7 +1141,7 @@ def split(r: Record, context: int, workspaces: Workspaces = Workspaces(), formul
     activations = min(max((r.mem_after_forward or 0) - (r.mem_step_start or 0), 0), room)
     fixed["optimizer state"] += formula_state
     return {**fixed, "activations": activations, "temporaries": room - activations, "workspaces": ws,
-            "allocator slack": ((metric(r) if reserved is None else reserved) - peak) if cuda else 0,
+            "allocator slack": (metric(r, reserved) - peak) if cuda else 0,
             "CUDA context": context if cuda else 0}
 
 
